@@ -1,0 +1,129 @@
+"""Loader of mscp's C++/CUDA extension (`csrc/`), built with `torch.utils.cpp_extension.load`
+(JIT, ninja) on first use and cached on disk.
+
+* Cache: `$MSCP_EXT_DIR` or `~/.cache/mscp_ext`, one folder per torch version, CPU and CUDA
+  configuration (the CPU code is compiled with `-march=native`).
+* The CPU sources are always compiled; the `.cu` sources only when `torch.cuda.is_available()`.
+* The library registers its kernels as `torch.ops.mscp_ext.*` (CPU and CUDA dispatch keys).
+* A failed build never breaks `import mscp.kernels`: the "cpp"/"cuda" backends become unavailable
+  and `build_error()` keeps the reason. `MSCP_EXT_DISABLE=1` skips the build altogether.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_lock = threading.Lock()
+_state: dict = {"tried": False, "ok": False, "cuda": False, "error": None}
+
+CPU_SOURCES = ("mscp_ops.cpp",)
+CUDA_SOURCES = ("mscp_ops_cuda.cu",)
+
+
+def csrc_dir() -> Path:
+    """The C++ sources: `kernels/csrc` in an installed package, `<repo>/csrc` in a checkout."""
+    for candidate in (_HERE / "csrc", _HERE.parent / "csrc"):
+        if (candidate / CPU_SOURCES[0]).is_file():
+            return candidate
+    return _HERE.parent / "csrc"
+
+
+def _cpu_tag() -> str:
+    """Identifies the host CPU's instruction set (the build uses -march=native)."""
+    flags = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags += line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
+def build_dir(with_cuda: bool) -> Path:
+    root = Path(os.environ.get("MSCP_EXT_DIR") or Path.home() / ".cache" / "mscp_ext")
+    tag = f"torch{torch.__version__}-{_cpu_tag()}" + ("-cuda" if with_cuda else "-cpu")
+    return root / tag.replace("+", "_")
+
+
+def cflags() -> list[str]:
+    flags = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
+    if platform.machine() in ("x86_64", "AMD64", "aarch64", "arm64"):
+        flags.append("-march=native" if platform.machine() in ("x86_64", "AMD64") else "-mcpu=native")
+    return flags
+
+
+def _build() -> None:
+    if os.environ.get("MSCP_EXT_DISABLE", "0") not in ("", "0"):
+        raise RuntimeError("disabled by MSCP_EXT_DISABLE")
+    from torch.utils import cpp_extension
+
+    src = csrc_dir()
+    sources = [str(src / s) for s in CPU_SOURCES]
+    with_cuda = bool(torch.cuda.is_available() and cpp_extension.CUDA_HOME)
+    if with_cuda:
+        sources += [str(src / s) for s in CUDA_SOURCES]
+    missing = [s for s in sources if not Path(s).is_file()]
+    if missing:
+        raise RuntimeError(f"missing sources: {', '.join(missing)}")
+    directory = build_dir(with_cuda)
+    directory.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="mscp_ext_cuda" if with_cuda else "mscp_ext",
+        sources=sources,
+        extra_cflags=cflags(),
+        extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
+        extra_ldflags=["-fopenmp"],
+        build_directory=str(directory),
+        is_python_module=False,
+        verbose=os.environ.get("MSCP_EXT_VERBOSE", "0") not in ("", "0"),
+    )
+    _state["cuda"] = with_cuda
+
+
+def load() -> bool:
+    """Build (first call) and load the extension; True when its ops are registered."""
+    if _state["tried"]:
+        return _state["ok"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                _build()
+                _state["ok"] = hasattr(torch.ops.mscp_ext, "row_importance")
+                if not _state["ok"]:
+                    _state["error"] = "extension loaded but registered no ops"
+            except Exception as exc:  # a compiler error, a missing toolchain: keep the reason
+                _state["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
+                _state["ok"] = False
+            _state["tried"] = True
+    return _state["ok"]
+
+
+def build_error() -> str | None:
+    """Why the extension is unavailable (None when it loaded, or was not tried yet)."""
+    return _state["error"]
+
+
+def cpu_available(device_type: str) -> bool:
+    return device_type == "cpu" and load()
+
+
+def cuda_available(device_type: str) -> bool:
+    return device_type == "cuda" and load() and _state["cuda"]
+
+
+def ops():
+    """`torch.ops.mscp_ext`, building the extension if needed."""
+    if not load():
+        from mscp.errors import MSCPError
+
+        raise MSCPError(f"the mscp C++ extension is unavailable: {build_error()}")
+    return torch.ops.mscp_ext

@@ -1,0 +1,26 @@
+"""mscp: training-free safety repair of LoRA adapters (Multi-Level Safety Continual Projection).
+
+    from mscp import patch, fast_project, PatchConfig
+
+`patch` runs the whole pipeline (safety layers, safety neurons, masked projection) streamed one
+decoder layer at a time; `fast_project` applies the projection when the row masks are known.
+"""
+__version__ = "0.1.0"
+
+__all__ = ["PatchConfig", "MSCPError", "fast_project", "patch", "__version__"]
+
+
+def __getattr__(name):  # lazy, so `import mscp.kernels` stays light
+    if name == "PatchConfig":
+        from mscp.config import PatchConfig
+        return PatchConfig
+    if name == "MSCPError":
+        from mscp.errors import MSCPError
+        return MSCPError
+    if name == "fast_project":
+        from mscp.project import fast_project
+        return fast_project
+    if name == "patch":
+        from mscp.pipeline import patch
+        return patch
+    raise AttributeError(name)

@@ -1,0 +1,5 @@
+"""The one exception type users see: a clear, one-line reason; the command line exits with 2."""
+
+
+class MSCPError(Exception):
+    """Bad input or an impossible request. The message is one line and names the culprit."""

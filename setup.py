@@ -1,0 +1,14 @@
+"""Package layout: `mscp/` is the Python package; `kernels/` installs as `mscp.kernels`.
+
+The C++/CUDA extension in `csrc/` is compiled on first use with torch's extension tooling
+(`torch.utils.cpp_extension.load`, ninja), so installing never needs torch inside an isolated
+build environment and pip never fetches a second torch.
+"""
+from setuptools import setup
+
+setup(
+    packages=["mscp", "mscp.data", "mscp.kernels"],
+    package_dir={"mscp": "mscp", "mscp.data": "mscp/data", "mscp.kernels": "kernels"},
+    package_data={"mscp.data": ["*.txt"], "mscp.kernels": ["csrc/*"]},
+    include_package_data=True,
+)
