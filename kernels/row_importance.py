@@ -34,7 +34,7 @@ def row_importance_torch(W, B, A, scale, N):
     A32 = A.float() if A is not None else None
     for start in range(0, W.shape[0], ROWS_PER_BLOCK):
         stop = min(start + ROWS_PER_BLOCK, W.shape[0])
-        block = W[start:stop].float()
+        block = W[start:stop].to(torch.float32, copy=True)  # never write into W
         if B is not None:
             block = block.addmm_(B[start:stop].float(), A32, alpha=scale)
         torch.mm(block.abs_(), N, out=out[start:stop])

@@ -12,6 +12,7 @@ from mscp.errors import MSCPError
 CRITERIA = ("sigma", "li_gap")
 PROJECTORS = ("safelora", "exact")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+BACKEND_CHOICES = ("auto", "torch", "triton", "cpp", "cuda")
 
 
 @dataclass
@@ -80,6 +81,8 @@ class PatchConfig:
             if first < 0 or last < first:
                 raise MSCPError(f"layers must be a range A-B with 0 <= A <= B, got {first}-{last}")
             self.layers = (int(first), int(last))
+        if self.backend not in BACKEND_CHOICES:
+            raise MSCPError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
         if self.batch_size < 1 or self.max_length < 1:
             raise MSCPError("batch_size and max_length must be positive")
 

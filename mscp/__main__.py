@@ -1,0 +1,5 @@
+import sys
+
+from mscp.cli import main
+
+sys.exit(main())

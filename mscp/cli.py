@@ -1,0 +1,146 @@
+"""The `mscp` command line: patch, synth, demo.
+
+Bad input ends with one line on stderr, `mscp: error: ...`, and exit code 2; nothing is written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mscp.errors import MSCPError
+
+
+def _patch_args(p: argparse.ArgumentParser) -> None:
+    from mscp.config import BACKEND_CHOICES, CRITERIA, DTYPES, PROJECTORS, PatchConfig
+
+    d = PatchConfig()
+    p.add_argument("--base", required=True, help="pre-alignment model folder (or hub id)")
+    p.add_argument("--aligned", required=True, help="aligned model folder (or hub id)")
+    p.add_argument("--adapter", required=True, help="peft LoRA adapter folder, fine-tuned on the aligned model")
+    p.add_argument("--out", required=True, help="output folder for the patched adapter and its report")
+    p.add_argument("--harmful", nargs="+", action="extend", metavar="FILE", help="harmful prompt files (default: built-in set)")
+    p.add_argument("--benign", metavar="FILE", help="benign prompt file (default: built-in set)")
+    p.add_argument("--task", metavar="FILE", help="task prompt file (default: the benign prompts)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the aligned model's)")
+    p.add_argument("--layers", metavar="A-B", help="explicit safety layers, counted from 0 (skips the criterion)")
+    p.add_argument("--rho", type=float, default=d.rho, help=f"safety window as a fraction of layers (default {d.rho})")
+    p.add_argument("--criterion", choices=CRITERIA, default=d.criterion)
+    p.add_argument("--q", type=float, default=d.q, help=f"safety-row fraction (default {d.q})")
+    p.add_argument("--p", type=float, default=d.p, help=f"task-row fraction (default {d.p})")
+    p.add_argument("--alpha", type=float, default=d.alpha, help=f"projection strength (default {d.alpha})")
+    p.add_argument("--projector", choices=PROJECTORS, default=d.projector)
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--no-chat-template", action="store_true", help="tokenise prompts as plain text")
+    p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype of the streamed layers")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend, help="kernel backend")
+    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (weights_only=True)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the input files")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_patch(args) -> int:
+    from mscp.config import PatchConfig, parse_layer_range
+    from mscp.pipeline import patch
+
+    config = PatchConfig(
+        rho=args.rho, layers=parse_layer_range(args.layers) if args.layers else None, criterion=args.criterion,
+        q=args.q, p=args.p, alpha=args.alpha, projector=args.projector, max_length=args.max_length,
+        batch_size=args.batch_size, chat_template=not args.no_chat_template, device=args.device, dtype=args.dtype,
+        backend=args.backend, allow_pickle=args.allow_pickle, hash_inputs=not args.no_hash, progress=not args.quiet)
+    result = patch(args.base, args.aligned, args.adapter, args.out, harmful=args.harmful, benign=args.benign,
+                   task=args.task, tokenizer=args.tokenizer, config=config, overwrite=args.overwrite)
+    print_summary(result.report, args.out)
+    return 0
+
+
+def print_summary(report: dict, out) -> None:
+    layers = report["safety_layers"]
+    n_mod = sum(1 for m in report["modules"].values() if m["n_rows"] and not m["skipped"])
+    print(f"safety layers: {layers[0]}-{layers[-1]} of {report['n_layers']} (criterion {report['config']['criterion']}"
+          f"{', explicit' if report['config']['layers'] else ''})")
+    print(f"projected rows in {n_mod} modules; edit fraction {100 * report['edit_fraction']:.3f} % "
+          f"({report['edited_parameters']} of {report['lora_parameters']} LoRA parameters)")
+    if report["skipped_modules"]:
+        print(f"skipped (V = 0): {len(report['skipped_modules'])} modules")
+    print(f"wrote {out}/adapter_model.safetensors, adapter_config.json, mscp_report.json")
+
+
+def _synth_args(p: argparse.ArgumentParser) -> None:
+    from mscp.synth import FAMILIES, SynthSpec
+
+    d = SynthSpec()
+    p.add_argument("--out", required=True, help="folder to write base/, aligned/ and adapter/ into")
+    p.add_argument("--family", choices=sorted(FAMILIES), default=d.family)
+    p.add_argument("--hidden", type=int, default=d.hidden_size)
+    p.add_argument("--intermediate", type=int, default=d.intermediate_size)
+    p.add_argument("--layers", type=int, default=d.num_hidden_layers)
+    p.add_argument("--heads", type=int, default=d.num_attention_heads)
+    p.add_argument("--kv-heads", type=int, default=d.num_key_value_heads)
+    p.add_argument("--vocab", type=int, default=d.vocab_size)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype)
+    p.add_argument("--rank", type=int, default=d.rank)
+    p.add_argument("--layers-per-shard", type=int, default=d.layers_per_shard)
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _run_synth(args) -> int:
+    from tqdm.auto import tqdm
+
+    from mscp.synth import SynthSpec, write_trio
+
+    spec = SynthSpec(family=args.family, hidden_size=args.hidden, intermediate_size=args.intermediate,
+                     num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                     vocab_size=args.vocab, dtype=args.dtype, rank=args.rank, layers_per_shard=args.layers_per_shard,
+                     seed=args.seed)
+    paths = write_trio(args.out, spec, progress=lambda it, **kw: tqdm(it, **kw))
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/demo", help="demo output folder (default runs/demo)")
+    p.add_argument("--cache", default=None, help="where the converted SmolLM2 model is cached (default ~/.cache/mscp)")
+
+
+def _run_demo(args) -> int:
+    from mscp.demo import run_demo
+
+    run_demo(args.out, cache=args.cache)
+    return 0
+
+
+COMMANDS = {
+    "patch": ("repair a LoRA adapter with MSCP", _patch_args, _run_patch),
+    "synth": ("write a synthetic base/aligned/adapter trio", _synth_args, _run_synth),
+    "demo": ("a small real run on SmolLM2-135M-Instruct", _demo_args, _run_demo),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mscp", description="Training-free safety repair of LoRA adapters (MSCP).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MSCPError as e:
+        print(f"mscp: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mscp: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

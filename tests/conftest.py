@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny real checkpoint trios (random weights, real configs, real file formats)."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from mscp.synth import SynthSpec, write_trio
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=512, rank=4, layers_per_shard=2)
+FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma3_text"]
+
+_cache: dict = {}
+
+
+def make_trio(tmp_root: Path, family: str = "llama", **overrides) -> dict[str, Path]:
+    """A base/aligned/adapter trio written by `mscp.synth` (cached per arguments for the session)."""
+    spec = SynthSpec(family=family, **{**TINY, **overrides})
+    key = repr(spec)
+    if key not in _cache:
+        _cache[key] = write_trio(tmp_root / f"trio-{len(_cache)}-{family}", spec)
+    return _cache[key]
+
+
+@pytest.fixture(scope="session")
+def trio_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("trios")
+
+
+@pytest.fixture(scope="session")
+def llama_trio(trio_root):
+    return make_trio(trio_root, "llama")
+
+
+@pytest.fixture(scope="session")
+def qwen2_trio(trio_root):
+    return make_trio(trio_root, "qwen2")
+
+
+def tree_digest(*folders: Path) -> dict[str, str]:
+    """sha256 of every file under the folders: proof that inputs were not modified."""
+    out = {}
+    for folder in folders:
+        for p in sorted(Path(folder).rglob("*")):
+            if p.is_file():
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
