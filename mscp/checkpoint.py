@@ -47,17 +47,32 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError):
                 raise MSCPError(f"corrupt safetensors header: {self.path}") from None
+        if not isinstance(header, dict):
+            raise MSCPError(f"corrupt safetensors header (not a JSON object): {self.path}")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + header_len
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
-            if dtype is None:
-                raise MSCPError(f"unsupported dtype {info.get('dtype')!r} for {name} in {self.path}")
-            begin, end = info["data_offsets"]
-            if self.data_start + end > size:
-                raise MSCPError(f"truncated safetensors file: {self.path} ends before tensor {name}")
-            self.entries[name] = (dtype, tuple(info["shape"]), begin, end)
+            self.entries[name] = self._entry(name, info, size)
+
+    def _entry(self, name, info, size) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+        """One header entry, checked: known dtype, integer shape, a byte range of exactly its size."""
+        try:
+            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(o) for o in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise MSCPError(f"corrupt safetensors header entry {name!r} in {self.path}") from None
+        if dtype is None:
+            raise MSCPError(f"unsupported dtype {info['dtype']!r} for {name} in {self.path}")
+        numel = 1
+        for s in shape:
+            numel *= s
+        if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * dtype.itemsize:
+            raise MSCPError(f"corrupt safetensors header: the byte range of {name} does not match its shape in {self.path}")
+        if self.data_start + end > size:
+            raise MSCPError(f"truncated safetensors file: {self.path} ends before tensor {name}")
+        return dtype, shape, begin, end
 
     def read(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `name`, or only the given rows (sorted, unique) of a 2-D tensor."""
@@ -153,6 +168,9 @@ class Checkpoint:
                 raise MSCPError(f"cannot load pickle checkpoint {path}: {str(e).splitlines()[0]}") from None
             if not isinstance(state, dict):
                 raise MSCPError(f"pickle checkpoint {path} is not a state dict")
+            bad = next((k for k, v in state.items() if not isinstance(v, torch.Tensor)), None)
+            if bad is not None:
+                raise MSCPError(f"pickle checkpoint {path} holds a non-tensor entry {bad!r}; save only the state dict")
             self._pickled = {**(self._pickled or {}), **state}
             self.files.append(path)
             for name in state:

@@ -137,6 +137,9 @@ def main(argv=None) -> int:
     except MSCPError as e:
         print(f"mscp: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions...: not bad input, but still one line
+        print(f"mscp: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("mscp: interrupted; nothing was written", file=sys.stderr)
         return 130

@@ -55,7 +55,8 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
         raise MSCPError("--device cuda requested but CUDA is not available")
     paths = {"base": Path(base), "aligned": Path(aligned), "adapter": Path(adapter)}
     if out is not None:
-        check_out_dir(Path(out), overwrite, [p for p in paths.values() if p.exists()])
+        inputs = [*paths.values(), *_as_paths(harmful), *_as_paths(benign), *_as_paths(task), *_as_paths(tokenizer)]
+        check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     progress = (lambda it, **kw: tqdm(it, **kw)) if config.progress else None
@@ -65,6 +66,9 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
     base_model = ModelShell(base, label="base", **kw)
     aligned_model = ModelShell(aligned, label="aligned", **kw)
     _check_same_architecture(base_model, aligned_model)
+    if config.layers is not None and config.layers[1] >= base_model.n_layers:
+        raise MSCPError(f"--layers {config.layers[0]}-{config.layers[1]} is outside the model's "
+                        f"{base_model.n_layers} decoder layers (0-{base_model.n_layers - 1})")
     shapes = aligned_model.weight_shapes()
     check_against_model(lora, shapes.get)
     by_layer: dict[int, dict[str, object]] = {}
@@ -212,14 +216,16 @@ def _check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:
             raise MSCPError(f"base and aligned differ in shape at {key}: {b.get(key)} vs {a.get(key)}")
 
 
-def _prompt_sets(harmful, benign, task, prompts) -> tuple[dict[str, list[str]], dict[str, list[Path]]]:
-    def as_files(x):
-        if x is None:
-            return []
-        return [Path(x)] if isinstance(x, (str, Path)) else [Path(f) for f in x]
+def _as_paths(x) -> list[Path]:
+    """None, one path, or several paths -> a list of paths."""
+    if x is None:
+        return []
+    return [Path(x)] if isinstance(x, (str, Path)) else [Path(f) for f in x]
 
+
+def _prompt_sets(harmful, benign, task, prompts) -> tuple[dict[str, list[str]], dict[str, list[Path]]]:
     prompts = dict(prompts or {})
-    files = {"harmful": as_files(harmful), "benign": as_files(benign), "task": as_files(task)}
+    files = {"harmful": _as_paths(harmful), "benign": _as_paths(benign), "task": _as_paths(task)}
     sets: dict[str, list[str]] = {}
     for name in ("harmful", "benign", "task"):
         if files[name]:

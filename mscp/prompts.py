@@ -8,6 +8,7 @@ prompt's last token sits at `length - 1` and its positions match an unpadded for
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -24,7 +25,7 @@ def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise MSCPError(f"prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (as spreadsheets write) is not text
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = []
@@ -39,11 +40,12 @@ def read_prompts(path: str | Path) -> list[str]:
                 raise MSCPError(f"{path}:{n}: no 'prompt' field")
             prompts.append(str(record["prompt"]))
     elif suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
-        column = next((c for c in ("prompt", "goal") if rows and c in rows[0]), None)
-        if rows and column is None:
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted fields
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        column = columns.get("prompt") or columns.get("goal")  # AdvBench/JBB call it Goal
+        if column is None:
             raise MSCPError(f"{path}: no 'prompt' or 'goal' column")
-        prompts = [row[column] for row in rows]
+        prompts = [row[column] or "" for row in reader]
     else:
         prompts = text.splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]
@@ -64,7 +66,8 @@ def load_tokenizer(path: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
-        raise MSCPError(f"cannot load a tokenizer from {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise MSCPError(f"cannot load a tokenizer from {path} (pass --tokenizer DIR): "
+                        f"{' '.join(str(e).split())[:200] or type(e).__name__}") from None
 
 
 def encode(tokenizer, prompts: list[str], *, max_length: int, chat_template: bool = True) -> list[list[int]]:
