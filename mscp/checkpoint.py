@@ -51,6 +51,7 @@ class SafetensorsFile:
             raise MSCPError(f"corrupt safetensors header (not a JSON object): {self.path}")
         self.metadata = header.pop("__metadata__", None) or {}
         self.data_start = 8 + header_len
+        self.bytes_read = 0
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
             self.entries[name] = self._entry(name, info, size)
@@ -77,6 +78,7 @@ class SafetensorsFile:
     def read(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The tensor `name`, or only the given rows (sorted, unique) of a 2-D tensor."""
         dtype, shape, begin, end = self.entries[name]
+        self.bytes_read += (end - begin) if rows is None else (end - begin) // max(shape[0], 1) * len(rows)
         with open(self.path, "rb", buffering=0) as f:
             if rows is None:
                 out = torch.empty(shape, dtype=dtype)
@@ -192,6 +194,11 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
+    @property
+    def bytes_read(self) -> int:
+        """Tensor bytes read from safetensors files so far (pickles are loaded whole)."""
+        return sum(st.bytes_read for st in self._st.values())
+
     def shape(self, name: str) -> tuple[int, ...]:
         self._require(name)
         if self._pickled is not None and name in self._pickled:
@@ -257,6 +264,7 @@ class StateDictSource:
         self.tensors = tensors
         self.files: list[Path] = []
         self.path = None
+        self.bytes_read = 0
 
     def keys(self) -> list[str]:
         return list(self.tensors)

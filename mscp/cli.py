@@ -17,8 +17,10 @@ def _patch_args(p: argparse.ArgumentParser) -> None:
     d = PatchConfig()
     p.add_argument("--base", required=True, help="pre-alignment model folder (or hub id)")
     p.add_argument("--aligned", required=True, help="aligned model folder (or hub id)")
-    p.add_argument("--adapter", required=True, help="peft LoRA adapter folder, fine-tuned on the aligned model")
-    p.add_argument("--out", required=True, help="output folder for the patched adapter and its report")
+    p.add_argument("--adapter", required=True, action="append",
+                   help="peft LoRA adapter folder fine-tuned on the aligned model; repeat it to patch several in one pass")
+    p.add_argument("--out", help="output folder for the patched adapter and its report (one adapter)")
+    p.add_argument("--out-dir", help="parent folder of the outputs, one subfolder per adapter (named after it)")
     p.add_argument("--harmful", nargs="+", action="extend", metavar="FILE", help="harmful prompt files (default: built-in set)")
     p.add_argument("--benign", metavar="FILE", help="benign prompt file (default: built-in set)")
     p.add_argument("--task", metavar="FILE", help="task prompt file (default: the benign prompts)")
@@ -43,17 +45,32 @@ def _patch_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_patch(args) -> int:
+    from pathlib import Path
+
     from mscp.config import PatchConfig, parse_layer_range
-    from mscp.pipeline import patch
+    from mscp.pipeline import patch_many
 
     config = PatchConfig(
         rho=args.rho, layers=parse_layer_range(args.layers) if args.layers else None, criterion=args.criterion,
         q=args.q, p=args.p, alpha=args.alpha, projector=args.projector, max_length=args.max_length,
         batch_size=args.batch_size, chat_template=not args.no_chat_template, device=args.device, dtype=args.dtype,
         backend=args.backend, allow_pickle=args.allow_pickle, hash_inputs=not args.no_hash, progress=not args.quiet)
-    result = patch(args.base, args.aligned, args.adapter, args.out, harmful=args.harmful, benign=args.benign,
-                   task=args.task, tokenizer=args.tokenizer, config=config, overwrite=args.overwrite)
-    print_summary(result.report, args.out)
+    if (args.out is None) == (args.out_dir is None):
+        raise MSCPError("give exactly one of --out (one adapter) or --out-dir")
+    if args.out is not None and len(args.adapter) > 1:
+        raise MSCPError("several adapters need --out-dir (one output folder each)")
+    names = [Path(a).resolve().name for a in args.adapter]
+    if args.out_dir is not None and len(set(names)) != len(names):
+        names = [f"{k:02d}-{name}" for k, name in enumerate(names)]
+    outs = [Path(args.out)] if args.out else [Path(args.out_dir) / name for name in names]
+    if args.out_dir is not None:
+        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    results = patch_many(args.base, args.aligned, args.adapter, outs, harmful=args.harmful, benign=args.benign,
+                         task=args.task, tokenizer=args.tokenizer, config=config, overwrite=args.overwrite)
+    for result, out in zip(results, outs):
+        if len(results) > 1:
+            print(f"-- {result.report['paths']['adapter']}")
+        print_summary(result.report, out)
     return 0
 
 
@@ -113,10 +130,23 @@ def _run_demo(args) -> int:
     return 0
 
 
+def _continual_args(p: argparse.ArgumentParser) -> None:
+    from mscp.continual import cli_args
+
+    cli_args(p)
+
+
+def _run_continual(args) -> int:
+    from mscp.continual import cli_run
+
+    return cli_run(args)
+
+
 COMMANDS = {
     "patch": ("repair a LoRA adapter with MSCP", _patch_args, _run_patch),
     "synth": ("write a synthetic base/aligned/adapter trio", _synth_args, _run_synth),
     "demo": ("a small real run on SmolLM2-135M-Instruct", _demo_args, _run_demo),
+    "continual": ("continual projection over safety dimensions: init, add, status", _continual_args, _run_continual),
 }
 
 

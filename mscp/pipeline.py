@@ -13,23 +13,23 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from mscp.adapter import Adapter, check_against_model
+from mscp.adapter import Adapter, LoraModule, check_against_model
 from mscp.checkpoint import config_files
 from mscp.config import PatchConfig
 from mscp.errors import MSCPError
 from mscp.kernels import select, use_backend
 from mscp.localize import BENIGN, HARMFUL, CurveRecorder, safety_layers
-from mscp.project import edit_fraction, project_adapter
+from mscp.project import edit_fraction, project_adapters
 from mscp.prompts import default_prompts, encode, load_tokenizer, make_batches, read_prompts
 from mscp.report import (check_out_dir, input_checksums, package_versions, write_adapter_atomically)
 from mscp.scoring import ChannelStats, apply_lora, record_inputs, row_scores, safety_rows
-from mscp.streaming import ModelShell, hooks
+from mscp.streaming import LayerPrefetcher, ModelShell, Stream, hooks
 
 
 @dataclass
@@ -37,6 +37,17 @@ class PatchResult:
     report: dict
     tensors: dict[str, torch.Tensor]  # the patched adapter's state dict
     scores: dict[str, dict[str, torch.Tensor]]  # lora_B key -> {"harmful": I^H, "task": I^T}
+
+
+@dataclass
+class _AdapterRun:
+    """Per-adapter state of a pass: its modules by layer, fine-tuned stream and scores."""
+
+    path: Path
+    lora: Adapter
+    by_layer: dict[int, dict[str, LoraModule]]
+    stream: Stream | None = None
+    scores: dict = field(default_factory=dict)
 
 
 def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=None, prompts=None,
@@ -50,18 +61,39 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
     config: a PatchConfig; keyword overrides (q=..., layers=(10, 15), ...) replace its fields.
     out: where to write the patched adapter; None keeps it in memory only.
     """
+    return patch_many(base, aligned, [adapter], None if out is None else [out], harmful=harmful, benign=benign,
+                      task=task, prompts=prompts, tokenizer=tokenizer, config=config, overwrite=overwrite,
+                      **overrides)[0]
+
+
+def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
+               prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
+               **overrides) -> list[PatchResult]:
+    """`patch` for several adapters of the same aligned model, reading base and aligned once.
+
+    The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
+    its own fine-tuned stream, task scores, masks and output. Each result equals patching that
+    adapter alone.
+    """
     config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise MSCPError("--device cuda requested but CUDA is not available")
-    paths = {"base": Path(base), "aligned": Path(aligned), "adapter": Path(adapter)}
-    if out is not None:
-        inputs = [*paths.values(), *_as_paths(harmful), *_as_paths(benign), *_as_paths(task), *_as_paths(tokenizer)]
-        check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])
+    if not adapters:
+        raise MSCPError("no adapter given")
+    if outs is not None and len(outs) != len(adapters):
+        raise MSCPError("one output folder per adapter is needed")
+    paths = {"base": Path(base), "aligned": Path(aligned)}
+    if outs is not None:
+        inputs = [*paths.values(), *_as_paths(adapters), *_as_paths(harmful), *_as_paths(benign),
+                  *_as_paths(task), *_as_paths(tokenizer)]
+        if len({Path(o).resolve() for o in outs}) != len(outs):
+            raise MSCPError("two adapters would be written to the same output folder")
+        for out in outs:
+            check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])
     timings: dict[str, float] = {}
     clock = time.perf_counter()
     progress = (lambda it, **kw: tqdm(it, **kw)) if config.progress else None
 
-    lora = Adapter.load(adapter, allow_pickle=config.allow_pickle)
     kw = dict(device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle)
     base_model = ModelShell(base, label="base", **kw)
     aligned_model = ModelShell(aligned, label="aligned", **kw)
@@ -69,14 +101,7 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
     if config.layers is not None and config.layers[1] >= base_model.n_layers:
         raise MSCPError(f"--layers {config.layers[0]}-{config.layers[1]} is outside the model's "
                         f"{base_model.n_layers} decoder layers (0-{base_model.n_layers - 1})")
-    shapes = aligned_model.weight_shapes()
-    check_against_model(lora, shapes.get)
-    by_layer: dict[int, dict[str, object]] = {}
-    for m in lora.modules.values():
-        where = aligned_model.layer_of(m.module)
-        if where is None:
-            raise MSCPError(f"adapter module {m.module} is outside the decoder layers; mscp patches decoder-layer linears")
-        by_layer.setdefault(where[0], {})[where[1]] = m
+    runs = [_open_adapter(Path(a), aligned_model, config) for a in adapters]
 
     sets, prompt_files = _prompt_sets(harmful, benign, task, prompts)
     tok = load_tokenizer(tokenizer or aligned)
@@ -98,77 +123,106 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
         clock = time.perf_counter()
         base_stream = base_model.capture({"calib": calib})["calib"]
         aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches})
-        aligned_stream, ft_stream = aligned_streams["calib"], aligned_streams["task"]
+        aligned_stream = aligned_streams["calib"]
+        for k, run in enumerate(runs):  # the embedding does not see the LoRA: one capture serves all
+            run.stream = aligned_streams["task"] if k == len(runs) - 1 else aligned_streams["task"].copy()
         groups = base_stream.groups()
         curves = CurveRecorder()
         curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
         timings["capture"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        scores: dict[str, dict[str, torch.Tensor]] = {}
-        layer_iter = range(base_model.n_layers)
-        for index in (progress(layer_iter, desc="layers", unit="layer") if progress else layer_iter):
-            layer_b = base_model.load_layer(index)
-            base_stream.advance(layer_b, index)
-            del layer_b
-            layer_a = aligned_model.load_layer(index)
-            targets = by_layer.get(index, {})
-            scores.update(_score_layer(layer_a, index, targets, lora, aligned_stream, ft_stream, config))
-            del layer_a
-            curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
+        layer_times = []
+        with LayerPrefetcher((base_model, aligned_model), base_model.n_layers) as layers:
+            layer_iter = range(base_model.n_layers)
+            for index in (progress(layer_iter, desc="layers", unit="layer") if progress else layer_iter):
+                layer_clock = time.perf_counter()
+                layer_b, layer_a = layers.get(index)
+                base_stream.advance(layer_b, index)
+                del layer_b
+                _score_layer(layer_a, index, runs, aligned_stream)
+                del layer_a
+                curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
+                layer_times.append(time.perf_counter() - layer_clock)
         timings["stream"] = time.perf_counter() - clock
-        del base_stream, aligned_stream, ft_stream, aligned_streams
+        del base_stream, aligned_stream, aligned_streams
+        for run in runs:
+            run.stream = None
 
         layer_curves = curves.curves()
         chosen = safety_layers(layer_curves, config)
-        masks = {}
-        for index in chosen:
-            for m in by_layer.get(index, {}).values():
-                s = scores[m.key_b]
-                masks[m.key_b] = safety_rows(s["harmful"], s["task"], config.q, config.p)
+        masks = []
+        for run in runs:
+            masks.append({m.key_b: safety_rows(run.scores[m.key_b]["harmful"], run.scores[m.key_b]["task"],
+                                               config.q, config.p)
+                          for index in chosen for m in run.by_layer.get(index, {}).values()})
 
         clock = time.perf_counter()
-        tensors, edits = project_adapter(lora, base_model.ckpt, aligned_model.ckpt, masks, alpha=config.alpha,
-                                         projector=config.projector, exact_rank=config.exact_rank,
-                                         device=config.device, backend=config.backend, progress=progress)
+        projected = project_adapters([run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
+                                     alpha=config.alpha, projector=config.projector, exact_rank=config.exact_rank,
+                                     device=config.device, backend=config.backend, progress=progress)
         timings["project"] = time.perf_counter() - clock
         backends = {op: select(op, torch.device(config.device).type)[0]
                     for op in ("mscp::channel_sumsq", "mscp::row_importance", "mscp::lowrank_project")}
 
-    files = {"base": base_model.ckpt.files + config_files(base_model.ckpt.path),
-             "aligned": aligned_model.ckpt.files + config_files(aligned_model.ckpt.path),
-             "adapter": lora.files, **prompt_files}
-    report = {
-        "mscp_version": package_versions()["mscp"],
-        "safety_layers": chosen,
-        "n_layers": base_model.n_layers,
-        "layer_curves": layer_curves,
-        "modules": {k: e.to_dict() for k, e in sorted(edits.items())},
-        "edit_fraction": edit_fraction(lora, edits),
-        "edited_parameters": sum(e.edited_parameters for e in edits.values()),
-        "lora_parameters": lora.n_parameters(),
-        "skipped_modules": sorted(k for k, e in edits.items() if e.skipped),
-        "prompts": {name: len(p) for name, p in sets.items()},
-        "prompt_sources": {name: [str(f) for f in prompt_files.get(f"prompts:{name}", [])] or "built-in or in-memory"
-                           for name in sets},
-        "adapter": {"target_modules": lora.config.get("target_modules"), "modules": len(lora.modules),
-                    "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha")},
-        "config": config.to_dict(),
-        "backends": backends,
-        "compute_dtype": str(base_model.dtype).removeprefix("torch."),
-        "timings_s": timings,
-        "versions": package_versions(),
-        "inputs_sha256": input_checksums(files) if config.hash_inputs else "not computed (hash_inputs=False)",
-        "paths": {k: str(v) for k, v in paths.items()},
-    }
-    if out is not None:
-        write_adapter_atomically(Path(out), lora.config, tensors, report, overwrite)
-    return PatchResult(report, tensors, scores)
+    shared_files = {"base": base_model.ckpt.files + config_files(base_model.ckpt.path),
+                    "aligned": aligned_model.ckpt.files + config_files(aligned_model.ckpt.path), **prompt_files}
+    shared_sums = input_checksums(shared_files) if config.hash_inputs else None
+    results = []
+    for k, (run, (tensors, edits)) in enumerate(zip(runs, projected)):
+        lora = run.lora
+        report = {
+            "mscp_version": package_versions()["mscp"],
+            "safety_layers": chosen,
+            "n_layers": base_model.n_layers,
+            "layer_curves": layer_curves,
+            "modules": {key: e.to_dict() for key, e in sorted(edits.items())},
+            "edit_fraction": edit_fraction(lora, edits),
+            "edited_parameters": sum(e.edited_parameters for e in edits.values()),
+            "lora_parameters": lora.n_parameters(),
+            "skipped_modules": sorted(key for key, e in edits.items() if e.skipped),
+            "prompts": {name: len(p) for name, p in sets.items()},
+            "prompt_sources": {name: [str(f) for f in prompt_files.get(f"prompts:{name}", [])] or "built-in or in-memory"
+                               for name in sets},
+            "adapter": {"target_modules": lora.config.get("target_modules"), "modules": len(lora.modules),
+                        "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha")},
+            "adapters_in_pass": len(runs),
+            "config": config.to_dict(),
+            "backends": backends,
+            "compute_dtype": str(base_model.dtype).removeprefix("torch."),
+            "timings_s": {**timings, "layers": layer_times},
+            "bytes_read": {"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read},
+            "versions": package_versions(),
+            "inputs_sha256": ({**shared_sums, **input_checksums({"adapter": lora.files})} if config.hash_inputs
+                              else "not computed (hash_inputs=False)"),
+            "paths": {**{name: str(p) for name, p in paths.items()}, "adapter": str(run.path)},
+        }
+        if outs is not None:
+            write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite)
+        results.append(PatchResult(report, tensors, run.scores))
+    return results
+
+
+def _open_adapter(path: Path, aligned_model: ModelShell, config: PatchConfig) -> _AdapterRun:
+    lora = Adapter.load(path, allow_pickle=config.allow_pickle)
+    check_against_model(lora, aligned_model.weight_shapes().get)
+    by_layer: dict[int, dict[str, LoraModule]] = {}
+    for m in lora.modules.values():
+        where = aligned_model.layer_of(m.module)
+        if where is None:
+            raise MSCPError(f"adapter module {m.module} is outside the decoder layers; mscp patches decoder-layer linears")
+        by_layer.setdefault(where[0], {})[where[1]] = m
+    return _AdapterRun(path, lora, by_layer)
 
 
 @torch.no_grad()
-def _score_layer(layer, index, targets, lora: Adapter, aligned_stream, ft_stream, config) -> dict:
-    """Advance the aligned and fine-tuned streams through `layer` and score its LoRA modules."""
+def _score_layer(layer, index: int, runs: list[_AdapterRun], aligned_stream: Stream) -> None:
+    """Advance the aligned stream and every fine-tuned stream through `layer`; score LoRA modules.
+
+    n^H (harmful tokens through the aligned layer) is shared by all adapters; each adapter's
+    fine-tuned stream runs the same layer with its own LoRA added by hooks.
+    """
+    targets = sorted({rel for run in runs for rel in run.by_layer.get(index, {})})
     linears = {}
     for rel in targets:
         module = layer.get_submodule(rel)
@@ -176,8 +230,7 @@ def _score_layer(layer, index, targets, lora: Adapter, aligned_stream, ft_stream
             raise MSCPError(f"adapter module layers.{index}.{rel} is not a linear layer")
         linears[rel] = module
     device = next(layer.parameters()).device
-    harmful_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in targets}
-    task_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in targets}
+    dtype = next(layer.parameters()).dtype
     current = [None]
 
     def harmful_tokens(batch):
@@ -186,23 +239,24 @@ def _score_layer(layer, index, targets, lora: Adapter, aligned_stream, ft_stream
     def all_tokens(batch):
         current[0] = batch.token_mask.to(device)
 
+    harmful_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in targets}
     with hooks(record_inputs(linears, harmful_stats, current)):
         aligned_stream.advance(layer, index, on_batch=harmful_tokens)
-    dtype = next(layer.parameters()).dtype
-    lora_weights = {rel: (lora.tensors[m.key_a].to(device, dtype), lora.tensors[m.key_b].to(device, dtype), m.scale)
-                    for rel, m in targets.items()}
-    with hooks(apply_lora(linears, lora_weights) + record_inputs(linears, task_stats, current)):
-        ft_stream.advance(layer, index, on_batch=all_tokens)
+    harmful_scores = {rel: row_scores(linears[rel].weight, harmful_stats[rel].rms()).cpu() for rel in targets}
 
-    out = {}
-    for rel, m in targets.items():
-        W = linears[rel].weight
-        A, B = lora.tensors[m.key_a].to(device), lora.tensors[m.key_b].to(device)
-        out[m.key_b] = {
-            "harmful": row_scores(W, harmful_stats[rel].rms()).cpu(),
-            "task": row_scores(W, task_stats[rel].rms(), B, A, m.scale).cpu(),
-        }
-    return out
+    for run in runs:
+        mods = run.by_layer.get(index, {})
+        task_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in mods}
+        lora_weights = {rel: (run.lora.tensors[m.key_a].to(device, dtype), run.lora.tensors[m.key_b].to(device, dtype),
+                              m.scale) for rel, m in mods.items()}
+        with hooks(apply_lora(linears, lora_weights) + record_inputs(linears, task_stats, current)):
+            run.stream.advance(layer, index, on_batch=all_tokens)
+        for rel, m in mods.items():
+            A, B = run.lora.tensors[m.key_a].to(device), run.lora.tensors[m.key_b].to(device)
+            run.scores[m.key_b] = {
+                "harmful": harmful_scores[rel],
+                "task": row_scores(linears[rel].weight, task_stats[rel].rms(), B, A, m.scale).cpu(),
+            }
 
 
 def _check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:

@@ -36,45 +36,60 @@ class ModuleEdit:
                 "rank": self.rank, "norm_v": self.norm_v, "skipped": self.skipped}
 
 
-@torch.no_grad()
-def project_adapter(adapter: Adapter, base, aligned, masks: dict[str, object], *, alpha: float = 1.0,
-                    projector: str = "safelora", exact_rank: int = 64, device=None, backend: str = "auto",
-                    allow_pickle: bool = False, progress=None) -> tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]:
+def project_adapter(adapter: Adapter, base, aligned, masks: dict[str, object], **kwargs
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]:
     """Project the masked rows of every lora_B in `masks`; returns (new tensors, edits by lora_B key)."""
+    return project_adapters([adapter], base, aligned, [masks], **kwargs)[0]
+
+
+@torch.no_grad()
+def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[str, object]], *, alpha: float = 1.0,
+                     projector: str = "safelora", exact_rank: int = 64, device=None, backend: str = "auto",
+                     allow_pickle: bool = False, progress=None) -> list[tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]]:
+    """`project_adapter` for several adapters of one model: each weight is read once for all of them.
+
+    Every adapter is projected by its own call of the op on the same W_a and W_b, so each result
+    is exactly what projecting that adapter alone gives.
+    """
     base = open_source(base, "base", allow_pickle=allow_pickle)
     aligned = open_source(aligned, "aligned", allow_pickle=allow_pickle)
     device = torch.device(device or "cpu")
-    by_b = adapter.by_b_key()
-    unknown = sorted(set(masks) - set(by_b))
-    if unknown:
-        raise MSCPError(f"mask key {unknown[0]} is not a lora_B tensor of the adapter")
-    out = dict(adapter.tensors)  # untouched tensors are shared, never modified
-    edits: dict[str, ModuleEdit] = {}
-    items = sorted(masks.items())
-    for key_b, rows in (progress(items, desc="project", unit="module") if progress else items):
-        m = by_b[key_b]
-        B = adapter.tensors[key_b]
-        rows = _rows_tensor(rows, B.shape[0], key_b)
-        for src in (base, aligned):
-            if tuple(src.shape(m.weight_key)) != (B.shape[0], adapter.tensors[m.key_a].shape[1]):
-                raise MSCPError(f"{src.label} weight {m.weight_key} {tuple(src.shape(m.weight_key))} does not fit "
-                                f"the adapter's {m.module}")
-        W_a = aligned.get(m.weight_key, device=device)
-        W_b = base.get(m.weight_key, device=device)
-        if W_a.dtype != W_b.dtype:
-            W_b = W_b.to(W_a.dtype)
-        with use_backend(backend):
-            if projector == "exact":
-                B_new, norm_v = _exact_projection(W_a, W_b, B.to(device), rows.to(device), alpha, exact_rank)
-            else:
-                B_new, norm_v = lowrank_project(W_a, W_b, B.to(device), rows.to(device), float(alpha))
-        norm_v = float(norm_v)
-        skipped = "V is zero" if norm_v == 0.0 else None
-        edits[key_b] = ModuleEdit(m.module, rows.tolist(), norm_v, m.rank, B.shape[0], skipped)
-        if rows.numel() and not skipped:
-            out[key_b] = B_new.to(device="cpu", dtype=B.dtype)
+    by_weight: dict[str, list[tuple[int, str, torch.Tensor]]] = {}  # weight key -> (adapter, lora_B key, rows)
+    for k, (adapter, adapter_masks) in enumerate(zip(adapters, masks)):
+        by_b = adapter.by_b_key()
+        unknown = sorted(set(adapter_masks) - set(by_b))
+        if unknown:
+            raise MSCPError(f"mask key {unknown[0]} is not a lora_B tensor of the adapter")
+        for key_b, rows in adapter_masks.items():
+            m = by_b[key_b]
+            B = adapter.tensors[key_b]
+            for src in (base, aligned):
+                if tuple(src.shape(m.weight_key)) != (B.shape[0], adapter.tensors[m.key_a].shape[1]):
+                    raise MSCPError(f"{src.label} weight {m.weight_key} {tuple(src.shape(m.weight_key))} does not fit "
+                                    f"the adapter's {m.module}")
+            by_weight.setdefault(m.weight_key, []).append((k, key_b, _rows_tensor(rows, B.shape[0], key_b)))
+    results = [(dict(adapter.tensors), {}) for adapter in adapters]  # untouched tensors are shared, never modified
+    items = sorted(by_weight.items())
+    for weight_key, uses in (progress(items, desc="project", unit="module") if progress else items):
+        W_a = aligned.get(weight_key, device=device)
+        W_b = base.get(weight_key, device=device).to(W_a.dtype)
+        for k, key_b, rows in uses:
+            adapter = adapters[k]
+            m = adapter.by_b_key()[key_b]
+            B = adapter.tensors[key_b]
+            with use_backend(backend):
+                if projector == "exact":
+                    B_new, norm_v = _exact_projection(W_a, W_b, B.to(device), rows.to(device), alpha, exact_rank)
+                else:
+                    B_new, norm_v = lowrank_project(W_a, W_b, B.to(device), rows.to(device), float(alpha))
+            norm_v = float(norm_v)
+            skipped = "V is zero" if norm_v == 0.0 else None
+            tensors, edits = results[k]
+            edits[key_b] = ModuleEdit(m.module, rows.tolist(), norm_v, m.rank, B.shape[0], skipped)
+            if rows.numel() and not skipped:
+                tensors[key_b] = B_new.to(device="cpu", dtype=B.dtype)
         del W_a, W_b
-    return out, edits
+    return results
 
 
 def fast_project(adapter, base, aligned, masks: dict[str, object], *, alpha: float = 1.0, device=None,

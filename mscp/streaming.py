@@ -10,6 +10,7 @@ only the current layer and the calibration activations are ever in memory.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -217,6 +218,11 @@ class Stream:
     def groups(self) -> torch.Tensor:
         return torch.cat([b.group for b in self.batches])
 
+    def copy(self) -> "Stream":
+        """An independent stream at the same point (hidden states cloned, layer inputs shared)."""
+        return Stream(self.label, self.batches, [h.clone() for h in self.hidden],
+                      [list(per_layer) for per_layer in self.layer_kwargs])
+
     @torch.no_grad()
     def advance(self, layer: nn.Module, index: int, on_batch=None) -> None:
         """Run every micro-batch through `layer`; `on_batch(batch)` is called before each."""
@@ -226,6 +232,40 @@ class Stream:
             out = layer(self.hidden[k], **self.layer_kwargs[k][index])
             self.hidden[k] = out[0] if isinstance(out, tuple) else out
             self.layer_kwargs[k][index] = None  # each layer's inputs are used once
+
+
+class LayerPrefetcher:
+    """Reads layer i+1 of every model in a background thread while layer i computes.
+
+    File reads and the finiteness checks release the GIL, so the read overlaps the forward
+    passes; at most two layers of each model are in memory.
+    """
+
+    def __init__(self, models: tuple[ModelShell, ...], n_layers: int):
+        self.models, self.n_layers = models, n_layers
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: dict[int, Future] = {}
+
+    def __enter__(self) -> "LayerPrefetcher":
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mscp-prefetch")
+        self._schedule(0)
+        return self
+
+    def _schedule(self, index: int) -> None:
+        if index < self.n_layers and index not in self._pending:
+            self._pending[index] = self._pool.submit(lambda: tuple(m.load_layer(index) for m in self.models))
+
+    def get(self, index: int) -> tuple[nn.Module, ...]:
+        self._schedule(index)
+        future = self._pending.pop(index)
+        self._schedule(index + 1)  # queued behind `index`: it starts as soon as `index` is read
+        return future.result()
+
+    def __exit__(self, *exc) -> None:
+        for future in self._pending.values():
+            future.cancel()
+        self._pool.shutdown(wait=True)
+        self._pending.clear()
 
 
 @contextlib.contextmanager

@@ -225,7 +225,8 @@ def test_alpha_blends_between_the_original_and_the_projection(llama_trio):
         torch.testing.assert_close(half.tensors[key][rows].double(), midpoint, rtol=1e-5, atol=1e-6)
 
 
-def test_streaming_holds_at_most_one_layer_of_each_model(llama_trio, monkeypatch):
+def test_streaming_holds_at_most_two_layers_of_each_model(llama_trio, monkeypatch):
+    """The layer in use and the next one, read ahead; never more, whatever the depth."""
     live: dict[str, list] = {"base": [], "aligned": []}
     original = ModelShell.load_layer
 
@@ -233,7 +234,7 @@ def test_streaming_holds_at_most_one_layer_of_each_model(llama_trio, monkeypatch
         layer = original(self, index)
         gc.collect()
         alive = [r for r in live[self.label] if r() is not None]
-        assert not alive, f"{self.label} layer still in memory when layer {index} loads"
+        assert len(alive) <= 1, f"{len(alive)} {self.label} layers still in memory when layer {index} loads"
         live[self.label].append(weakref.ref(layer))
         return layer
 

@@ -1,0 +1,78 @@
+"""Several adapters in one pass: base and aligned read once, each output as if patched alone."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mscp.cli import main
+from mscp.pipeline import patch, patch_many
+from mscp.prompts import default_prompts
+
+PROMPTS = {"harmful": default_prompts("harmful")[:8], "benign": default_prompts("benign")[:8],
+           "task": default_prompts("benign")[8:16]}
+OPTS = dict(prompts=PROMPTS, progress=False, hash_inputs=False, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def adapters(llama_trio, tmp_path_factory):
+    """The trio's adapter and two seeded variants (other A and B, one with fewer target modules)."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = [llama_trio["adapter"]]
+    for seed in (1, 2):
+        folder = root / f"variant{seed}"
+        shutil.copytree(llama_trio["adapter"], folder)
+        tensors = load_file(str(folder / "adapter_model.safetensors"))
+        g = torch.Generator().manual_seed(seed)
+        tensors = {k: torch.randn(v.shape, generator=g) * v.std() for k, v in tensors.items()
+                   if seed == 1 or ".mlp." in k}
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+        out.append(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def together(llama_trio, adapters):
+    return patch_many(llama_trio["base"], llama_trio["aligned"], adapters, **OPTS)
+
+
+@pytest.mark.parametrize("k", [0, 1, 2])
+def test_each_output_of_a_multi_adapter_pass_equals_patching_that_adapter_alone(llama_trio, adapters, together, k):
+    alone = patch(llama_trio["base"], llama_trio["aligned"], adapters[k], **OPTS)
+    assert together[k].tensors.keys() == alone.tensors.keys()
+    for key in alone.tensors:
+        assert torch.equal(together[k].tensors[key], alone.tensors[key]), key
+    assert together[k].report["modules"] == alone.report["modules"]
+    assert together[k].report["edit_fraction"] == alone.report["edit_fraction"]
+
+
+def test_a_multi_adapter_pass_reads_the_weights_once(llama_trio, adapters, together):
+    alone = patch(llama_trio["base"], llama_trio["aligned"], adapters[0], **OPTS)
+    assert together[0].report["bytes_read"] == alone.report["bytes_read"]
+    assert together[0].report["adapters_in_pass"] == 3
+
+
+def test_cli_out_dir_writes_one_folder_per_adapter(llama_trio, adapters, tmp_path):
+    out_dir = tmp_path / "outs"
+    argv = ["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]),
+            "--out-dir", str(out_dir), "--quiet", "--no-hash", "--layers", "2-3"]
+    for a in adapters:
+        argv += ["--adapter", str(a)]
+    assert main(argv) == 0
+    folders = sorted(p.name for p in out_dir.iterdir())
+    assert folders == sorted(a.name for a in adapters)
+    for a in adapters:
+        report = json.loads((out_dir / a.name / "mscp_report.json").read_text())
+        assert report["paths"]["adapter"] == str(a)
+        assert report["safety_layers"] == [2, 3]
+
+
+def test_cli_refuses_several_adapters_with_a_single_out(llama_trio, adapters, tmp_path, capsys):
+    argv = ["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]),
+            "--out", str(tmp_path / "o"), "--adapter", str(adapters[0]), "--adapter", str(adapters[1])]
+    assert main(argv) == 2
+    assert "--out-dir" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
