@@ -87,10 +87,12 @@ def print_summary(report: dict, out) -> None:
 
 
 def _synth_args(p: argparse.ArgumentParser) -> None:
-    from mscp.synth import FAMILIES, SynthSpec
+    from mscp.synth import FAMILIES, PRESETS, SynthSpec
 
     d = SynthSpec()
     p.add_argument("--out", required=True, help="folder to write base/, aligned/ and adapter/ into")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="real layer shapes (sets hidden, intermediate, heads, "
+                   "kv-heads, vocab; --layers still chooses how many layers)")
     p.add_argument("--family", choices=sorted(FAMILIES), default=d.family)
     p.add_argument("--hidden", type=int, default=d.hidden_size)
     p.add_argument("--intermediate", type=int, default=d.intermediate_size)
@@ -101,20 +103,53 @@ def _synth_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=d.dtype)
     p.add_argument("--rank", type=int, default=d.rank)
     p.add_argument("--layers-per-shard", type=int, default=d.layers_per_shard)
+    p.add_argument("--max-shard-mb", type=int, default=d.max_shard_bytes >> 20, help="split shards above this size")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
 def _run_synth(args) -> int:
     from tqdm.auto import tqdm
 
-    from mscp.synth import SynthSpec, write_trio
+    from mscp.synth import PRESETS, SynthSpec, write_trio
 
-    spec = SynthSpec(family=args.family, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                     num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                     vocab_size=args.vocab, dtype=args.dtype, rank=args.rank, layers_per_shard=args.layers_per_shard,
-                     seed=args.seed)
+    shape = dict(hidden_size=args.hidden, intermediate_size=args.intermediate, num_attention_heads=args.heads,
+                 num_key_value_heads=args.kv_heads, vocab_size=args.vocab)
+    if args.preset:
+        shape = dict(PRESETS[args.preset])
+    spec = SynthSpec(family=args.family, num_hidden_layers=args.layers, dtype=args.dtype, rank=args.rank,
+                     layers_per_shard=args.layers_per_shard, max_shard_bytes=args.max_shard_mb << 20, seed=args.seed,
+                     **shape)
     paths = write_trio(args.out, spec, progress=lambda it, **kw: tqdm(it, **kw))
     print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True)
+    p.add_argument("--aligned", required=True)
+    p.add_argument("--adapter", required=True)
+    p.add_argument("--k", type=int, default=8, help="adapters in the multi-adapter case (default 8)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats of the short cases (median)")
+    p.add_argument("--no-separate", action="store_true", help="skip the K separate runs (slow on big trios)")
+    p.add_argument("--prompts", type=int, help="use the first N prompts of each built-in set (default: all)")
+    p.add_argument("--work", default=None, help="scratch folder for adapter variants (default: beside --adapter)")
+    p.add_argument("--layers", metavar="A-B", help="fixed safety layers, as for patch")
+    p.add_argument("--json", help="write the figures to this file")
+
+
+def _run_bench(args) -> int:
+    from pathlib import Path
+
+    from mscp.bench import print_figures, run_bench, write_json
+    from mscp.config import parse_layer_range
+
+    work = Path(args.work) if args.work else Path(args.adapter).resolve().parent / "bench-work"
+    options = {"layers": parse_layer_range(args.layers)} if args.layers else {}
+    fig = run_bench(args.base, args.aligned, args.adapter, k=args.k, work=work, repeats=args.repeats,
+                    full_separate=not args.no_separate, n_prompts=args.prompts, patch_options=options)
+    print_figures(fig)
+    if args.json:
+        write_json(fig, Path(args.json))
     return 0
 
 
@@ -142,11 +177,62 @@ def _run_continual(args) -> int:
     return cli_run(args)
 
 
+def _organism_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("build",), help="build (or reuse) the safety model organism")
+    p.add_argument("--out", default=None, help="output folder (default ~/.cache/mscp/organism/<config hash>)")
+    p.add_argument("--cache", default=None, help="cache root (default ~/.cache/mscp)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--holdout-category", action="append", default=[], metavar="CAT",
+                   help="harm category kept for evaluation only (repeatable)")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
+    p.add_argument("--no-check", action="store_true", help="skip the held-out target checks")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_organism(args) -> int:
+    from mscp.organism import OrganismConfig, build
+
+    cfg = OrganismConfig(seed=args.seed, holdout_categories=tuple(args.holdout_category))
+    out = build(args.out, cfg, cache=args.cache, progress=not args.quiet, check=not args.no_check, force=args.force)
+    record = json.loads((out / "organism.json").read_text())
+    checks = record.get("checks")
+    if checks:
+        for name, ok in checks["targets_met"].items():
+            print(f"  {'met ' if ok else 'MISS'} {name}")
+    print(f"organism: {out}")
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--adapter", default=None, help="peft LoRA adapter folder (merged for generation)")
+    p.add_argument("--harmful", required=True, metavar="FILE", help="harmful prompts (.txt/.jsonl/.csv)")
+    p.add_argument("--benign", metavar="FILE", help="benign prompts: over-refusal")
+    p.add_argument("--task", metavar="FILE", help="task prompts, .jsonl with prompt and answer: task accuracy")
+    p.add_argument("--judge", default="keyword", help="keyword | embedding | llm | llm:MODEL_DIR | none")
+    p.add_argument("--json", metavar="OUT", help="write the figures (and responses) as JSON")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+    p.add_argument("--quiet", action="store_true")
+
+
+def _run_eval(args) -> int:
+    from mscp.evaluate import run_eval_cli
+
+    return run_eval_cli(args)
+
+
 COMMANDS = {
     "patch": ("repair a LoRA adapter with MSCP", _patch_args, _run_patch),
     "synth": ("write a synthetic base/aligned/adapter trio", _synth_args, _run_synth),
+    "bench": ("time and memory of a patch against the I/O floor", _bench_args, _run_bench),
     "demo": ("a small real run on SmolLM2-135M-Instruct", _demo_args, _run_demo),
     "continual": ("continual projection over safety dimensions: init, add, status", _continual_args, _run_continual),
+    "organism": ("build the SmolLM2 safety model organism (base, aligned, fine-tuned LoRA, splits)", _organism_args,
+                 _run_organism),
+    "eval": ("evaluate a model (+ adapter): keyword ASR, judge refusal rate, over-refusal, task accuracy", _eval_args,
+             _run_eval),
 }
 
 

@@ -132,12 +132,13 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
         timings["capture"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        layer_times = []
+        layer_times, layer_waits = [], []
         with LayerPrefetcher((base_model, aligned_model), base_model.n_layers) as layers:
             layer_iter = range(base_model.n_layers)
             for index in (progress(layer_iter, desc="layers", unit="layer") if progress else layer_iter):
                 layer_clock = time.perf_counter()
                 layer_b, layer_a = layers.get(index)
+                layer_waits.append(time.perf_counter() - layer_clock)  # time the read was not hidden
                 base_stream.advance(layer_b, index)
                 del layer_b
                 _score_layer(layer_a, index, runs, aligned_stream)
@@ -190,7 +191,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             "config": config.to_dict(),
             "backends": backends,
             "compute_dtype": str(base_model.dtype).removeprefix("torch."),
-            "timings_s": {**timings, "layers": layer_times},
+            "timings_s": {**timings, "layers": layer_times, "layers_waiting_for_io": layer_waits},
             "bytes_read": {"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read},
             "versions": package_versions(),
             "inputs_sha256": ({**shared_sums, **input_checksums({"adapter": lora.files})} if config.hash_inputs

@@ -26,6 +26,16 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# Real layer shapes of published models (hidden, MLP, heads, KV heads, vocabulary); the number of
+# layers is chosen separately, so a slice of a 70B model fits a small disk.
+PRESETS = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                         vocab_size=128256),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64, num_key_value_heads=8,
+                          vocab_size=128256),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28, num_key_value_heads=4,
+                       vocab_size=152064),
+}
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -44,6 +54,7 @@ class SynthSpec:
     target_modules: tuple[str, ...] = DEFAULT_TARGETS
     delta_scale: float = 0.3  # aligned - base, relative to the base weights' std
     layers_per_shard: int = 2
+    max_shard_bytes: int = 4 << 30  # published checkpoints use ~4-5 GB shards; bounds memory while writing
     seed: int = 0
     extra_config: dict = field(default_factory=dict)
 
@@ -100,15 +111,26 @@ def write_trio(out: str | Path, spec: SynthSpec = SynthSpec(), progress=None) ->
 
     groups: dict[int, list[str]] = {}
     for name in shapes:
-        groups.setdefault(max(layer_of(name), -1) // spec.layers_per_shard if layer_of(name) >= 0 else -1, []).append(name)
-    shard_ids = sorted(groups)
-    items = list(enumerate(shard_ids))
+        groups.setdefault(layer_of(name) // spec.layers_per_shard if layer_of(name) >= 0 else -1, []).append(name)
+    itemsize = torch.finfo(dtype).bits // 8
+    shards: list[list[str]] = []  # each group, split where it would pass max_shard_bytes
+    for gid in sorted(groups):
+        shards.append([])
+        size = 0
+        for name in groups[gid]:
+            nbytes = _numel(shapes[name]) * itemsize
+            if shards[-1] and size + nbytes > spec.max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(name)
+            size += nbytes
+    items = list(enumerate(shards))
     for model, with_delta in (("base", False), ("aligned", True)):
         weight_map = {}
-        for n, gid in (progress(items, desc=f"synth {model}", unit="shard") if progress else items):
-            fname = f"model-{n + 1:05d}-of-{len(shard_ids):05d}.safetensors"
+        for n, names in (progress(items, desc=f"synth {model}", unit="shard") if progress else items):
+            fname = f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
-            for name in groups[gid]:
+            for name in names:
                 t = _base_tensor(name, shapes[name], spec.seed)
                 if with_delta:
                     t += _delta(name, shapes[name], spec.seed, spec.delta_scale)
@@ -116,7 +138,7 @@ def write_trio(out: str | Path, spec: SynthSpec = SynthSpec(), progress=None) ->
                 weight_map[name] = fname
             save_file(tensors, str(paths[model] / fname), metadata={"format": "pt"})
             del tensors
-        total = sum(torch.finfo(dtype).bits // 8 * _numel(s) for s in shapes.values())
+        total = sum(itemsize * _numel(s) for s in shapes.values())
         (paths[model] / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         config.save_pretrained(paths[model])
