@@ -34,7 +34,7 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(PY) -m pytest benchmarks -q --benchmark-enable --benchmark-columns=median,iqr,rounds
+	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-columns=median,iqr,rounds
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache

@@ -1,0 +1,43 @@
+"""`mscp bench` reports every figure the scale issue asks for, each measured (positive, consistent)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mscp.cli import main
+
+
+@pytest.fixture(scope="module")
+def figures(llama_trio, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    work = tmp_path_factory.mktemp("bench-work")
+    assert main(["bench", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]),
+                 "--adapter", str(llama_trio["adapter"]), "--k", "2", "--repeats", "1", "--prompts", "4",
+                 "--work", str(work), "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("key", ["io_floor_ratio_projection", "io_floor_ratio_full", "peak_rss_bytes",
+                                 "multi_adapter_ratio", "full_s", "projection_s", "io_floor_full_s",
+                                 "io_floor_projection_s", "dense_safelora_s", "lowrank_s"])
+def test_bench_reports_a_positive_measurement(figures, key):
+    assert figures[key] > 0
+
+
+def test_bench_ratios_are_the_quotients_of_their_times(figures):
+    assert figures["io_floor_ratio_full"] == pytest.approx(figures["full_s"] / figures["io_floor_full_s"])
+    assert figures["io_floor_ratio_projection"] == pytest.approx(figures["projection_s"] / figures["io_floor_projection_s"])
+    assert figures["multi_adapter_ratio"] == pytest.approx(figures["multi_adapter_s"] / figures["full_s"])
+
+
+def test_bench_times_every_layer_and_counts_the_bytes_it_read(figures, llama_trio):
+    assert len(figures["per_layer_s"]) == 5 and all(t > 0 for t in figures["per_layer_s"])
+    shards = sum(p.stat().st_size for folder in ("base", "aligned") for p in llama_trio[folder].glob("*.safetensors"))
+    assert 0 < figures["bytes_read_full"] <= shards
+    assert 0 < figures["bytes_read_projection"] < figures["bytes_read_full"]
+
+
+def test_bench_dense_safe_lora_agrees_with_the_low_rank_op(figures):
+    assert figures["dense_vs_lowrank_max_rel_diff"] < 1e-4
+    assert figures["multi_adapter_k"] == 2
