@@ -75,17 +75,20 @@ class SafetensorsFile:
             raise MSCPError(f"truncated safetensors file: {self.path} ends before tensor {name}")
         return dtype, shape, begin, end
 
-    def read(self, name: str, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor `name`, or only the given rows (sorted, unique) of a 2-D tensor."""
+    def read(self, name: str, rows: torch.Tensor | None = None, pin: bool = False) -> torch.Tensor:
+        """The tensor `name`, or only the given rows (sorted, unique) of a 2-D tensor.
+
+        pin: read into page-locked memory, so the copy to a GPU can run asynchronously.
+        """
         dtype, shape, begin, end = self.entries[name]
         self.bytes_read += (end - begin) if rows is None else (end - begin) // max(shape[0], 1) * len(rows)
         with open(self.path, "rb", buffering=0) as f:
             if rows is None:
-                out = torch.empty(shape, dtype=dtype)
+                out = torch.empty(shape, dtype=dtype, pin_memory=pin)
                 _readinto(f, self.data_start + begin, out)
                 return out
             row_bytes = (end - begin) // shape[0]
-            out = torch.empty((len(rows), *shape[1:]), dtype=dtype)
+            out = torch.empty((len(rows), *shape[1:]), dtype=dtype, pin_memory=pin)
             for first, last, at in _runs(rows.tolist()):  # one read per run of consecutive rows
                 _readinto(f, self.data_start + begin + first * row_bytes, out[at : at + last - first + 1])
             return out
@@ -207,16 +210,18 @@ class Checkpoint:
 
     def get(self, name: str, *, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None,
             device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor (or some rows of it), check it is finite, cast and move it."""
+        """Read one tensor (or some rows of it), move and cast it, check it is finite (on the device)."""
         self._require(name)
+        to_gpu = torch.device(device).type == "cuda"
         if self._pickled is not None and name in self._pickled:
             t = self._pickled[name]
             t = t[rows] if rows is not None else t.clone()
         else:
-            t = self._st[self._where[name]].read(name, rows)
+            t = self._st[self._where[name]].read(name, rows, pin=to_gpu)
+        t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype, non_blocking=to_gpu)
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise MSCPError(f"{self.label} tensor {name} contains NaN or Inf")
-        return t.to(device=device, dtype=dtype if dtype is not None else t.dtype)
+        return t
 
     def _require(self, name: str):
         if name not in self._where:

@@ -1,13 +1,13 @@
-"""`patch()`: the whole MSCP pipeline, streamed one decoder layer at a time.
+"""`patch()` and `patch_many()`: the whole MSCP pipeline, streamed one decoder layer at a time.
 
     1. capture: embed the calibration prompts in the base and aligned models
-    2. one pass over the layers, advancing three streams together:
+    2. one pass over the layers (the next layer is read ahead in a thread), advancing the streams:
          base     (harmful + benign prompts)  -> curves
          aligned  (harmful + benign prompts)  -> curves, n^H on harmful tokens
-         finetuned = aligned + LoRA (task prompts) -> n^T
+         finetuned = aligned + LoRA (task prompts), one stream per adapter -> n^T
        and scoring each LoRA module's rows as soon as its layer is loaded
     3. safety layers from the curves; safety rows S = top_q(I^H) \\ top_p(I^T) in those layers
-    4. the masked low-rank projection of lora_B (`project.project_adapter`)
+    4. the masked low-rank projection of lora_B (`project.project_adapters`: each weight read once)
     5. OUT/ written atomically: adapter_config.json, adapter_model.safetensors, mscp_report.json
 """
 from __future__ import annotations
