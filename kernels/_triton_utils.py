@@ -4,12 +4,17 @@ Triton is imported lazily: `import mscp.kernels` must work where triton is absen
 decides between compiling (`JITFunction`) and the CPU interpreter (`InterpretedFunction`) when a
 `@triton.jit` decorator runs, reading `TRITON_INTERPRET` at that moment. So each op module
 defines its kernels inside a builder function and `lazy_kernels` builds them on first launch,
-once per interpreter mode: setting `TRITON_INTERPRET=1` after `mscp.kernels` was imported works.
+once per interpreter mode: setting `TRITON_INTERPRET=1` after `mscp.kernels` was imported works,
+provided triton itself is first imported after that (triton defines `tl.zeros`, `tl.sum`, ... when
+it is imported, in the mode of that moment); where the modes disagree the backend reports itself
+unavailable instead of failing inside a kernel.
 """
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+import sys
 import threading
 from typing import Callable
 
@@ -17,13 +22,30 @@ MAX_FUSED_SIZE = 65536
 
 
 @functools.lru_cache(maxsize=None)
-def triton_importable() -> bool:
+def _triton_installed() -> bool:
     try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:  # ImportError, or a broken install failing at import
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
         return False
-    return True
+
+
+def triton_importable() -> bool:
+    """Triton is installed (checked without importing it: importing fixes its mode)."""
+    mod = sys.modules.get("triton", False)
+    if mod is None:  # explicitly blocked (sys.modules["triton"] = None)
+        return False
+    return mod is not False or _triton_installed()
+
+
+def _imported_mode_matches() -> bool:
+    """Triton defines its own library functions (tl.zeros, tl.sum, ...) when first imported, as
+    interpreted or compiled functions according to TRITON_INTERPRET at that moment; kernels of
+    the other mode cannot call them. True when triton is not imported yet or its mode matches."""
+    lang = sys.modules.get("triton.language")
+    if lang is None:
+        return True
+    interpreted = type(getattr(lang, "zeros", None)).__name__ == "InterpretedFunction"
+    return interpreted == interpret_mode()
 
 
 def interpret_mode() -> bool:
@@ -33,11 +55,9 @@ def interpret_mode() -> bool:
 
 def triton_available(device_type: str) -> bool:
     """Triton backends run on CUDA devices, or on CPU tensors under TRITON_INTERPRET=1."""
-    if not triton_importable():
-        return False
     if device_type == "cuda":
-        return True
-    return device_type == "cpu" and interpret_mode()
+        return not interpret_mode() and triton_importable() and _imported_mode_matches()
+    return device_type == "cpu" and interpret_mode() and triton_importable() and _imported_mode_matches()
 
 
 def lazy_kernels(builder: Callable[[], object]) -> Callable[[], object]:
