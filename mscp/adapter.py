@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from mscp.checkpoint import Checkpoint
+from mscp.checkpoint import Checkpoint, check_finite
 from mscp.errors import MSCPError
 
 PEFT_PREFIX = "base_model.model."
@@ -67,8 +67,7 @@ class Adapter:
         config = dict(config or {"peft_type": "LORA"})
         check_lora_config(config, "adapter config")
         for name, t in tensors.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise MSCPError(f"adapter tensor {name} contains NaN or Inf")
+            check_finite(t, "adapter", name)
         return cls(config, dict(tensors))
 
     def n_parameters(self) -> int:

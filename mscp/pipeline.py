@@ -29,7 +29,7 @@ from mscp.project import edit_fraction, project_adapters
 from mscp.prompts import default_prompts, encode, load_tokenizer, make_batches, read_prompts
 from mscp.report import (check_out_dir, input_checksums, package_versions, write_adapter_atomically)
 from mscp.scoring import ChannelStats, apply_lora, record_inputs, row_scores, safety_rows
-from mscp.streaming import LayerPrefetcher, ModelShell, Stream, hooks
+from mscp.streaming import ModelShell, Stream, hooks, read_ahead
 
 
 @dataclass
@@ -133,18 +133,18 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
 
         clock = time.perf_counter()
         layer_times, layer_waits = [], []
-        with LayerPrefetcher((base_model, aligned_model), base_model.n_layers) as layers:
-            layer_iter = range(base_model.n_layers)
-            for index in (progress(layer_iter, desc="layers", unit="layer") if progress else layer_iter):
-                layer_clock = time.perf_counter()
-                layer_b, layer_a = layers.get(index)
-                layer_waits.append(time.perf_counter() - layer_clock)  # time the read was not hidden
-                base_stream.advance(layer_b, index)
-                del layer_b
-                _score_layer(layer_a, index, runs, aligned_stream)
-                del layer_a
-                curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
-                layer_times.append(time.perf_counter() - layer_clock)
+        layers = read_ahead(range(base_model.n_layers), lambda i: (base_model.load_layer(i), aligned_model.load_layer(i)))
+        layer_clock = time.perf_counter()
+        for index, (layer_b, layer_a) in (progress(layers, desc="layers", unit="layer", total=base_model.n_layers)
+                                          if progress else layers):
+            layer_waits.append(time.perf_counter() - layer_clock)  # time the read was not hidden
+            base_stream.advance(layer_b, index)
+            del layer_b
+            _score_layer(layer_a, index, runs, aligned_stream)
+            del layer_a
+            curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
+            layer_times.append(time.perf_counter() - layer_clock)
+            layer_clock = time.perf_counter()
         timings["stream"] = time.perf_counter() - clock
         del base_stream, aligned_stream, aligned_streams
         for run in runs:

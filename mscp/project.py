@@ -14,6 +14,7 @@ from mscp.adapter import Adapter
 from mscp.checkpoint import open_source
 from mscp.errors import MSCPError
 from mscp.kernels import lowrank_project, use_backend
+from mscp.streaming import read_ahead
 
 
 @dataclass
@@ -69,11 +70,14 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
                                     f"the adapter's {m.module}")
             by_weight.setdefault(m.weight_key, []).append((k, key_b, _rows_tensor(rows, B.shape[0], key_b)))
     results = [(dict(adapter.tensors), {}) for adapter in adapters]  # untouched tensors are shared, never modified
-    items = sorted(by_weight.items())
-    for weight_key, uses in (progress(items, desc="project", unit="module") if progress else items):
+    def load(weight_key):
         W_a = aligned.get(weight_key, device=device)
-        W_b = base.get(weight_key, device=device).to(W_a.dtype)
-        for k, key_b, rows in uses:
+        return W_a, base.get(weight_key, device=device).to(W_a.dtype)
+
+    weights = read_ahead(sorted(by_weight), load)  # the next module is read while this one computes
+    for weight_key, (W_a, W_b) in (progress(weights, desc="project", unit="module", total=len(by_weight))
+                                   if progress else weights):
+        for k, key_b, rows in by_weight[weight_key]:
             adapter = adapters[k]
             m = adapter.by_b_key()[key_b]
             B = adapter.tensors[key_b]

@@ -10,7 +10,7 @@ only the current layer and the calibration activations are ever in memory.
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,38 +234,24 @@ class Stream:
             self.layer_kwargs[k][index] = None  # each layer's inputs are used once
 
 
-class LayerPrefetcher:
-    """Reads layer i+1 of every model in a background thread while layer i computes.
+def read_ahead(items, load):
+    """Yield (item, load(item)), loading the next item in a background thread meanwhile.
 
-    File reads and the finiteness checks release the GIL, so the read overlaps the forward
-    passes; at most two layers of each model are in memory.
+    File reads, finiteness checks and copies release the GIL, so reading overlaps the caller's
+    compute. At most two loaded values exist at a time: the one yielded and the next.
     """
-
-    def __init__(self, models: tuple[ModelShell, ...], n_layers: int):
-        self.models, self.n_layers = models, n_layers
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: dict[int, Future] = {}
-
-    def __enter__(self) -> "LayerPrefetcher":
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mscp-prefetch")
-        self._schedule(0)
-        return self
-
-    def _schedule(self, index: int) -> None:
-        if index < self.n_layers and index not in self._pending:
-            self._pending[index] = self._pool.submit(lambda: tuple(m.load_layer(index) for m in self.models))
-
-    def get(self, index: int) -> tuple[nn.Module, ...]:
-        self._schedule(index)
-        future = self._pending.pop(index)
-        self._schedule(index + 1)  # queued behind `index`: it starts as soon as `index` is read
-        return future.result()
-
-    def __exit__(self, *exc) -> None:
-        for future in self._pending.values():
-            future.cancel()
-        self._pool.shutdown(wait=True)
-        self._pending.clear()
+    items = list(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mscp-read-ahead") as pool:
+        pending = pool.submit(load, items[0]) if items else None
+        try:
+            for k, item in enumerate(items):
+                value = pending.result()
+                pending = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
+                yield item, value
+                del value
+        finally:
+            if pending is not None:
+                pending.cancel()
 
 
 @contextlib.contextmanager
