@@ -43,8 +43,8 @@ class PatchResult:
 class _AdapterRun:
     """Per-adapter state of a pass: its modules by layer, fine-tuned stream and scores."""
 
-    path: Path
-    lora: Adapter
+    path: Path | None
+    lora: Adapter | None
     by_layer: dict[int, dict[str, LoraModule]]
     stream: Stream | None = None
     scores: dict = field(default_factory=dict)
@@ -66,57 +66,33 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
                       **overrides)[0]
 
 
-def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
-               prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
-               **overrides) -> list[PatchResult]:
-    """`patch` for several adapters of the same aligned model, reading base and aligned once.
+@dataclass
+class Localization:
+    """Everything the streamed pass computes before anything is projected."""
 
-    The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
-    its own fine-tuned stream, task scores, masks and output. Each result equals patching that
-    adapter alone.
-    """
-    config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
-    if config.device.startswith("cuda") and not torch.cuda.is_available():
-        raise MSCPError("--device cuda requested but CUDA is not available")
-    if not adapters:
-        raise MSCPError("no adapter given")
-    if outs is not None and len(outs) != len(adapters):
-        raise MSCPError("one output folder per adapter is needed")
-    paths = {"base": Path(base), "aligned": Path(aligned)}
-    if outs is not None:
-        inputs = [*paths.values(), *_as_paths(adapters), *_as_paths(harmful), *_as_paths(benign),
-                  *_as_paths(task), *_as_paths(tokenizer)]
-        if len({Path(o).resolve() for o in outs}) != len(outs):
-            raise MSCPError("two adapters would be written to the same output folder")
-        for out in outs:
-            check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])
-    timings: dict[str, float] = {}
+    base_model: ModelShell
+    aligned_model: ModelShell
+    runs: list[_AdapterRun]  # one per adapter, with its scores
+    layer_curves: list[dict]
+    safety_layers: list[int]
+    sets: dict[str, list[str]]  # prompt sets by name
+    prompt_files: dict[str, list[Path]]
+    timings: dict
+
+
+def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
+             config: PatchConfig) -> Localization:
+    """Levels 1 and 2 in one streamed pass: the layer curves, the safety layers, and I^H and I^T of
+    every LoRA module of every layer, for each adapter. Nothing is projected."""
+    timings: dict = {}
     clock = time.perf_counter()
-    progress = (lambda it, **kw: tqdm(it, **kw)) if config.progress else None
-
-    kw = dict(device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle)
-    base_model = ModelShell(base, label="base", **kw)
-    aligned_model = ModelShell(aligned, label="aligned", **kw)
-    _check_same_architecture(base_model, aligned_model)
-    if config.layers is not None and config.layers[1] >= base_model.n_layers:
-        raise MSCPError(f"--layers {config.layers[0]}-{config.layers[1]} is outside the model's "
-                        f"{base_model.n_layers} decoder layers (0-{base_model.n_layers - 1})")
-    runs = [_open_adapter(Path(a), aligned_model, config) for a in adapters]
-
-    sets, prompt_files = _prompt_sets(harmful, benign, task, prompts)
+    progress = progress_bar(config)
+    base_model, aligned_model = open_models(base, aligned, config)
+    runs = [_AdapterRun(Path(a), *_open_adapter(Path(a), aligned_model, config)) for a in adapters]
+    sets, prompt_files = prompt_sets(harmful, benign, task, prompts)
     tok = load_tokenizer(tokenizer or aligned)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-
-    def batches(named: list[tuple[str, int]]):
-        seqs, groups = [], []
-        for name, group in named:
-            ids = encode(tok, sets[name], max_length=config.max_length, chat_template=config.chat_template)
-            seqs += ids
-            groups += [group] * len(ids)
-        return make_batches(seqs, groups, config.batch_size, pad_id)
-
-    calib = batches([("harmful", HARMFUL), ("benign", BENIGN)])
-    task_batches = batches([("task", HARMFUL)])
+    calib = encode_batches(tok, [(sets["harmful"], HARMFUL), (sets["benign"], BENIGN)], config)
+    task_batches = encode_batches(tok, [(sets["task"], HARMFUL)], config)
     timings["load"] = time.perf_counter() - clock
 
     with use_backend(config.backend):
@@ -140,32 +116,62 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             layer_waits.append(time.perf_counter() - layer_clock)  # time the read was not hidden
             base_stream.advance(layer_b, index)
             del layer_b
-            _score_layer(layer_a, index, runs, aligned_stream)
+            score_layer(layer_a, index, runs, aligned_stream)
             del layer_a
             curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
             layer_times.append(time.perf_counter() - layer_clock)
             layer_clock = time.perf_counter()
         timings["stream"] = time.perf_counter() - clock
-        del base_stream, aligned_stream, aligned_streams
-        for run in runs:
-            run.stream = None
+        timings["layers"], timings["layers_waiting_for_io"] = layer_times, layer_waits
+    for run in runs:
+        run.stream = None
+    layer_curves = curves.curves()
+    return Localization(base_model, aligned_model, runs, layer_curves, safety_layers(layer_curves, config), sets,
+                        prompt_files, timings)
 
-        layer_curves = curves.curves()
-        chosen = safety_layers(layer_curves, config)
-        masks = []
-        for run in runs:
-            masks.append({m.key_b: safety_rows(run.scores[m.key_b]["harmful"], run.scores[m.key_b]["task"],
-                                               config.q, config.p)
-                          for index in chosen for m in run.by_layer.get(index, {}).values()})
 
+def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
+               prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
+               **overrides) -> list[PatchResult]:
+    """`patch` for several adapters of the same aligned model, reading base and aligned once.
+
+    The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
+    its own fine-tuned stream, task scores, masks and output. Each result equals patching that
+    adapter alone.
+    """
+    config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
+    if not adapters:
+        raise MSCPError("no adapter given")
+    if outs is not None and len(outs) != len(adapters):
+        raise MSCPError("one output folder per adapter is needed")
+    paths = {"base": Path(base), "aligned": Path(aligned)}
+    if outs is not None:
+        inputs = [*paths.values(), *as_paths(adapters), *as_paths(harmful), *as_paths(benign),
+                  *as_paths(task), *as_paths(tokenizer)]
+        if len({Path(o).resolve() for o in outs}) != len(outs):
+            raise MSCPError("two adapters would be written to the same output folder")
+        for out in outs:
+            check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])
+
+    loc = localize(base, aligned, adapters, harmful=harmful, benign=benign, task=task, prompts=prompts,
+                   tokenizer=tokenizer, config=config)
+    timings, chosen, runs = dict(loc.timings), loc.safety_layers, loc.runs
+    base_model, aligned_model = loc.base_model, loc.aligned_model
+    masks = []
+    for run in runs:
+        masks.append({m.key_b: safety_rows(run.scores[m.key_b]["harmful"], run.scores[m.key_b]["task"],
+                                           config.q, config.p)
+                      for index in chosen for m in run.by_layer.get(index, {}).values()})
+    with use_backend(config.backend):
         clock = time.perf_counter()
         projected = project_adapters([run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
                                      alpha=config.alpha, projector=config.projector, exact_rank=config.exact_rank,
-                                     device=config.device, backend=config.backend, progress=progress)
+                                     device=config.device, backend=config.backend, progress=progress_bar(config))
         timings["project"] = time.perf_counter() - clock
         backends = {op: select(op, torch.device(config.device).type)[0]
                     for op in ("mscp::channel_sumsq", "mscp::row_importance", "mscp::lowrank_project")}
 
+    sets, prompt_files = loc.sets, loc.prompt_files
     shared_files = {"base": base_model.ckpt.files + config_files(base_model.ckpt.path),
                     "aligned": aligned_model.ckpt.files + config_files(aligned_model.ckpt.path), **prompt_files}
     shared_sums = input_checksums(shared_files) if config.hash_inputs else None
@@ -176,7 +182,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             "mscp_version": package_versions()["mscp"],
             "safety_layers": chosen,
             "n_layers": base_model.n_layers,
-            "layer_curves": layer_curves,
+            "layer_curves": loc.layer_curves,
             "modules": {key: e.to_dict() for key, e in sorted(edits.items())},
             "edit_fraction": edit_fraction(lora, edits),
             "edited_parameters": sum(e.edited_parameters for e in edits.values()),
@@ -191,7 +197,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             "config": config.to_dict(),
             "backends": backends,
             "compute_dtype": str(base_model.dtype).removeprefix("torch."),
-            "timings_s": {**timings, "layers": layer_times, "layers_waiting_for_io": layer_waits},
+            "timings_s": timings,
             "bytes_read": {"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read},
             "versions": package_versions(),
             "inputs_sha256": ({**shared_sums, **input_checksums({"adapter": lora.files})} if config.hash_inputs
@@ -204,24 +210,76 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
     return results
 
 
-def _open_adapter(path: Path, aligned_model: ModelShell, config: PatchConfig) -> _AdapterRun:
-    lora = Adapter.load(path, allow_pickle=config.allow_pickle)
-    check_against_model(lora, aligned_model.weight_shapes().get)
+def harmful_scores(aligned_model: ModelShell, tok, prompts: list[str], targets: dict[int, dict[str, LoraModule]],
+                   config: PatchConfig) -> dict[str, torch.Tensor]:
+    """I^H of one prompt set for the modules in `targets` (layer -> name -> module), streaming the
+    aligned model alone and only up to the last layer with targets."""
+    run = _AdapterRun(None, None, targets)
+    stream = None
+    last = max(targets, default=-1)
+    progress = progress_bar(config)
+    with use_backend(config.backend):
+        stream = aligned_model.capture({"harmful": encode_batches(tok, [(prompts, HARMFUL)], config)})["harmful"]
+        layers = read_ahead(range(last + 1), aligned_model.load_layer)
+        for index, layer in (progress(layers, desc="layers", unit="layer", total=last + 1) if progress else layers):
+            score_layer(layer, index, [run], stream)
+            del layer
+    return {key: s["harmful"] for key, s in run.scores.items()}
+
+
+# -- shared steps (also used by mscp.continual) ------------------------------------------------
+def progress_bar(config: PatchConfig):
+    return (lambda it, **kw: tqdm(it, **kw)) if config.progress else None
+
+
+def open_models(base, aligned, config: PatchConfig) -> tuple[ModelShell, ModelShell]:
+    """Both model shells, checked to be the same architecture and to hold config.layers."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MSCPError("--device cuda requested but CUDA is not available")
+    kw = dict(device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle)
+    base_model = ModelShell(base, label="base", **kw)
+    aligned_model = ModelShell(aligned, label="aligned", **kw)
+    check_same_architecture(base_model, aligned_model)
+    if config.layers is not None and config.layers[1] >= base_model.n_layers:
+        raise MSCPError(f"--layers {config.layers[0]}-{config.layers[1]} is outside the model's "
+                        f"{base_model.n_layers} decoder layers (0-{base_model.n_layers - 1})")
+    return base_model, aligned_model
+
+
+def encode_batches(tok, named: list[tuple[list[str], int]], config: PatchConfig) -> list:
+    """Micro-batches of several prompt lists, each labelled with its group."""
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    seqs, groups = [], []
+    for texts, group in named:
+        ids = encode(tok, texts, max_length=config.max_length, chat_template=config.chat_template)
+        seqs += ids
+        groups += [group] * len(ids)
+    return make_batches(seqs, groups, config.batch_size, pad_id)
+
+
+def modules_by_layer(lora: Adapter, aligned_model: ModelShell) -> dict[int, dict[str, LoraModule]]:
+    """layer index -> module name inside the layer -> LoRA module."""
     by_layer: dict[int, dict[str, LoraModule]] = {}
     for m in lora.modules.values():
         where = aligned_model.layer_of(m.module)
         if where is None:
             raise MSCPError(f"adapter module {m.module} is outside the decoder layers; mscp patches decoder-layer linears")
         by_layer.setdefault(where[0], {})[where[1]] = m
-    return _AdapterRun(path, lora, by_layer)
+    return by_layer
+
+
+def _open_adapter(path: Path, aligned_model: ModelShell, config: PatchConfig):
+    lora = Adapter.load(path, allow_pickle=config.allow_pickle)
+    check_against_model(lora, aligned_model.weight_shapes().get)
+    return lora, modules_by_layer(lora, aligned_model)
 
 
 @torch.no_grad()
-def _score_layer(layer, index: int, runs: list[_AdapterRun], aligned_stream: Stream) -> None:
+def score_layer(layer, index: int, runs: list[_AdapterRun], aligned_stream: Stream) -> None:
     """Advance the aligned stream and every fine-tuned stream through `layer`; score LoRA modules.
 
     n^H (harmful tokens through the aligned layer) is shared by all adapters; each adapter's
-    fine-tuned stream runs the same layer with its own LoRA added by hooks.
+    fine-tuned stream (when it has one) runs the same layer with its own LoRA added by hooks.
     """
     targets = sorted({rel for run in runs for rel in run.by_layer.get(index, {})})
     linears = {}
@@ -243,10 +301,14 @@ def _score_layer(layer, index: int, runs: list[_AdapterRun], aligned_stream: Str
     harmful_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in targets}
     with hooks(record_inputs(linears, harmful_stats, current)):
         aligned_stream.advance(layer, index, on_batch=harmful_tokens)
-    harmful_scores = {rel: row_scores(linears[rel].weight, harmful_stats[rel].rms()).cpu() for rel in targets}
+    harmful = {rel: row_scores(linears[rel].weight, harmful_stats[rel].rms()).cpu() for rel in targets}
 
     for run in runs:
         mods = run.by_layer.get(index, {})
+        for rel, m in mods.items():
+            run.scores[m.key_b] = {"harmful": harmful[rel]}
+        if run.stream is None:
+            continue
         task_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in mods}
         lora_weights = {rel: (run.lora.tensors[m.key_a].to(device, dtype), run.lora.tensors[m.key_b].to(device, dtype),
                               m.scale) for rel, m in mods.items()}
@@ -254,13 +316,10 @@ def _score_layer(layer, index: int, runs: list[_AdapterRun], aligned_stream: Str
             run.stream.advance(layer, index, on_batch=all_tokens)
         for rel, m in mods.items():
             A, B = run.lora.tensors[m.key_a].to(device), run.lora.tensors[m.key_b].to(device)
-            run.scores[m.key_b] = {
-                "harmful": harmful_scores[rel],
-                "task": row_scores(linears[rel].weight, task_stats[rel].rms(), B, A, m.scale).cpu(),
-            }
+            run.scores[m.key_b]["task"] = row_scores(linears[rel].weight, task_stats[rel].rms(), B, A, m.scale).cpu()
 
 
-def _check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:
+def check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:
     if base.config.model_type != aligned.config.model_type:
         raise MSCPError(f"base ({base.config.model_type}) and aligned ({aligned.config.model_type}) are different architectures")
     if base.n_layers != aligned.n_layers:
@@ -271,16 +330,16 @@ def _check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:
             raise MSCPError(f"base and aligned differ in shape at {key}: {b.get(key)} vs {a.get(key)}")
 
 
-def _as_paths(x) -> list[Path]:
+def as_paths(x) -> list[Path]:
     """None, one path, or several paths -> a list of paths."""
     if x is None:
         return []
     return [Path(x)] if isinstance(x, (str, Path)) else [Path(f) for f in x]
 
 
-def _prompt_sets(harmful, benign, task, prompts) -> tuple[dict[str, list[str]], dict[str, list[Path]]]:
+def prompt_sets(harmful, benign, task, prompts) -> tuple[dict[str, list[str]], dict[str, list[Path]]]:
     prompts = dict(prompts or {})
-    files = {"harmful": _as_paths(harmful), "benign": _as_paths(benign), "task": _as_paths(task)}
+    files = {"harmful": as_paths(harmful), "benign": as_paths(benign), "task": as_paths(task)}
     sets: dict[str, list[str]] = {}
     for name in ("harmful", "benign", "task"):
         if files[name]:
