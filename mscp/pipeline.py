@@ -109,18 +109,29 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
 
         clock = time.perf_counter()
         layer_times, layer_waits = [], []
-        layers = read_ahead(range(base_model.n_layers), lambda i: (base_model.load_layer(i), aligned_model.load_layer(i)))
-        layer_clock = time.perf_counter()
-        for index, (layer_b, layer_a) in (progress(layers, desc="layers", unit="layer", total=base_model.n_layers)
-                                          if progress else layers):
-            layer_waits.append(time.perf_counter() - layer_clock)  # time the read was not hidden
-            base_stream.advance(layer_b, index)
-            del layer_b
-            score_layer(layer_a, index, runs, aligned_stream)
-            del layer_a
-            curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
-            layer_times.append(time.perf_counter() - layer_clock)
-            layer_clock = time.perf_counter()
+        # base 0, aligned 0, base 1, ...: each layer is read while the one before it computes, so
+        # two single-model layers are in memory at a time
+        order = [(index, model) for index in range(base_model.n_layers) for model in (base_model, aligned_model)]
+        layers = read_ahead(order, lambda item: item[1].load_layer(item[0]))
+        bar = progress(range(base_model.n_layers), desc="layers", unit="layer") if progress else None
+        layer_clock = mark = time.perf_counter()
+        wait = 0.0
+        for (index, model), layer in layers:
+            wait += time.perf_counter() - mark  # time the read was not hidden
+            if model is base_model:
+                base_stream.advance(layer, index)
+            else:
+                score_layer(layer, index, runs, aligned_stream)
+                curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
+                layer_times.append(time.perf_counter() - layer_clock)
+                layer_waits.append(wait)
+                layer_clock, wait = time.perf_counter(), 0.0
+                if bar is not None:
+                    bar.update()
+            del layer  # before the next read completes: two layers in memory at most
+            mark = time.perf_counter()
+        if bar is not None:
+            bar.close()
         timings["stream"] = time.perf_counter() - clock
         timings["layers"], timings["layers_waiting_for_io"] = layer_times, layer_waits
     for run in runs:
