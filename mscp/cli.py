@@ -12,15 +12,20 @@ from mscp.errors import MSCPError
 
 
 def _patch_args(p: argparse.ArgumentParser) -> None:
-    from mscp.config import BACKEND_CHOICES, CRITERIA, DTYPES, PROJECTORS, PatchConfig
-
-    d = PatchConfig()
     p.add_argument("--base", required=True, help="pre-alignment model folder (or hub id)")
     p.add_argument("--aligned", required=True, help="aligned model folder (or hub id)")
     p.add_argument("--adapter", required=True, action="append",
                    help="peft LoRA adapter folder fine-tuned on the aligned model; repeat it to patch several in one pass")
     p.add_argument("--out", help="output folder for the patched adapter and its report (one adapter)")
     p.add_argument("--out-dir", help="parent folder of the outputs, one subfolder per adapter (named after it)")
+    add_config_args(p)
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The prompt and PatchConfig options shared by `patch` and `continual init`."""
+    from mscp.config import BACKEND_CHOICES, CRITERIA, DTYPES, PROJECTORS, PatchConfig
+
+    d = PatchConfig()
     p.add_argument("--harmful", nargs="+", action="extend", metavar="FILE", help="harmful prompt files (default: built-in set)")
     p.add_argument("--benign", metavar="FILE", help="benign prompt file (default: built-in set)")
     p.add_argument("--task", metavar="FILE", help="task prompt file (default: the benign prompts)")
@@ -44,17 +49,22 @@ def _patch_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
-def _run_patch(args) -> int:
-    from pathlib import Path
-
+def config_from_args(args):
     from mscp.config import PatchConfig, parse_layer_range
-    from mscp.pipeline import patch_many
 
-    config = PatchConfig(
+    return PatchConfig(
         rho=args.rho, layers=parse_layer_range(args.layers) if args.layers else None, criterion=args.criterion,
         q=args.q, p=args.p, alpha=args.alpha, projector=args.projector, max_length=args.max_length,
         batch_size=args.batch_size, chat_template=not args.no_chat_template, device=args.device, dtype=args.dtype,
         backend=args.backend, allow_pickle=args.allow_pickle, hash_inputs=not args.no_hash, progress=not args.quiet)
+
+
+def _run_patch(args) -> int:
+    from pathlib import Path
+
+    from mscp.pipeline import patch_many
+
+    config = config_from_args(args)
     if (args.out is None) == (args.out_dir is None):
         raise MSCPError("give exactly one of --out (one adapter) or --out-dir")
     if args.out is not None and len(args.adapter) > 1:

@@ -454,47 +454,21 @@ def cli_args(p) -> None:
 
 
 def _init_args(p) -> None:
-    """`mscp patch`'s model, prompt and config options (one adapter, --out is the state folder)."""
-    from mscp.config import BACKEND_CHOICES, CRITERIA, DTYPES, PROJECTORS
+    """`mscp patch`'s model, prompt and config options (one adapter; --out is the state folder)."""
+    from mscp.cli import add_config_args
 
-    d = PatchConfig()
     p.add_argument("--base", required=True, help="pre-alignment model folder")
     p.add_argument("--aligned", required=True, help="aligned model folder")
     p.add_argument("--adapter", required=True, help="peft LoRA adapter folder (B0), fine-tuned on the aligned model")
     p.add_argument("--out", required=True, help="the continual state folder to create")
-    p.add_argument("--harmful", nargs="+", action="extend", metavar="FILE",
-                   help="harmful prompts for the layer curves (default: built-in set); dimensions bring their own")
-    p.add_argument("--benign", metavar="FILE", help="benign prompt file (default: built-in set)")
-    p.add_argument("--task", metavar="FILE", help="task prompt file (default: the benign prompts)")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the aligned model's)")
-    p.add_argument("--layers", metavar="A-B", help="explicit safety layers, counted from 0 (skips the criterion)")
-    p.add_argument("--rho", type=float, default=d.rho, help=f"safety window as a fraction of layers (default {d.rho})")
-    p.add_argument("--criterion", choices=CRITERIA, default=d.criterion)
-    p.add_argument("--q", type=float, default=d.q, help=f"default safety-row fraction of a dimension (default {d.q})")
-    p.add_argument("--p", type=float, default=d.p, help=f"default task-row fraction (default {d.p})")
-    p.add_argument("--alpha", type=float, default=d.alpha, help=f"projection strength (default {d.alpha})")
-    p.add_argument("--projector", choices=PROJECTORS, default=d.projector)
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--no-chat-template", action="store_true", help="tokenise prompts as plain text")
-    p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype of the streamed layers")
-    p.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend, help="kernel backend")
-    p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (weights_only=True)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing state folder")
-    p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the input files")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_config_args(p)  # its --q/--p are the dimensions' defaults; --harmful only feeds the layer curves
 
 
 def cli_run(args) -> int:
     if args.continual_command == "init":
-        from mscp.config import PatchConfig, parse_layer_range
+        from mscp.cli import config_from_args
 
-        config = PatchConfig(
-            rho=args.rho, layers=parse_layer_range(args.layers) if args.layers else None, criterion=args.criterion,
-            q=args.q, p=args.p, alpha=args.alpha, projector=args.projector, max_length=args.max_length,
-            batch_size=args.batch_size, chat_template=not args.no_chat_template, device=args.device, dtype=args.dtype,
-            backend=args.backend, allow_pickle=args.allow_pickle, hash_inputs=not args.no_hash, progress=not args.quiet)
+        config = config_from_args(args)
         state = init(args.base, args.aligned, args.adapter, args.out, harmful=args.harmful, benign=args.benign,
                      task=args.task, tokenizer=args.tokenizer, config=config, overwrite=args.overwrite,
                      figures=not args.no_figures)
