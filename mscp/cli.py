@@ -166,12 +166,26 @@ def _run_bench(args) -> int:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="demo output folder (default runs/demo)")
     p.add_argument("--cache", default=None, help="where the converted SmolLM2 model is cached (default ~/.cache/mscp)")
+    p.add_argument("--q", type=float, default=None, help="MSCP safety-row fraction (default: PatchConfig's)")
+    p.add_argument("--p", type=float, default=None, help="MSCP task-row fraction (default: PatchConfig's)")
+    p.add_argument("--rho", type=float, default=None, help="MSCP window fraction (default: PatchConfig's)")
+    p.add_argument("--judge", default="embedding", help="judge for judge_refusal_rate (default embedding)")
+    p.add_argument("--safe-lora-tau", type=float, default=0.5, help="Safe LoRA similarity threshold (default 0.5)")
+    p.add_argument("--sweep", action="store_true",
+                   help="instead: the q/p grid and early/middle/late window ablation on localisation prompts")
+    p.add_argument("--quiet", action="store_true")
 
 
 def _run_demo(args) -> int:
     from mscp.demo import run_demo
 
-    run_demo(args.out, cache=args.cache)
+    if args.sweep:
+        from mscp.demo import run_sweep
+
+        run_sweep(args.out, cache=args.cache, progress=not args.quiet)
+        return 0
+    run_demo(args.out, cache=args.cache, q=args.q, p=args.p, rho=args.rho, judge=args.judge,
+             safe_lora_tau=args.safe_lora_tau, progress=not args.quiet)
     return 0
 
 
@@ -237,7 +251,7 @@ COMMANDS = {
     "patch": ("repair a LoRA adapter with MSCP", _patch_args, _run_patch),
     "synth": ("write a synthetic base/aligned/adapter trio", _synth_args, _run_synth),
     "bench": ("time and memory of a patch against the I/O floor", _bench_args, _run_bench),
-    "demo": ("a small real run on SmolLM2-135M-Instruct", _demo_args, _run_demo),
+    "demo": ("MSCP end to end on the SmolLM2 safety model organism, against the baselines", _demo_args, _run_demo),
     "continual": ("continual projection over safety dimensions: init, add, status", _continual_args, _run_continual),
     "organism": ("build the SmolLM2 safety model organism (base, aligned, fine-tuned LoRA, splits)", _organism_args,
                  _run_organism),
