@@ -114,6 +114,27 @@ def plot_figures(report: dict, out: Path) -> list[Path]:
     return [p1, p2]
 
 
+def _organism(out, cache, organism_cfg, base_dir, progress):
+    """The output folder, the (built or cached) organism folder and its splits folder."""
+    from mscp.organism import OrganismConfig, build
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = organism_cfg or OrganismConfig()
+    torch.set_num_threads(cfg.threads)
+    org = build(None, cfg, cache=cache, progress=progress, base_dir=base_dir)
+    return out, org, org / "splits"
+
+
+def _patch_on_localisation(org: Path, sp: Path, config, out):
+    """MSCP on the organism's fine-tuned adapter, scored on the localisation splits only."""
+    from mscp.pipeline import patch
+
+    return patch(org / "base", org / "aligned", org / "finetuned", out, harmful=[sp / "harmful_localize.txt"],
+                 benign=sp / "benign_localize.txt", task=sp / "task_localize.txt", config=config,
+                 overwrite=out is not None)
+
+
 def run_demo(out: str | Path, cache: str | Path | None = None, *, q: float | None = None, p: float | None = None,
              rho: float | None = None, judge: str = "embedding", safe_lora_tau: float = 0.5,
              max_new_tokens: int = 20, progress: bool = True, organism_cfg=None, base_dir=None,
@@ -122,22 +143,13 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, q: float | Non
     from mscp import baselines
     from mscp.config import PatchConfig
     from mscp.evaluate import evaluate, print_table
-    from mscp.organism import OrganismConfig, build
-    from mscp.pipeline import patch
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = organism_cfg or OrganismConfig()
-    torch.set_num_threads(cfg.threads)
-    org = build(None, cfg, cache=cache, progress=progress, base_dir=base_dir)
-    sp = org / "splits"
+    out, org, sp = _organism(out, cache, organism_cfg, base_dir, progress)
     pc = PatchConfig(progress=progress)
     for name, value in (("q", q), ("p", p), ("rho", rho)):
         if value is not None:
             setattr(pc, name, value)
     print("MSCP: patching the fine-tuned adapter (localisation prompts only) ...", flush=True)
-    res = patch(org / "base", org / "aligned", org / "finetuned", out / "mscp", harmful=[sp / "harmful_localize.txt"],
-                benign=sp / "benign_localize.txt", task=sp / "task_localize.txt", config=pc, overwrite=True)
+    res = _patch_on_localisation(org, sp, pc, out / "mscp")
     report = res.report
     edits = {"aligned": None, "finetuned": 0.0, "mscp": report["edit_fraction"]}
     edits["wanda"] = baselines.wanda_prune(org / "finetuned", report, out / "wanda")["edit_fraction"]
@@ -217,19 +229,11 @@ def run_sweep(out: str | Path, cache: str | Path | None = None, *, qs=(0.1, 0.3,
     from mscp.baselines import write_adapter
     from mscp.config import PatchConfig
     from mscp.evaluate import evaluate
-    from mscp.organism import OrganismConfig, build
-    from mscp.pipeline import patch
     from mscp.project import edit_fraction, project_adapter
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = organism_cfg or OrganismConfig()
-    torch.set_num_threads(cfg.threads)
-    org = build(None, cfg, cache=cache, progress=progress, base_dir=base_dir)
-    sp = org / "splits"
+    out, org, sp = _organism(out, cache, organism_cfg, base_dir, progress)
     pc = PatchConfig(progress=progress)
-    res = patch(org / "base", org / "aligned", org / "finetuned", None, harmful=[sp / "harmful_localize.txt"],
-                benign=sp / "benign_localize.txt", task=sp / "task_localize.txt", config=pc)
+    res = _patch_on_localisation(org, sp, pc, None)
     n_layers = res.report["n_layers"]
     chosen = res.report["safety_layers"]
     w = len(chosen)
