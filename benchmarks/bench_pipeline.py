@@ -11,10 +11,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import make_trio
 from mscp import fast_project
 from mscp.pipeline import patch, patch_many
 from mscp.prompts import default_prompts
+from mscp.synth import SynthSpec, write_trio
 
 SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, vocab_size=512, rank=8)
@@ -25,7 +25,7 @@ OPTS = dict(prompts=PROMPTS, progress=False, hash_inputs=False)
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory):
-    return make_trio(tmp_path_factory.mktemp("bench"), "llama", **SHAPE)
+    return write_trio(tmp_path_factory.mktemp("bench"), SynthSpec(family="llama", **SHAPE))
 
 
 @pytest.fixture(scope="module")
