@@ -48,12 +48,7 @@ def read_floor(ranges: list[tuple[Path, int, int]]) -> float:
 
 
 def tensor_ranges(ckpt: Checkpoint, names) -> list[tuple[Path, int, int]]:
-    out = []
-    for name in names:
-        st = ckpt._st[ckpt._where[name]]
-        _dtype, _shape, begin, end = st.entries[name]
-        out.append((st.path, st.data_start + begin, end - begin))
-    return out
+    return [ckpt.byte_range(name) for name in names]
 
 
 def file_ranges(paths) -> list[tuple[Path, int, int]]:

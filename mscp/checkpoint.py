@@ -201,6 +201,13 @@ class Checkpoint:
         """Tensor bytes read from safetensors files so far (pickles are loaded whole)."""
         return sum(st.bytes_read for st in self._st.values())
 
+    def byte_range(self, name: str) -> tuple[Path, int, int]:
+        """(file, offset, length) of a safetensors tensor's bytes, for raw-read measurements."""
+        self._require(name)
+        st = self._st[self._where[name]]
+        _dtype, _shape, begin, end = st.entries[name]
+        return st.path, st.data_start + begin, end - begin
+
     def shape(self, name: str) -> tuple[int, ...]:
         self._require(name)
         if self._pickled is not None and name in self._pickled:

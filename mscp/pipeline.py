@@ -186,11 +186,12 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
     shared_files = {"base": base_model.ckpt.files + config_files(base_model.ckpt.path),
                     "aligned": aligned_model.ckpt.files + config_files(aligned_model.ckpt.path), **prompt_files}
     shared_sums = input_checksums(shared_files) if config.hash_inputs else None
+    versions = package_versions()
     results = []
     for k, (run, (tensors, edits)) in enumerate(zip(runs, projected)):
         lora = run.lora
         report = {
-            "mscp_version": package_versions()["mscp"],
+            "mscp_version": versions["mscp"],
             "safety_layers": chosen,
             "n_layers": base_model.n_layers,
             "layer_curves": loc.layer_curves,
@@ -210,7 +211,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             "compute_dtype": str(base_model.dtype).removeprefix("torch."),
             "timings_s": timings,
             "bytes_read": {"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read},
-            "versions": package_versions(),
+            "versions": versions,
             "inputs_sha256": ({**shared_sums, **input_checksums({"adapter": lora.files})} if config.hash_inputs
                               else "not computed (hash_inputs=False)"),
             "paths": {**{name: str(p) for name, p in paths.items()}, "adapter": str(run.path)},

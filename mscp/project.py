@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import torch
 
-from mscp.adapter import Adapter
+from mscp.adapter import Adapter, LoraModule
 from mscp.checkpoint import open_source
 from mscp.errors import MSCPError
 from mscp.kernels import lowrank_project, use_backend
+from mscp.kernels.lowrank_project import accumulate_dtype
 from mscp.streaming import read_ahead
 
 
@@ -55,7 +56,7 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
     base = open_source(base, "base", allow_pickle=allow_pickle)
     aligned = open_source(aligned, "aligned", allow_pickle=allow_pickle)
     device = torch.device(device or "cpu")
-    by_weight: dict[str, list[tuple[int, str, torch.Tensor]]] = {}  # weight key -> (adapter, lora_B key, rows)
+    by_weight: dict[str, list[tuple[int, LoraModule, torch.Tensor]]] = {}  # weight key -> (adapter, module, rows)
     for k, (adapter, adapter_masks) in enumerate(zip(adapters, masks)):
         by_b = adapter.by_b_key()
         unknown = sorted(set(adapter_masks) - set(by_b))
@@ -68,7 +69,7 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
                 if tuple(src.shape(m.weight_key)) != (B.shape[0], adapter.tensors[m.key_a].shape[1]):
                     raise MSCPError(f"{src.label} weight {m.weight_key} {tuple(src.shape(m.weight_key))} does not fit "
                                     f"the adapter's {m.module}")
-            by_weight.setdefault(m.weight_key, []).append((k, key_b, _rows_tensor(rows, B.shape[0], key_b)))
+            by_weight.setdefault(m.weight_key, []).append((k, m, _rows_tensor(rows, B.shape[0], key_b)))
     results = [(dict(adapter.tensors), {}) for adapter in adapters]  # untouched tensors are shared, never modified
     def load(weight_key):
         W_a = aligned.get(weight_key, device=device)
@@ -77,10 +78,9 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
     weights = read_ahead(sorted(by_weight), load)  # the next module is read while this one computes
     for weight_key, (W_a, W_b) in (progress(weights, desc="project", unit="module", total=len(by_weight))
                                    if progress else weights):
-        for k, key_b, rows in by_weight[weight_key]:
-            adapter = adapters[k]
-            m = adapter.by_b_key()[key_b]
-            B = adapter.tensors[key_b]
+        for k, m, rows in by_weight[weight_key]:
+            key_b = m.key_b
+            B = adapters[k].tensors[key_b]
             with use_backend(backend):
                 if projector == "exact":
                     B_new, norm_v = _exact_projection(W_a, W_b, B.to(device), rows.to(device), alpha, exact_rank)
@@ -126,7 +126,7 @@ def _rows_tensor(rows, d_out: int, key: str) -> torch.Tensor:
 
 def _exact_projection(W_a, W_b, B, rows, alpha, rank):
     """C = Q Q^T with Q the top-`rank` left singular vectors of V: an idempotent projector."""
-    acc = torch.float64 if W_a.dtype == torch.float64 else torch.float32
+    acc = accumulate_dtype(W_a, W_b, B)
     V = W_a.to(acc) - W_b.to(acc)
     norm_v = torch.linalg.vector_norm(V)
     out = B.clone()
