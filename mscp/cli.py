@@ -173,12 +173,28 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--safe-lora-tau", type=float, default=0.5, help="Safe LoRA similarity threshold (default 0.5)")
     p.add_argument("--sweep", action="store_true",
                    help="instead: the q/p grid and early/middle/late window ablation on localisation prompts")
+    p.add_argument("--continual", action="store_true",
+                   help="instead: harm categories added one by one as continual dimensions, ASR per category "
+                        "after each step (mscp/continual_eval.py; default --out runs/continual)")
+    p.add_argument("--layers", default=None, metavar="A-B",
+                   help="with --continual: explicit MSCP safety layers (default: the sigma criterion's window)")
     p.add_argument("--quiet", action="store_true")
 
 
 def _run_demo(args) -> int:
     from mscp.demo import run_demo
 
+    if args.continual:
+        from mscp.config import PatchConfig, parse_layer_range
+        from mscp.continual_eval import run_continual
+
+        options = {name: getattr(args, name) for name in ("q", "p", "rho") if getattr(args, name) is not None}
+        if args.layers:
+            options["layers"] = parse_layer_range(args.layers)
+        out = "runs/continual" if args.out == "runs/demo" else args.out
+        run_continual(out, cache=args.cache, config=PatchConfig(progress=not args.quiet, **options),
+                      progress=not args.quiet)
+        return 0
     if args.sweep:
         from mscp.demo import run_sweep
 

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from mscp import baselines
 from mscp.cli import main
 from mscp.evaluate import KEYS, answer_correct, evaluate
+from mscp.organism import tiny_base
 from test_organism import tiny_organism  # noqa: F401 - the session fixture
 
 
@@ -130,3 +131,56 @@ def test_choose_respects_the_task_budget():
            {"keyword_asr": 0.4, "task_accuracy": 0.95, "edit_fraction": 0.0}]
     assert choose(pts, ref) is pts[2]  # a point that edits nothing is never chosen
     assert choose(pts[:1], ref) is None
+
+
+@pytest.fixture(scope="module")
+def wide_organism(tmp_path_factory):
+    """The tiny organism with larger harmful localisation/alignment splits, so every StrongREJECT
+    category has prompts to localise with (training steps and evaluation sizes stay tiny)."""
+    from mscp.organism import OrganismConfig, build
+    from test_organism import TINY
+
+    root = tmp_path_factory.mktemp("wide")
+    base = tiny_base(root / "tinybase")
+    cfg = OrganismConfig(**{**TINY, "n_harm_localize": 120, "n_harm_align": 300})
+    return build(root / "org", cfg, base_dir=base, progress=False), cfg, base
+
+
+def test_category_prompts_never_use_the_fine_tune_split(wide_organism):
+    from mscp.continual_eval import category_prompts
+    from mscp.data.sets import normalise
+    from mscp.prompts import read_prompts
+
+    org, _, _ = wide_organism
+    cats = category_prompts(org / "splits")
+    split = {name: {normalise(t) for t in read_prompts(org / "splits" / f"harmful_{name}.txt")}
+             for name in ("localize", "align", "finetune", "eval")}
+    assert len(cats) == 6
+    for c, roles in cats.items():
+        loc, ev = ({normalise(t) for t in roles[r]} for r in ("localize", "eval"))
+        assert loc and ev and not loc & ev
+        assert loc <= split["localize"] | split["align"]
+        assert not ev & (split["localize"] | split["align"] | split["finetune"])
+
+
+def test_continual_on_the_tiny_organism(wide_organism, tmp_path):
+    from mscp.config import PatchConfig
+    from mscp.continual_eval import category_prompts, run_continual, slug
+
+    org, cfg, base = wide_organism
+    cats = category_prompts(org / "splits")
+    order = sorted(cats, key=lambda c: -len(cats[c]["localize"]))[:2]
+    held = sorted(set(cats) - set(order))[0]
+    r = run_continual(tmp_path / "c", cache=org.parent / "cache", config=PatchConfig(q=0.5, p=0.1, progress=False),
+                      order=order, held_out=held, max_new_tokens=2, progress=False, organism_cfg=cfg, base_dir=base)
+    assert [s["dimension"] for s in r["steps"]] == [None, *order]
+    for s in [r["aligned"], *r["steps"]]:
+        assert set(s["asr"]) == {*order, held} and all(0 <= v <= 1 for v in s["asr"].values())
+    assert r["steps"][0]["cumulative_edit_fraction"] == 0.0
+    total = sum(s["incremental_edit_fraction"] for s in r["steps"])
+    assert total > 0 and total == pytest.approx(r["steps"][-1]["cumulative_edit_fraction"])
+    state = json.loads((tmp_path / "c" / "state" / "state.json").read_text())
+    assert [d["name"] for d in state["dimensions"]] == [slug(c) for c in order]  # the held-out one never added
+    assert r["overlap"]["names"] == [slug(c) for c in order]
+    assert "held out" in (tmp_path / "c" / "table.md").read_text()
+    assert (tmp_path / "c" / "asr_by_step.png").stat().st_size > 1000
