@@ -3,7 +3,8 @@
 A `Checkpoint` is a model folder (single `model.safetensors`, or shards listed in
 `model.safetensors.index.json`), an adapter folder, or a single `.safetensors` file. Tensors are
 read with plain `seek` + `readinto` rather than mmap, so a tensor's memory is freed when the tensor
-is, and a row subset of a 2-D tensor can be read without the rest. Every float tensor read is
+is, and a row subset of a 2-D tensor can be read without the rest. Read-only consumers (the
+projection) may ask for a mapped view instead (`get(..., mapped=True)`), which copies nothing. Every float tensor read is
 checked for NaN/Inf. Pickle checkpoints (`.bin`, `.pt`) are refused unless allowed, and are then
 loaded with `weights_only=True`.
 """
@@ -11,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import struct
+import warnings
 from pathlib import Path
 
 import torch
@@ -91,6 +94,30 @@ class SafetensorsFile:
             for first, last, at in _runs(rows.tolist()):  # one read per run of consecutive rows
                 _readinto(f, self.data_start + begin + first * row_bytes, out[at : at + last - first + 1])
             return out
+
+
+    def map(self, name: str) -> torch.Tensor | None:
+        """A read-only view of the tensor's bytes in the file: mmap'd with its pages mapped up front.
+
+        No allocation and no copy. A fresh tensor for every read pays a page fault on each 4 KiB
+        and the kernel zeroes each page; on this machine that made reading 256 MB out of the page
+        cache 7-30x slower than reading into touched memory, and mapping is faster still. The view
+        must only be read (writing to it crashes). None where mmap is unavailable or the bytes are
+        not aligned to the element size; then use `read`.
+        """
+        dtype, shape, begin, end = self.entries[name]
+        start = self.data_start + begin
+        if not hasattr(mmap, "MAP_SHARED") or end == begin or start % dtype.itemsize:
+            return None
+        at = start - start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path, "rb") as f:
+            mapping = mmap.mmap(f.fileno(), end + self.data_start - at, offset=at, prot=mmap.PROT_READ,
+                                flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "non-writable buffer": callers only read it
+            t = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start - at)
+        self.bytes_read += end - begin
+        return t.view(shape)  # the tensor holds the mapping; it is unmapped when the tensor is freed
 
 
 def _readinto(f, offset: int, out: torch.Tensor) -> None:
@@ -215,17 +242,24 @@ class Checkpoint:
         return self._st[self._where[name]].entries[name][1]
 
     def get(self, name: str, *, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None,
-            device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor (or some rows of it), move and cast it, check it is finite (on the device)."""
+            device: str | torch.device = "cpu", check: bool = True, mapped: bool = False) -> torch.Tensor:
+        """Read one tensor (or some rows of it), move and cast it, check it is finite (on the device).
+
+        check=False leaves the finiteness check to the caller (the projection gets it for free from
+        ||V||, saving a pass over the weights). mapped=True returns, for a whole tensor on the CPU in
+        its own dtype, a read-only view of the file's pages (`SafetensorsFile.map`) where it can."""
         self._require(name)
         to_gpu = torch.device(device).type == "cuda"
         if self._pickled is not None and name in self._pickled:
             t = self._pickled[name]
             t = t[rows] if rows is not None else t.clone()
         else:
-            t = self._st[self._where[name]].read(name, rows, pin=to_gpu)
+            st = self._st[self._where[name]]
+            view = st.map(name) if mapped and rows is None and not to_gpu and dtype in (None, st.entries[name][0]) else None
+            t = view if view is not None else st.read(name, rows, pin=to_gpu)
         t = t.to(device=device, dtype=dtype if dtype is not None else t.dtype, non_blocking=to_gpu)
-        check_finite(t, self.label, name)
+        if check:
+            check_finite(t, self.label, name)
         return t
 
     def _require(self, name: str):
@@ -299,12 +333,13 @@ class StateDictSource:
             raise MSCPError(f"{self.label} state dict has no tensor {name}")
         return tuple(self.tensors[name].shape)
 
-    def get(self, name, *, rows=None, dtype=None, device="cpu"):
+    def get(self, name, *, rows=None, dtype=None, device="cpu", check: bool = True, mapped: bool = False):
         t = self.tensors.get(name)
         if t is None:
             raise MSCPError(f"{self.label} state dict has no tensor {name}")
         t = t[rows] if rows is not None else t
-        check_finite(t, self.label, name)
+        if check:
+            check_finite(t, self.label, name)
         return t.to(device=device, dtype=dtype if dtype is not None else t.dtype, copy=True)
 
 

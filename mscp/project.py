@@ -6,12 +6,13 @@ C and B A are never built; rows outside S are untouched bit for bit; A is unchan
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from mscp.adapter import Adapter, LoraModule
-from mscp.checkpoint import open_source
+from mscp.checkpoint import check_finite, open_source
 from mscp.errors import MSCPError
 from mscp.kernels import lowrank_project, use_backend
 from mscp.kernels.lowrank_project import accumulate_dtype
@@ -72,10 +73,12 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
             by_weight.setdefault(m.weight_key, []).append((k, m, _rows_tensor(rows, B.shape[0], key_b)))
     results = [(dict(adapter.tensors), {}) for adapter in adapters]  # untouched tensors are shared, never modified
     def load(weight_key):
-        W_a = aligned.get(weight_key, device=device)
-        return W_a, base.get(weight_key, device=device).to(W_a.dtype)
+        # Mapped, not copied (the op only reads them), and unchecked: a NaN or Inf in W_a or W_b
+        # makes ||V|| non-finite, which is checked below. Both save a pass over the weights.
+        W_a = aligned.get(weight_key, device=device, check=False, mapped=True)
+        return W_a, base.get(weight_key, device=device, check=False, mapped=True).to(W_a.dtype)
 
-    weights = read_ahead(sorted(by_weight), load)  # the next module is read while this one computes
+    weights = read_ahead(sorted(by_weight), load)  # the next module is mapped while this one computes
     for weight_key, (W_a, W_b) in (progress(weights, desc="project", unit="module", total=len(by_weight))
                                    if progress else weights):
         for k, m, rows in by_weight[weight_key]:
@@ -87,6 +90,8 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
                 else:
                     B_new, norm_v = lowrank_project(W_a, W_b, B.to(device), rows.to(device), float(alpha))
             norm_v = float(norm_v)
+            if not math.isfinite(norm_v):
+                _name_non_finite(W_a, W_b, aligned, base, weight_key)
             skipped = "V is zero" if norm_v == 0.0 else None
             tensors, edits = results[k]
             edits[key_b] = ModuleEdit(m.module, rows.tolist(), norm_v, m.rank, B.shape[0], skipped)
@@ -115,6 +120,13 @@ def edit_fraction(adapter: Adapter, edits: dict[str, ModuleEdit]) -> float:
     """Edited LoRA parameters (|S| * r per module) over all LoRA parameters of the adapter."""
     total = adapter.n_parameters()
     return sum(e.edited_parameters for e in edits.values()) / total if total else 0.0
+
+
+def _name_non_finite(W_a, W_b, aligned, base, key: str) -> None:
+    """||V|| is not finite: say which model's weight holds the NaN or Inf (or that V overflowed)."""
+    check_finite(W_a, aligned.label, key)
+    check_finite(W_b, base.label, key)
+    raise MSCPError(f"||W_aligned - W_base|| of {key} overflows")
 
 
 def _rows_tensor(rows, d_out: int, key: str) -> torch.Tensor:

@@ -152,3 +152,22 @@ def test_main_module_runs_as_a_console_script(llama_trio, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "safety layers: 1-2 of 5" in done.stdout
+
+
+@pytest.mark.parametrize("where, value", [("base", float("nan")), ("aligned", float("inf")), ("aligned", float("-inf"))])
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("rows", [[3, 7], []], ids=["rows", "no-rows"])
+def test_fast_project_names_the_model_whose_weight_is_not_finite(llama_trio, where, value, backend, rows):
+    """The projection reads the weights unchecked; a NaN/Inf still fails, through the non-finite ||V||."""
+    from mscp.checkpoint import Checkpoint
+    from mscp.errors import MSCPError
+
+    weight = "model.layers.2.mlp.up_proj.weight"
+    models = {}
+    for name in ("base", "aligned"):
+        ck = Checkpoint(llama_trio[name])
+        models[name] = {k: ck.get(k) for k in ck.keys()}
+    models[where][weight].view(-1)[11] = value
+    key = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
+    with pytest.raises(MSCPError, match=rf"^{where} tensor {weight} contains NaN or Inf$"):
+        fast_project(llama_trio["adapter"], models["base"], models["aligned"], {key: rows}, backend=backend)
