@@ -23,7 +23,7 @@ def _pyplot():
 def _save(fig, path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, metadata={"Software": None})  # no version string: same data, same bytes
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Software": None})  # no version string: same data, same bytes
     _pyplot().close(fig)
     return path
 
