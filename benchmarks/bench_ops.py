@@ -176,12 +176,18 @@ def run(device, large: bool, reps: int, dtypes, dense_reps: int, idle_wait: floa
                 samples[name].extend(timeit(fn, device, 1, warmup=0))
         times = {name: statistics.median(v) for name, v in samples.items()}
         mins = {name: min(v) for name, v in samples.items()}
+        diffs = {}
+        if "dense" in case:  # the same result: each backend's output against the dense formulation's
+            want = fns["dense"]()[0].double()
+            for b in backends:
+                diffs[b] = ((fns[b]()[0].double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
         for b in backends + (["dense"] if "dense" in case else []):
             rows.append(dict(op=case["op"], shape=case["shape"], dtype=case["dtype"], backend=b,
                              ms=times[b] * 1e3, min_ms=mins[b] * 1e3, vs_ref=times["torch"] / times[b],
                              vs_ref_min=mins["torch"] / mins[b],
                              vs_dense=(times["dense"] / times[b]) if "dense" in times else None,
                              vs_dense_min=(mins["dense"] / mins[b]) if "dense" in mins else None,
+                             max_rel_diff_vs_dense=diffs.get(b),
                              bw_frac=(case["bytes"] / times[b] / bw) if bw and b != "dense" else None))
         print(_fmt(rows[-len(backends) - ("dense" in case):], header=False), flush=True)
     return rows
@@ -194,7 +200,7 @@ def _fmt(rows, header=True) -> str:
                      "| vs dense Safe LoRA (median / min) | bandwidth / copy bw |")
         lines.append("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        vd = (f"{r['vs_dense']:.0f}x / {r['vs_dense_min']:.0f}x"
+        vd = (f"{r['vs_dense']:.0f}x / {r['vs_dense_min']:.0f}x (max rel. diff {r['max_rel_diff_vs_dense']:.1e})"
               if r["vs_dense"] is not None and r["backend"] != "dense" else "")
         bw = f"{r['bw_frac']:.0%}" if r["bw_frac"] is not None else ""
         lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['ms']:.1f} | "
