@@ -178,11 +178,17 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                         "after each step (mscp/continual_eval.py; default --out runs/continual)")
     p.add_argument("--layers", default=None, metavar="A-B",
                    help="with --continual: explicit MSCP safety layers (default: the sigma criterion's window)")
+    p.add_argument("--finetune-harmful", type=int, default=None, metavar="N",
+                   help="harmful requests in the LoRA's training mix (default 128; 32 builds the milder "
+                        "organism of docs/evaluation.md section 7)")
     p.add_argument("--quiet", action="store_true")
 
 
 def _run_demo(args) -> int:
     from mscp.demo import run_demo
+    from mscp.organism import OrganismConfig
+
+    organism_cfg = OrganismConfig(**organism_options(args))
 
     if args.continual:
         from mscp.config import PatchConfig, parse_layer_range
@@ -193,15 +199,15 @@ def _run_demo(args) -> int:
             options["layers"] = parse_layer_range(args.layers)
         out = "runs/continual" if args.out == "runs/demo" else args.out
         run_continual(out, cache=args.cache, config=PatchConfig(progress=not args.quiet, **options),
-                      progress=not args.quiet)
+                      progress=not args.quiet, organism_cfg=organism_cfg)
         return 0
     if args.sweep:
         from mscp.demo import run_sweep
 
-        run_sweep(args.out, cache=args.cache, progress=not args.quiet)
+        run_sweep(args.out, cache=args.cache, progress=not args.quiet, organism_cfg=organism_cfg)
         return 0
     run_demo(args.out, cache=args.cache, q=args.q, p=args.p, rho=args.rho, judge=args.judge,
-             safe_lora_tau=args.safe_lora_tau, progress=not args.quiet)
+             safe_lora_tau=args.safe_lora_tau, progress=not args.quiet, organism_cfg=organism_cfg)
     return 0
 
 
@@ -224,15 +230,25 @@ def _organism_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout-category", action="append", default=[], metavar="CAT",
                    help="harm category kept for evaluation only (repeatable)")
+    p.add_argument("--finetune-harmful", type=int, default=None, metavar="N",
+                   help="harmful requests in the LoRA's training mix (default 128; 32 builds the milder "
+                        "organism of docs/evaluation.md section 7)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
     p.add_argument("--no-check", action="store_true", help="skip the held-out target checks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def organism_options(args) -> dict:
+    """OrganismConfig fields given on the command line (only those given: the cache hash of the
+    default organism stays the same)."""
+    return {} if args.finetune_harmful is None else {"n_harm_finetune": args.finetune_harmful}
+
+
 def _run_organism(args) -> int:
     from mscp.organism import OrganismConfig, build
 
-    cfg = OrganismConfig(seed=args.seed, holdout_categories=tuple(args.holdout_category))
+    cfg = OrganismConfig(seed=args.seed, holdout_categories=tuple(args.holdout_category),
+                         **organism_options(args))
     out = build(args.out, cfg, cache=args.cache, progress=not args.quiet, check=not args.no_check, force=args.force)
     record = json.loads((out / "organism.json").read_text())
     checks = record.get("checks")

@@ -171,3 +171,15 @@ def test_fast_project_names_the_model_whose_weight_is_not_finite(llama_trio, whe
     key = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
     with pytest.raises(MSCPError, match=rf"^{where} tensor {weight} contains NaN or Inf$"):
         fast_project(llama_trio["adapter"], models["base"], models["aligned"], {key: rows}, backend=backend)
+
+
+@pytest.mark.parametrize("command", [["organism", "build"], ["demo"], ["demo", "--continual"]])
+def test_finetune_harmful_selects_the_milder_organism_and_only_when_given(command):
+    from mscp.cli import build_parser, organism_options
+    from mscp.organism import OrganismConfig
+
+    parser = build_parser()
+    default = OrganismConfig(**organism_options(parser.parse_args(command)))
+    mild = OrganismConfig(**organism_options(parser.parse_args([*command, "--finetune-harmful", "32"])))
+    assert default.digest() == OrganismConfig().digest()  # the default organism's cache is reused
+    assert mild.n_harm_finetune == 32 and mild.digest() != default.digest()
