@@ -180,7 +180,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                    help="with --continual: explicit MSCP safety layers (default: the sigma criterion's window)")
     p.add_argument("--finetune-harmful", type=int, default=None, metavar="N",
                    help="harmful requests in the LoRA's training mix (default 128; 32 builds the milder "
-                        "organism of docs/evaluation.md section 7)")
+                        "organism of docs/evaluation.md section 5c)")
     p.add_argument("--quiet", action="store_true")
 
 
@@ -232,7 +232,7 @@ def _organism_args(p: argparse.ArgumentParser) -> None:
                    help="harm category kept for evaluation only (repeatable)")
     p.add_argument("--finetune-harmful", type=int, default=None, metavar="N",
                    help="harmful requests in the LoRA's training mix (default 128; 32 builds the milder "
-                        "organism of docs/evaluation.md section 7)")
+                        "organism of docs/evaluation.md section 5c)")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
     p.add_argument("--no-check", action="store_true", help="skip the held-out target checks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
