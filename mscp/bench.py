@@ -104,6 +104,8 @@ def run_bench(base, aligned, adapter, *, k: int = 8, work: Path, repeats: int = 
     full = patch(base, aligned, adapter, **opts)
     fig["full_s"] = time.perf_counter() - start
     fig["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    fig["safety_layers"] = full.report["safety_layers"]
+    fig["layers_given"] = (patch_options or {}).get("layers") is not None
     t = full.report["timings_s"]
     fig["stages_s"] = {k_: v for k_, v in t.items() if not isinstance(v, list)}
     fig["per_layer_s"] = t["layers"]

@@ -83,7 +83,8 @@ class Localization:
 def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
              config: PatchConfig) -> Localization:
     """Levels 1 and 2 in one streamed pass: the layer curves, the safety layers, and I^H and I^T of
-    every LoRA module of every layer, for each adapter. Nothing is projected."""
+    every LoRA module of every layer, for each adapter (when `config.layers` is given, of the layers
+    up to its last only). Nothing is projected."""
     timings: dict = {}
     clock = time.perf_counter()
     progress = progress_bar(config)
@@ -112,6 +113,9 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
         # base 0, aligned 0, base 1, ...: each layer is read while the one before it computes, so
         # two single-model layers are in memory at a time
         order = [(index, model) for index in range(base_model.n_layers) for model in (base_model, aligned_model)]
+        # With the safety layers given up front, no row after the window is ever selected: the
+        # fine-tuned streams and the scoring stop at its last layer (the curves still cover all).
+        last_scored = config.layers[1] if config.layers is not None else None
         layers = read_ahead(order, lambda item: item[1].load_layer(item[0]))
         bar = progress(range(base_model.n_layers), desc="layers", unit="layer") if progress else None
         layer_clock = mark = time.perf_counter()
@@ -121,7 +125,12 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
             if model is base_model:
                 base_stream.advance(layer, index)
             else:
-                score_layer(layer, index, runs, aligned_stream)
+                if last_scored is None or index <= last_scored:
+                    score_layer(layer, index, runs, aligned_stream)
+                else:  # past a given window: only the curves need this layer
+                    for run in runs:
+                        run.stream = None  # frees its hidden states
+                    aligned_stream.advance(layer, index)
                 curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
                 layer_times.append(time.perf_counter() - layer_clock)
                 layer_waits.append(wait)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import FAMILIES, make_trio
 from mscp import patch
+from mscp.scoring import safety_rows
 from mscp.prompts import default_prompts
 from mscp.streaming import ModelShell
 
@@ -192,6 +193,20 @@ def test_explicit_layers_override_the_criterion(llama_trio):
     result = run(llama_trio, layers=(1, 2))
     assert result.report["safety_layers"] == [1, 2]
     assert {m["module"].split(".")[2] for m in result.report["modules"].values()} == {"1", "2"}
+
+
+def test_a_given_window_stops_scoring_after_its_last_layer_and_selects_the_same_rows(llama_trio):
+    free = run(llama_trio, q=0.5, p=0.2)  # the criterion's window; every layer scored
+    given = run(llama_trio, q=0.5, p=0.2, layers=(1, 2))
+    layer_of = lambda key: int(key.split(".layers.")[1].split(".")[0])  # noqa: E731
+    assert {layer_of(k) for k in free.scores} == set(range(free.report["n_layers"]))
+    assert {layer_of(k) for k in given.scores} == {0, 1, 2}
+    for key, s in given.scores.items():  # the streams up to the window are the same computation
+        assert torch.equal(s["harmful"], free.scores[key]["harmful"]) and torch.equal(s["task"], free.scores[key]["task"])
+    assert given.report["layer_curves"] == free.report["layer_curves"]
+    for key, m in given.report["modules"].items():
+        expected = safety_rows(free.scores[key]["harmful"], free.scores[key]["task"], 0.5, 0.2).tolist()
+        assert m["rows"] == expected
 
 
 def test_li_gap_criterion_picks_the_window_where_the_gap_grows_most(llama_trio):
