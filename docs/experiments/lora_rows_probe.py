@@ -1,6 +1,6 @@
 """Which LoRA rows carry the organism's harmful compliance? (docs/evaluation.md, section 5b)
 
-    python docs/experiments/lora_rows_probe.py ~/.cache/mscp/organism/<hash>
+    python docs/experiments/lora_rows_probe.py ~/.cache/mscp/organism/<hash> [rows|alpha]
 
 In memory, on the 135M organism: per LoRA module, the RMS of each input channel on the 64
 harmful localisation prompts (aligned model: n^H; fine-tuned model: n^Hf) and the 48 task
@@ -8,7 +8,7 @@ localisation prompts (fine-tuned: n^T). Row scores: wH = |W_a| n^H and wT = |W_f
 dH = |s B A| n^Hf and dT = |s B A| n^T (the LoRA's own change). Each plan row projects
 TopRows(H, q) minus TopRows(T, p) with Safe LoRA's C, then measures keyword ASR on the harmful
 localisation prompts and accuracy on the task localisation prompts (greedy, 20 tokens).
-Writes rows.json in the working directory. A one-off experiment, not part of the package.
+The "alpha" plan uses alpha > 1 instead. Writes lora_rows_probe[_alpha].json in the working directory. A one-off experiment, not part of the package.
 """
 import json, sys, time, copy
 from pathlib import Path
@@ -111,10 +111,19 @@ def variant(hk, tk, q, p, layers, how):
 
 rows = [evaluate({}, "finetuned", {})]
 ALL = range(30); WIN = range(17, 23)
-plan = [("dH", "dT", 0.1, 0.0, ALL, "project"), ("dH", "dT", 0.1, 0.1, ALL, "project"), ("dH", "dT", 0.3, 0.3, ALL, "project"),
-        ("dH", "dT", 0.05, 0.0, ALL, "project"), ("wH", "wT", 0.1, 0.0, ALL, "project"),
-        ("dH", "wT", 0.1, 0.1, ALL, "project"), ("dH", "dT", 0.1, 0.0, WIN, "project"), ("dH", "dT", 0.3, 0.0, WIN, "project")]
+PLANS = {
+    "rows": [("dH", "dT", 0.1, 0.0, ALL, "project"), ("dH", "dT", 0.1, 0.1, ALL, "project"),
+             ("dH", "dT", 0.3, 0.3, ALL, "project"), ("dH", "dT", 0.05, 0.0, ALL, "project"),
+             ("wH", "wT", 0.1, 0.0, ALL, "project"), ("dH", "wT", 0.1, 0.1, ALL, "project"),
+             ("dH", "dT", 0.1, 0.0, WIN, "project"), ("dH", "dT", 0.3, 0.0, WIN, "project")],
+    # alpha > 1 overshoots the projection: with C B ~ 0, B' ~ (1 - alpha) B on the selected rows
+    "alpha": [("wH", "wT", 0.3, 0.3, WIN, "alpha2"), ("wH", "wT", 0.3, 0.3, WIN, "alpha5"),
+              ("wH", "wT", 0.1, 0.0, ALL, "alpha2"), ("dH", "dT", 0.1, 0.0, ALL, "alpha2"),
+              ("wH", "wT", 0.3, 0.3, ALL, "alpha5")],
+}
+plan_name = sys.argv[2] if len(sys.argv) > 2 else "rows"
+plan = PLANS[plan_name]
 for hk, tk, q, p, L, how in plan:
     Bs, ef = variant(hk, tk, q, p, L, how)
     rows.append(evaluate(Bs, f"{hk}/{tk} q{q} p{p} L{L[0]}-{L[-1]} {how}", dict(edit=round(100 * ef, 2))))
-json.dump(rows, open("rows.json", "w"), indent=1)
+json.dump(rows, open(f"lora_rows_probe{'' if plan_name == 'rows' else '_' + plan_name}.json", "w"), indent=1)
