@@ -4,9 +4,10 @@ A `Checkpoint` is a model folder (single `model.safetensors`, or shards listed i
 `model.safetensors.index.json`), an adapter folder, or a single `.safetensors` file. Tensors are
 read with plain `seek` + `readinto` rather than mmap, so a tensor's memory is freed when the tensor
 is, and a row subset of a 2-D tensor can be read without the rest. Read-only consumers (the
-projection) may ask for a mapped view instead (`get(..., mapped=True)`), which copies nothing. Every float tensor read is
-checked for NaN/Inf. Pickle checkpoints (`.bin`, `.pt`) are refused unless allowed, and are then
-loaded with `weights_only=True`.
+projection) may ask for a mapped view instead (`get(..., mapped=True)`), which copies nothing.
+Every float tensor read is checked for NaN/Inf unless the caller takes that over (`check=False`).
+Pickle checkpoints (`.bin`, `.pt`) are refused unless allowed, and are then loaded with
+`weights_only=True`.
 """
 from __future__ import annotations
 
@@ -94,7 +95,6 @@ class SafetensorsFile:
             for first, last, at in _runs(rows.tolist()):  # one read per run of consecutive rows
                 _readinto(f, self.data_start + begin + first * row_bytes, out[at : at + last - first + 1])
             return out
-
 
     def map(self, name: str) -> torch.Tensor | None:
         """A read-only view of the tensor's bytes in the file: mmap'd with its pages mapped up front.
