@@ -23,7 +23,7 @@ def _patch_args(p: argparse.ArgumentParser) -> None:
 
 def add_config_args(p: argparse.ArgumentParser) -> None:
     """The prompt and PatchConfig options shared by `patch` and `continual init`."""
-    from mscp.config import BACKEND_CHOICES, CRITERIA, DTYPES, PROJECTORS, PatchConfig
+    from mscp.config import BACKEND_CHOICES, CRITERIA, DTYPES, FINETUNED_PASSES, PROJECTORS, PatchConfig
 
     d = PatchConfig()
     p.add_argument("--harmful", nargs="+", action="extend", metavar="FILE", help="harmful prompt files (default: built-in set)")
@@ -43,6 +43,8 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=d.device, help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=DTYPES, default=d.dtype, help="compute dtype of the streamed layers")
     p.add_argument("--backend", choices=BACKEND_CHOICES, default=d.backend, help="kernel backend")
+    p.add_argument("--finetuned-pass", choices=FINETUNED_PASSES, default=d.finetuned_pass,
+                   help="when the fine-tuned streams run (default: auto, a second pass for several adapters)")
     p.add_argument("--allow-pickle", action="store_true", help="accept .bin/.pt checkpoints (weights_only=True)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--no-hash", action="store_true", help="skip the sha256 of the input files")
@@ -56,7 +58,7 @@ def config_from_args(args):
         rho=args.rho, layers=parse_layer_range(args.layers) if args.layers else None, criterion=args.criterion,
         q=args.q, p=args.p, alpha=args.alpha, projector=args.projector, max_length=args.max_length,
         batch_size=args.batch_size, chat_template=not args.no_chat_template, device=args.device, dtype=args.dtype,
-        backend=args.backend, allow_pickle=args.allow_pickle, hash_inputs=not args.no_hash, progress=not args.quiet)
+        backend=args.backend, finetuned_pass=args.finetuned_pass, allow_pickle=args.allow_pickle, hash_inputs=not args.no_hash, progress=not args.quiet)
 
 
 def _run_patch(args) -> int:

@@ -13,6 +13,7 @@ CRITERIA = ("sigma", "li_gap")
 PROJECTORS = ("safelora", "exact")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 BACKEND_CHOICES = ("auto", "torch", "triton", "cpp", "cuda")
+FINETUNED_PASSES = ("auto", "with_calibration", "after_window")
 
 
 @dataclass
@@ -53,6 +54,12 @@ class PatchConfig:
     """Compute dtype of the streamed layers; 'auto' takes the checkpoint's. Statistics are always fp32."""
     backend: str = "auto"
     """Kernel backend for the mscp ops: auto, torch, triton, cpp, cuda."""
+    finetuned_pass: str = "auto"
+    """When the fine-tuned streams (one per adapter) run. 'with_calibration': in the same pass as
+    base and aligned, through every layer (the window is not known yet; nothing is read twice).
+    'after_window': a second pass once the window is known, through its last layer only, reading
+    the aligned layers up to it again. 'auto': after_window for several adapters and no --layers
+    (their forward passes grow with the adapters, the re-read does not), else with_calibration."""
     allow_pickle: bool = False
     """Accept .bin/.pt checkpoints (loaded with weights_only=True)."""
     hash_inputs: bool = True
@@ -83,6 +90,8 @@ class PatchConfig:
             self.layers = (int(first), int(last))
         if self.backend not in BACKEND_CHOICES:
             raise MSCPError(f"backend must be one of {BACKEND_CHOICES}, got {self.backend!r}")
+        if self.finetuned_pass not in FINETUNED_PASSES:
+            raise MSCPError(f"finetuned_pass must be one of {FINETUNED_PASSES}, got {self.finetuned_pass!r}")
         if self.batch_size < 1 or self.max_length < 1:
             raise MSCPError("batch_size and max_length must be positive")
 

@@ -5,7 +5,9 @@
          base     (harmful + benign prompts)  -> curves
          aligned  (harmful + benign prompts)  -> curves, n^H on harmful tokens
          finetuned = aligned + LoRA (task prompts), one stream per adapter -> n^T
-       and scoring each LoRA module's rows as soon as its layer is loaded
+       and scoring each LoRA module's rows as soon as its layer is loaded. With several adapters
+       the fine-tuned streams run instead in a second pass, after the window is known and only
+       up to its last layer (config.finetuned_pass)
     3. safety layers from the curves; safety rows S = top_q(I^H) \\ top_p(I^T) in those layers
     4. the masked low-rank projection of lora_B (`project.project_adapters`: each weight read once)
     5. OUT/ written atomically: adapter_config.json, adapter_model.safetensors, mscp_report.json
@@ -82,9 +84,13 @@ class Localization:
 
 def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
              config: PatchConfig) -> Localization:
-    """Levels 1 and 2 in one streamed pass: the layer curves, the safety layers, and I^H and I^T of
-    every LoRA module of every layer, for each adapter (when `config.layers` is given, of the layers
-    up to its last only). Nothing is projected."""
+    """Levels 1 and 2: the layer curves, the safety layers, and I^H and I^T of the LoRA modules of
+    each adapter. Nothing is projected.
+
+    Scored layers: with config.finetuned_pass 'with_calibration' (one pass), every layer, or those
+    up to the last of config.layers when it is given; with 'after_window' (a second pass for the
+    fine-tuned streams), the safety layers only.
+    """
     timings: dict = {}
     clock = time.perf_counter()
     progress = progress_bar(config)
@@ -94,15 +100,17 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     tok = load_tokenizer(tokenizer or aligned)
     calib = encode_batches(tok, [(sets["harmful"], HARMFUL), (sets["benign"], BENIGN)], config)
     task_batches = encode_batches(tok, [(sets["task"], HARMFUL)], config)
+    after_window = finetuned_pass(config, len(runs)) == "after_window"
+    timings["finetuned_pass"] = "after_window" if after_window else "with_calibration"
     timings["load"] = time.perf_counter() - clock
 
     with use_backend(config.backend):
         clock = time.perf_counter()
         base_stream = base_model.capture({"calib": calib})["calib"]
         aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches})
-        aligned_stream = aligned_streams["calib"]
-        for k, run in enumerate(runs):  # the embedding does not see the LoRA: one capture serves all
-            run.stream = aligned_streams["task"] if k == len(runs) - 1 else aligned_streams["task"].copy()
+        aligned_stream, task_stream = aligned_streams["calib"], aligned_streams["task"]
+        if not after_window:  # the embedding does not see the LoRA: one capture serves all adapters
+            start_finetuned_streams(runs, task_stream)
         groups = base_stream.groups()
         curves = CurveRecorder()
         curves.add(base_stream.last_tokens(), aligned_stream.last_tokens(), groups)
@@ -143,11 +151,52 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
             bar.close()
         timings["stream"] = time.perf_counter() - clock
         timings["layers"], timings["layers_waiting_for_io"] = layer_times, layer_waits
+        layer_curves = curves.curves()
+        window = safety_layers(layer_curves, config)
+        if after_window:
+            clock = time.perf_counter()
+            start_finetuned_streams(runs, task_stream)
+            del aligned_streams, task_stream
+            finetuned_layer_times = finetuned_streams_to(window, aligned_model, runs, progress)
+            timings["stream_finetuned"] = time.perf_counter() - clock
+            timings["finetuned_layers"] = finetuned_layer_times
     for run in runs:
         run.stream = None
-    layer_curves = curves.curves()
-    return Localization(base_model, aligned_model, runs, layer_curves, safety_layers(layer_curves, config), sets,
-                        prompt_files, timings)
+    return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings)
+
+
+def finetuned_pass(config: PatchConfig, n_adapters: int) -> str:
+    """config.finetuned_pass with 'auto' resolved (see PatchConfig)."""
+    if config.finetuned_pass != "auto":
+        return config.finetuned_pass
+    return "after_window" if n_adapters > 1 and config.layers is None else "with_calibration"
+
+
+def start_finetuned_streams(runs: list[_AdapterRun], task_stream: Stream) -> None:
+    """Each adapter's fine-tuned stream starts from the aligned model's capture of the task prompts."""
+    for k, run in enumerate(runs):
+        run.stream = task_stream if k == len(runs) - 1 else task_stream.copy()
+
+
+def finetuned_streams_to(window: list[int], aligned_model: ModelShell, runs: list[_AdapterRun], progress) -> list[float]:
+    """The second pass: advance every fine-tuned stream through the aligned layers 0..window[-1]
+    (each read again, ahead of use) with its LoRA, recording I^T in the window's layers. Only the
+    window's scores are kept, so every score entry has both I^H and I^T. Returns each layer's compute
+    seconds (its read excluded)."""
+    scored = set(window)
+    times = []
+    layers = read_ahead(range(window[-1] + 1), aligned_model.load_layer)
+    for index, layer in (progress(layers, desc="fine-tuned", unit="layer", total=window[-1] + 1) if progress else layers):
+        clock = time.perf_counter()
+        linears = target_linears(layer, index, runs)
+        for run in runs:
+            advance_finetuned(layer, index, run, linears, score=index in scored)
+        del layer
+        times.append(time.perf_counter() - clock)
+    for run in runs:
+        keep = {m.key_b for index in window for m in run.by_layer.get(index, {}).values()}
+        run.scores = {key: s for key, s in run.scores.items() if key in keep}
+    return times
 
 
 def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
@@ -295,49 +344,61 @@ def _open_adapter(path: Path, aligned_model: ModelShell, config: PatchConfig):
     return lora, modules_by_layer(lora, aligned_model)
 
 
-@torch.no_grad()
-def score_layer(layer, index: int, runs: list[_AdapterRun], aligned_stream: Stream) -> None:
-    """Advance the aligned stream and every fine-tuned stream through `layer`; score LoRA modules.
-
-    n^H (harmful tokens through the aligned layer) is shared by all adapters; each adapter's
-    fine-tuned stream (when it has one) runs the same layer with its own LoRA added by hooks.
-    """
-    targets = sorted({rel for run in runs for rel in run.by_layer.get(index, {})})
+def target_linears(layer, index: int, runs: list[_AdapterRun]) -> dict:
+    """name inside the layer -> linear module, for every module some adapter targets in this layer."""
     linears = {}
-    for rel in targets:
+    for rel in sorted({rel for run in runs for rel in run.by_layer.get(index, {})}):
         module = layer.get_submodule(rel)
         if not hasattr(module, "weight") or module.weight.dim() != 2:
             raise MSCPError(f"adapter module layers.{index}.{rel} is not a linear layer")
         linears[rel] = module
+    return linears
+
+
+@torch.no_grad()
+def score_layer(layer, index: int, runs: list[_AdapterRun], aligned_stream: Stream) -> None:
+    """Advance the aligned stream through `layer` recording I^H, shared by all adapters; then every
+    adapter's fine-tuned stream, when it has one, with I^T."""
+    linears = target_linears(layer, index, runs)
     device = next(layer.parameters()).device
-    dtype = next(layer.parameters()).dtype
     current = [None]
 
     def harmful_tokens(batch):
         current[0] = (batch.token_mask & (batch.group == HARMFUL)[:, None]).to(device)
 
+    harmful_stats = {rel: ChannelStats(module.weight.shape[1], device) for rel, module in linears.items()}
+    with hooks(record_inputs(linears, harmful_stats, current)):
+        aligned_stream.advance(layer, index, on_batch=harmful_tokens)
+    harmful = {rel: row_scores(module.weight, harmful_stats[rel].rms()).cpu() for rel, module in linears.items()}
+    for run in runs:
+        for rel, m in run.by_layer.get(index, {}).items():
+            run.scores[m.key_b] = {"harmful": harmful[rel]}
+        if run.stream is not None:
+            advance_finetuned(layer, index, run, linears, score=True)
+
+
+@torch.no_grad()
+def advance_finetuned(layer, index: int, run: _AdapterRun, linears: dict, *, score: bool) -> None:
+    """Run the adapter's fine-tuned stream through `layer` with its LoRA added by hooks; with
+    `score`, record I^T of its modules here (into run.scores, beside I^H)."""
+    mods = run.by_layer.get(index, {})
+    device = next(layer.parameters()).device
+    dtype = next(layer.parameters()).dtype
+    current = [None]
+
     def all_tokens(batch):
         current[0] = batch.token_mask.to(device)
 
-    harmful_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in targets}
-    with hooks(record_inputs(linears, harmful_stats, current)):
-        aligned_stream.advance(layer, index, on_batch=harmful_tokens)
-    harmful = {rel: row_scores(linears[rel].weight, harmful_stats[rel].rms()).cpu() for rel in targets}
-
-    for run in runs:
-        mods = run.by_layer.get(index, {})
-        for rel, m in mods.items():
-            run.scores[m.key_b] = {"harmful": harmful[rel]}
-        if run.stream is None:
-            continue
-        task_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in mods}
-        lora_weights = {rel: (run.lora.tensors[m.key_a].to(device, dtype), run.lora.tensors[m.key_b].to(device, dtype),
-                              m.scale) for rel, m in mods.items()}
-        with hooks(apply_lora(linears, lora_weights) + record_inputs(linears, task_stats, current)):
-            run.stream.advance(layer, index, on_batch=all_tokens)
+    task_stats = {rel: ChannelStats(linears[rel].weight.shape[1], device) for rel in mods} if score else {}
+    lora_weights = {rel: (run.lora.tensors[m.key_a].to(device, dtype), run.lora.tensors[m.key_b].to(device, dtype),
+                          m.scale) for rel, m in mods.items()}
+    with hooks(apply_lora(linears, lora_weights) + record_inputs(linears, task_stats, current)):
+        run.stream.advance(layer, index, on_batch=all_tokens)
+    if score:
         for rel, m in mods.items():
             A, B = run.lora.tensors[m.key_a].to(device), run.lora.tensors[m.key_b].to(device)
-            run.scores[m.key_b]["task"] = row_scores(linears[rel].weight, task_stats[rel].rms(), B, A, m.scale).cpu()
+            run.scores.setdefault(m.key_b, {})["task"] = row_scores(linears[rel].weight, task_stats[rel].rms(), B, A,
+                                                                     m.scale).cpu()
 
 
 def check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:

@@ -429,7 +429,7 @@ def test_impossible_options_are_refused(capsys, tmp_path, trio, options, message
 
 
 @pytest.mark.parametrize("options", [["--backend", "fortran"], ["--criterion", "vibes"], ["--projector", "none"],
-                                     ["--dtype", "int4"]], ids=lambda o: o[0])
+                                     ["--dtype", "int4"], ["--finetuned-pass", "never"]], ids=lambda o: o[0])
 def test_unknown_choices_are_argparse_errors(capsys, tmp_path, trio, options):
     with pytest.raises(SystemExit) as exit_info:
         main(patch_argv(trio, tmp_path / "out", *options))

@@ -8,7 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from mscp.checkpoint import Checkpoint
 from mscp.cli import main
+from mscp.config import PatchConfig
+from mscp.errors import MSCPError
 from mscp.pipeline import patch, patch_many
 from mscp.prompts import default_prompts
 
@@ -49,10 +52,45 @@ def test_each_output_of_a_multi_adapter_pass_equals_patching_that_adapter_alone(
     assert together[k].report["edit_fraction"] == alone.report["edit_fraction"]
 
 
-def test_a_multi_adapter_pass_reads_the_weights_once(llama_trio, adapters, together):
+def layer_bytes(checkpoint: Checkpoint, layers) -> int:
+    heads = tuple(f"model.layers.{i}." for i in layers)
+    return sum(checkpoint.byte_range(name)[2] for name in checkpoint.keys() if name.startswith(heads))
+
+
+def test_a_multi_adapter_pass_reads_base_once_and_the_aligned_layers_up_to_the_window_twice(llama_trio, adapters,
+                                                                                              together):
     alone = patch(llama_trio["base"], llama_trio["aligned"], adapters[0], **OPTS)
-    assert together[0].report["bytes_read"] == alone.report["bytes_read"]
+    window = together[0].report["safety_layers"]
+    assert together[0].report["timings_s"]["finetuned_pass"] == "after_window"
+    assert together[0].report["bytes_read"]["base"] == alone.report["bytes_read"]["base"]
+    again = layer_bytes(Checkpoint(llama_trio["aligned"]), range(window[-1] + 1))
+    assert together[0].report["bytes_read"]["aligned"] == alone.report["bytes_read"]["aligned"] + again
     assert together[0].report["adapters_in_pass"] == 3
+
+
+def test_a_single_pass_for_several_adapters_reads_the_weights_once(llama_trio, adapters):
+    one_pass = patch_many(llama_trio["base"], llama_trio["aligned"], adapters[:2], finetuned_pass="with_calibration",
+                          **OPTS)
+    alone = patch(llama_trio["base"], llama_trio["aligned"], adapters[0], **OPTS)
+    assert one_pass[0].report["bytes_read"] == alone.report["bytes_read"]
+    assert one_pass[0].report["timings_s"]["finetuned_pass"] == "with_calibration"
+    assert one_pass[0].report["modules"] == alone.report["modules"]
+
+
+@pytest.mark.parametrize("q, p", [(0.5, 0.2), (0.3, 0.3)])
+def test_the_second_pass_scores_the_window_as_the_single_pass_does(llama_trio, q, p):
+    one = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], q=q, p=p, **OPTS)
+    two = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], q=q, p=p,
+                finetuned_pass="after_window", **OPTS)
+    window = one.report["safety_layers"]
+    assert two.report["safety_layers"] == window
+    in_window = {k for k in one.scores if int(k.split(".layers.")[1].split(".")[0]) in window}
+    assert in_window and set(two.scores) == in_window
+    for key in in_window:
+        assert torch.equal(two.scores[key]["harmful"], one.scores[key]["harmful"]), key
+        assert torch.equal(two.scores[key]["task"], one.scores[key]["task"]), key
+    assert two.report["modules"] == one.report["modules"]
+    assert len(two.report["timings_s"]["finetuned_layers"]) == window[-1] + 1
 
 
 def test_cli_out_dir_writes_one_folder_per_adapter(llama_trio, adapters, tmp_path):
@@ -76,3 +114,8 @@ def test_cli_refuses_several_adapters_with_a_single_out(llama_trio, adapters, tm
     assert main(argv) == 2
     assert "--out-dir" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unknown_fine_tuned_pass_is_refused():
+    with pytest.raises(MSCPError, match="finetuned_pass must be one of"):
+        PatchConfig(finetuned_pass="never")
