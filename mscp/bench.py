@@ -6,7 +6,8 @@ are timed back to back in the same state):
   projection only   fast_project with the masks of the full run (reads W_a, W_b of masked modules)
   full pipeline     patch(): stream every layer, score, localise, project; per stage and per layer
   peak memory       ru_maxrss of this process after the full run (the bench itself adds little)
-  K adapters        patch_many with K adapters against K separate patch() runs
+  K adapters        patch_many with K adapters against K separate patch() runs; K adapters and one
+                    under both fine-tuned passes (with the calibration streams, or after the window)
   dense Safe LoRA   C = V V^T / ||V||_F built densely, C @ B, against the low-rank op, same modules
 """
 from __future__ import annotations
@@ -24,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from mscp.adapter import Adapter
 from mscp.checkpoint import Checkpoint
 from mscp.kernels import lowrank_project
-from mscp.pipeline import patch, patch_many
+from mscp.config import PatchConfig
+from mscp.pipeline import finetuned_pass, patch, patch_many
 from mscp.project import project_adapter
 from mscp.prompts import default_prompts
 
@@ -107,7 +109,7 @@ def run_bench(base, aligned, adapter, *, k: int = 8, work: Path, repeats: int = 
     fig["safety_layers"] = full.report["safety_layers"]
     fig["layers_given"] = (patch_options or {}).get("layers") is not None
     t = full.report["timings_s"]
-    fig["stages_s"] = {k_: v for k_, v in t.items() if not isinstance(v, list)}
+    fig["stages_s"] = {k_: v for k_, v in t.items() if isinstance(v, float)}
     fig["per_layer_s"] = t["layers"]
     fig["per_layer_io_wait_s"] = t["layers_waiting_for_io"]
     fig["bytes_read_full"] = sum(full.report["bytes_read"].values())
@@ -128,12 +130,23 @@ def run_bench(base, aligned, adapter, *, k: int = 8, work: Path, repeats: int = 
     fig["projection_s"] = median_time(lambda: project_adapter(Adapter.load(adapter), base, aligned, masks), repeats)
     fig["io_floor_ratio_projection"] = fig["projection_s"] / fig["io_floor_projection_s"]
 
-    # K adapters in one pass against K separate runs
+    # K adapters in one pass against K separate runs; both fine-tuned passes side by side (the
+    # default one is the figure), and one adapter under the pass its default does not use
     log(f"{k} adapters ...")
     adapters = variant_adapters(adapter, work / "variants", k)
+    by_pass = {}
+    for mode in ("with_calibration", "after_window"):
+        start = time.perf_counter()
+        patch_many(base, aligned, adapters, **{**opts, "finetuned_pass": mode})
+        by_pass[mode] = time.perf_counter() - start
+    fig["multi_adapter_s_by_pass"] = by_pass
+    config = PatchConfig(**{name: v for name, v in opts.items() if name in PatchConfig.__dataclass_fields__})
+    fig["finetuned_pass"] = {"one": full.report["timings_s"]["finetuned_pass"], "k": finetuned_pass(config, k)}
+    fig["multi_adapter_s"] = by_pass[fig["finetuned_pass"]["k"]]
+    other = "after_window" if fig["finetuned_pass"]["one"] == "with_calibration" else "with_calibration"
     start = time.perf_counter()
-    patch_many(base, aligned, adapters, **opts)
-    fig["multi_adapter_s"] = time.perf_counter() - start
+    patch(base, aligned, adapter, **{**opts, "finetuned_pass": other})
+    fig["full_s_by_pass"] = {fig["finetuned_pass"]["one"]: fig["full_s"], other: time.perf_counter() - start}
     if full_separate:
         start = time.perf_counter()
         for a in adapters:
@@ -189,6 +202,10 @@ def print_figures(fig: dict) -> None:
     ]
     for name, value, note in rows:
         print(f"{name:<24} {value:>10}   {note}")
+    for n, key, times in ((1, "one", fig["full_s_by_pass"]), (fig["multi_adapter_k"], "k", fig["multi_adapter_s_by_pass"])):
+        for mode, t in times.items():
+            default = "  (the default)" if mode == fig["finetuned_pass"][key] else ""
+            print(f"  {n} adapter(s), fine-tuned pass {mode:<16} {t:8.2f} s{default}")
     print("per layer (s): " + " ".join(f"{x:.2f}" for x in fig["per_layer_s"]))
 
 

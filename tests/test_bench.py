@@ -41,3 +41,12 @@ def test_bench_times_every_layer_and_counts_the_bytes_it_read(figures, llama_tri
 def test_bench_dense_safe_lora_agrees_with_the_low_rank_op(figures):
     assert figures["dense_vs_lowrank_max_rel_diff"] < 1e-4
     assert figures["multi_adapter_k"] == 2
+
+
+def test_bench_times_both_fine_tuned_passes_and_its_figure_is_the_default_one(figures):
+    assert figures["finetuned_pass"] == {"one": "with_calibration", "k": "after_window"}
+    assert set(figures["multi_adapter_s_by_pass"]) == set(figures["full_s_by_pass"]) == {"with_calibration",
+                                                                                         "after_window"}
+    assert figures["multi_adapter_s"] == figures["multi_adapter_s_by_pass"]["after_window"]
+    assert figures["full_s"] == figures["full_s_by_pass"]["with_calibration"]
+    assert all(t > 0 for t in [*figures["multi_adapter_s_by_pass"].values(), *figures["full_s_by_pass"].values()])
