@@ -306,6 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from mscp.streaming import mmap_large_allocations
+
+    mmap_large_allocations()  # resident memory flat in depth (streaming.py)
     try:
         return args.run(args)
     except MSCPError as e:

@@ -10,6 +10,9 @@ only the current layer and the calibration activations are ever in memory.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,7 +179,10 @@ class ModelShell:
             shape = tuple(self.ckpt.shape(key))
             if shape != tuple(meta.shape):
                 raise MSCPError(f"{self.label} tensor {key} has shape {shape}, its config says {tuple(meta.shape)}")
-            state[name] = self.ckpt.get(key, dtype=self.dtype if meta.is_floating_point() else None, device=self.device)
+            # mapped: on the CPU, in the checkpoint's own dtype, the layer's weights are read-only views
+            # of the file's pages, unmapped when the layer is freed: no copy, and no heap to fragment
+            state[name] = self.ckpt.get(key, dtype=self.dtype if meta.is_floating_point() else None, device=self.device,
+                                        mapped=True)
         _init_non_persistent(self._skeleton, layer, device=self.device)  # before the weights, as above
         layer.load_state_dict(state, assign=True, strict=True)
         layer.requires_grad_(False)
@@ -249,9 +255,43 @@ def read_ahead(items, load):
                 pending = pool.submit(load, items[k + 1]) if k + 1 < len(items) else None
                 yield item, value
                 del value
+                release_freed_memory()
         finally:
             if pending is not None:
                 pending.cancel()
+
+
+# Resident memory flat in depth. Activations of a few MB are freed and allocated again at every
+# layer; glibc keeps freed chunks below its mmap threshold in a heap that fragments, and it raises
+# that threshold by itself (up to 32 MB) after large frees. The resident size then crept up by about
+# 15 MB a layer (docs/scale.md, "Peak memory against depth").
+M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
+
+
+def release_freed_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def mmap_large_allocations(threshold: int = 128 << 10) -> None:
+    """Serve every allocation of `threshold` bytes or more by its own mmap, returned to the OS when
+    freed. Process-wide, so only the `mscp` command calls it; a program using the API can set
+    MALLOC_MMAP_THRESHOLD_=131072 instead. A value already in the environment is left alone."""
+    libc = _glibc()
+    if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        libc.mallopt(M_MMAP_THRESHOLD, threshold)
+
+
+@functools.cache
+def _glibc():
+    try:
+        libc = ctypes.CDLL(None)
+        libc.malloc_trim, libc.mallopt  # noqa: B018 - both exist only in glibc
+        return libc
+    except (OSError, AttributeError):
+        return None
 
 
 @contextlib.contextmanager

@@ -43,6 +43,16 @@ def qwen2_trio(trio_root):
     return make_trio(trio_root, "qwen2")
 
 
+def mapped_file(address: int) -> str | None:
+    """The file whose mapping holds `address` in this process (Linux /proc/self/maps), if any."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        parts = line.split(maxsplit=5)
+        low, high = (int(x, 16) for x in parts[0].split("-"))
+        if low <= address < high:
+            return parts[5] if len(parts) == 6 else None
+    return None
+
+
 def tree_digest(*folders: Path) -> dict[str, str]:
     """sha256 of every file under the folders: proof that inputs were not modified."""
     out = {}

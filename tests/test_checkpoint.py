@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import mapped_file
 from mscp.adapter import Adapter
 from mscp.checkpoint import Checkpoint, StateDictSource, open_source, sha256_file
 from mscp.errors import MSCPError
@@ -96,27 +97,17 @@ def test_sharded_checkpoint_reads_every_tensor_like_safetensors(sharded):
         assert name in ckpt
 
 
-def _mapped_file(address: int) -> str | None:
-    """The file whose mapping holds `address` in this process (Linux /proc/self/maps), if any."""
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        parts = line.split(maxsplit=5)
-        low, high = (int(x, 16) for x in parts[0].split("-"))
-        if low <= address < high:
-            return parts[5] if len(parts) == 6 else None
-    return None
-
-
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
 def test_mapped_reads_equal_copied_reads_and_view_the_shard_file(sharded):
     ck = Checkpoint(sharded)
     for name in ck.keys():
         view, copy = ck.get(name, mapped=True), ck.get(name)
         assert view.dtype == copy.dtype and view.shape == copy.shape and torch.equal(view, copy)
-        assert _mapped_file(view.data_ptr()).endswith(".safetensors")
-        assert _mapped_file(copy.data_ptr()) is None or not _mapped_file(copy.data_ptr()).endswith(".safetensors")
+        assert mapped_file(view.data_ptr()).endswith(".safetensors")
+        assert mapped_file(copy.data_ptr()) is None or not mapped_file(copy.data_ptr()).endswith(".safetensors")
         address = view.data_ptr()
         del view
-        assert _mapped_file(address) is None or not _mapped_file(address).endswith(".safetensors"), "still mapped"
+        assert mapped_file(address) is None or not mapped_file(address).endswith(".safetensors"), "still mapped"
 
 
 def test_single_file_and_sharded_folders_give_the_same_tensors(single, sharded):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,11 +16,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, make_trio
+from conftest import FAMILIES, make_trio, mapped_file
 from mscp import patch
 from mscp.scoring import safety_rows
 from mscp.prompts import default_prompts
-from mscp.streaming import ModelShell
+import mscp.streaming
+from mscp.streaming import ModelShell, mmap_large_allocations
 
 HARMFUL, BENIGN = default_prompts("harmful")[:10], default_prompts("benign")[:10]
 TASK = default_prompts("benign")[10:22]
@@ -256,6 +258,38 @@ def test_streaming_holds_at_most_two_layers_of_each_model(llama_trio, monkeypatc
     monkeypatch.setattr(ModelShell, "load_layer", tracked)
     result = run(llama_trio)
     assert len(live["base"]) == len(live["aligned"]) == result.report["n_layers"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc/self/maps")
+@pytest.mark.parametrize("dtype, mapped", [("auto", True), ("float32", True), ("bfloat16", False)])
+def test_streamed_layers_view_the_checkpoint_pages_when_computing_in_its_dtype(llama_trio, dtype, mapped):
+    shell = ModelShell(llama_trio["aligned"], label="aligned", dtype=dtype)
+    layer = shell.load_layer(1)
+    files = {name: mapped_file(t.data_ptr()) or "" for name, t in layer.state_dict().items()}
+    assert all(f.endswith(".safetensors") == mapped for f in files.values()), files
+    copied = ModelShell(llama_trio["aligned"], label="aligned", dtype=dtype).ckpt
+    for name, t in layer.state_dict().items():
+        assert torch.equal(t, copied.get(shell.layer_key(1, name), dtype=t.dtype)), name
+
+
+class FakeGlibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, param, value):
+        self.calls.append((param, value))
+
+
+@pytest.mark.parametrize("env, calls", [(None, [(-3, 131072)]), ("65536", [])])
+def test_the_command_serves_large_allocations_by_mmap_unless_the_environment_sets_it(monkeypatch, env, calls):
+    libc = FakeGlibc()
+    monkeypatch.setattr(mscp.streaming, "_glibc", lambda: libc)
+    if env is None:
+        monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    else:
+        monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", env)
+    mmap_large_allocations()
+    assert libc.calls == calls
 
 
 def test_bfloat16_compute_gives_close_curves_and_the_same_report_fields(llama_trio):
