@@ -1,6 +1,6 @@
 """Which LoRA rows carry the organism's harmful compliance? (docs/evaluation.md, section 5b)
 
-    python docs/experiments/lora_rows_probe.py ~/.cache/mscp/organism/<hash> [rows|alpha]
+    python docs/experiments/lora_rows_probe.py ~/.cache/mscp/organism/<hash> [rows|alpha|count]
 
 In memory, on the 135M organism: per LoRA module, the RMS of each input channel on the 64
 harmful localisation prompts (aligned model: n^H; fine-tuned model: n^Hf) and the 48 task
@@ -8,7 +8,8 @@ localisation prompts (fine-tuned: n^T). Row scores: wH = |W_a| n^H and wT = |W_f
 dH = |s B A| n^Hf and dT = |s B A| n^T (the LoRA's own change). Each plan row projects
 TopRows(H, q) minus TopRows(T, p) with Safe LoRA's C, then measures keyword ASR on the harmful
 localisation prompts and accuracy on the task localisation prompts (greedy, 20 tokens).
-The "alpha" plan uses alpha > 1 instead. Writes lora_rows_probe[_alpha].json in the working directory. A one-off experiment, not part of the package.
+The "alpha" plan uses alpha > 1 instead; "count" only compares the rows it selects at
+q 0.3 / p 0.3 on 17-22 with the pipeline's (lora_rows_probe_count.json). Writes lora_rows_probe[_alpha].json in the working directory. A one-off experiment, not part of the package.
 """
 import json, sys, time, copy
 from pathlib import Path
@@ -109,8 +110,29 @@ def variant(hk, tk, q, p, layers, how):
         Bs[n] = B2; edited += len(S) * B.shape[1]
     return Bs, edited / total
 
-rows = [evaluate({}, "finetuned", {})]
 ALL = range(30); WIN = range(17, 23)
+if len(sys.argv) > 2 and sys.argv[2] == "count":
+    # the probe's wH \ wT rows (q 0.3, p 0.3, 17-22) against the pipeline's on the same prompts
+    from mscp import patch
+    res = patch(org / "base", org / "aligned", org / "finetuned", harmful=[sp / "harmful_localize.txt"],
+                benign=sp / "benign_localize.txt", task=sp / "task_localize.txt", layers=(17, 22), q=0.3, p=0.3,
+                progress=False, hash_inputs=False)
+    ours, theirs, both, b_params, all_params = 0, 0, 0, 0, 0
+    for n, (A, B) in mods.items():
+        b_params += B.numel(); all_params += A.numel() + B.numel()
+        if layer(n) not in WIN: continue
+        S = top_rows(score[n]["wH"], 0.3); S = set(S[~torch.isin(S, top_rows(score[n]["wT"], 0.3))].tolist())
+        P = set(res.report["modules"].get(f"base_model.model.{n}.lora_B.weight", {}).get("rows", []))
+        ours += len(S); theirs += len(P); both += len(S & P)
+    r = cfg["r"]
+    out = dict(probe_rows=ours, pipeline_rows=theirs, common_rows=both,
+               probe_edit_pct_of_lora_B=round(100 * ours * r / b_params, 3),
+               probe_edit_pct_of_all_lora=round(100 * ours * r / all_params, 3),
+               pipeline_edit_fraction_pct=round(100 * res.report["edit_fraction"], 3))
+    print(json.dumps(out))
+    json.dump(out, open("lora_rows_probe_count.json", "w"), indent=1)
+    sys.exit(0)
+rows = [evaluate({}, "finetuned", {})]
 PLANS = {
     "rows": [("dH", "dT", 0.1, 0.0, ALL, "project"), ("dH", "dT", 0.1, 0.1, ALL, "project"),
              ("dH", "dT", 0.3, 0.3, ALL, "project"), ("dH", "dT", 0.05, 0.0, ALL, "project"),
