@@ -58,7 +58,8 @@ def config_from_args(args):
         rho=args.rho, layers=parse_layer_range(args.layers) if args.layers else None, criterion=args.criterion,
         q=args.q, p=args.p, alpha=args.alpha, projector=args.projector, max_length=args.max_length,
         batch_size=args.batch_size, chat_template=not args.no_chat_template, device=args.device, dtype=args.dtype,
-        backend=args.backend, finetuned_pass=args.finetuned_pass, allow_pickle=args.allow_pickle, hash_inputs=not args.no_hash, progress=not args.quiet)
+        backend=args.backend, finetuned_pass=args.finetuned_pass, allow_pickle=args.allow_pickle,
+        hash_inputs=not args.no_hash, progress=not args.quiet)
 
 
 def _run_patch(args) -> int:

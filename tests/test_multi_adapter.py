@@ -119,3 +119,14 @@ def test_cli_refuses_several_adapters_with_a_single_out(llama_trio, adapters, tm
 def test_an_unknown_fine_tuned_pass_is_refused():
     with pytest.raises(MSCPError, match="finetuned_pass must be one of"):
         PatchConfig(finetuned_pass="never")
+
+
+def test_cli_finetuned_pass_option_reaches_the_run(llama_trio, tmp_path):
+    out = tmp_path / "o"
+    assert main(["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]),
+                 "--adapter", str(llama_trio["adapter"]), "--out", str(out), "--quiet", "--no-hash",
+                 "--finetuned-pass", "after_window"]) == 0
+    report = json.loads((out / "mscp_report.json").read_text())
+    assert report["config"]["finetuned_pass"] == "after_window"
+    assert report["timings_s"]["finetuned_pass"] == "after_window"
+    assert len(report["timings_s"]["finetuned_layers"]) == report["safety_layers"][-1] + 1
