@@ -4,7 +4,8 @@ A `Checkpoint` is a model folder (single `model.safetensors`, or shards listed i
 `model.safetensors.index.json`), an adapter folder, or a single `.safetensors` file. Tensors are
 read with plain `seek` + `readinto` rather than mmap, so a tensor's memory is freed when the tensor
 is, and a row subset of a 2-D tensor can be read without the rest. Read-only consumers (the
-projection) may ask for a mapped view instead (`get(..., mapped=True)`), which copies nothing.
+projection, the streamed layers) may ask for a mapped view instead (`get(..., mapped=True)`),
+which copies nothing.
 Every float tensor read is checked for NaN/Inf unless the caller takes that over (`check=False`).
 Pickle checkpoints (`.bin`, `.pt`) are refused unless allowed, and are then loaded with
 `weights_only=True`.
