@@ -181,9 +181,7 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
                         "after each step (mscp/continual_eval.py; default --out runs/continual)")
     p.add_argument("--layers", default=None, metavar="A-B",
                    help="with --continual: explicit MSCP safety layers (default: the sigma criterion's window)")
-    p.add_argument("--finetune-harmful", type=int, default=None, metavar="N",
-                   help="harmful requests in the LoRA's training mix (default 128; 32 builds the milder "
-                        "organism of docs/evaluation.md section 5c)")
+    add_finetune_harmful_arg(p)
     p.add_argument("--quiet", action="store_true")
 
 
@@ -233,12 +231,16 @@ def _organism_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--holdout-category", action="append", default=[], metavar="CAT",
                    help="harm category kept for evaluation only (repeatable)")
-    p.add_argument("--finetune-harmful", type=int, default=None, metavar="N",
-                   help="harmful requests in the LoRA's training mix (default 128; 32 builds the milder "
-                        "organism of docs/evaluation.md section 5c)")
+    add_finetune_harmful_arg(p)
     p.add_argument("--force", action="store_true", help="rebuild even when the cache matches")
     p.add_argument("--no-check", action="store_true", help="skip the held-out target checks")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def add_finetune_harmful_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--finetune-harmful", type=int, default=None, metavar="N",
+                   help="harmful requests in the LoRA's training mix (default 128; 32 builds the milder "
+                        "organism of docs/evaluation.md section 5c)")
 
 
 def organism_options(args) -> dict:
