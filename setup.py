@@ -7,9 +7,9 @@ build environment and pip never fetches a second torch.
 from setuptools import setup
 
 setup(
-    packages=["mscp", "mscp.data", "mscp.kernels", "mscp.kernels.csrc"],
+    packages=["mscp", "mscp.core", "mscp.continual", "mscp.harness", "mscp.cli", "mscp.kernels", "mscp.kernels.csrc"],
     # csrc/ ships inside the package (as mscp/kernels/csrc/) so an installed wheel can build it
-    package_dir={"mscp": "mscp", "mscp.data": "mscp/data", "mscp.kernels": "kernels", "mscp.kernels.csrc": "csrc"},
-    package_data={"mscp.data": ["*.txt", "*.json"], "mscp.kernels.csrc": ["*.cpp", "*.cu", "*.h"]},
+    package_dir={"mscp": "mscp", "mscp.kernels": "kernels", "mscp.kernels.csrc": "csrc"},
+    package_data={"mscp.core": ["data/*.txt"], "mscp.kernels.csrc": ["*.cpp", "*.cu", "*.h"]},
     include_package_data=True,
 )

@@ -20,8 +20,14 @@ import statistics
 import time
 
 import torch
-
-from mscp.kernels import _ext, available_backends, channel_sumsq, lowrank_project, row_importance, use_backend
+from mscp.kernels import (
+    _ext,
+    available_backends,
+    channel_sumsq,
+    lowrank_project,
+    row_importance,
+    use_backend,
+)
 
 SHAPES = {
     "8B": dict(hidden=4096, inter=14336),

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mscp import fast_project
-from mscp.pipeline import patch, patch_many
-from mscp.prompts import default_prompts
-from mscp.synth import SynthSpec, write_trio
+from mscp.core.pipeline import patch, patch_many
+from mscp.core.prompts import default_prompts
+from mscp.harness.synth import SynthSpec, write_trio
 
 SHAPE = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=8, num_attention_heads=8,
              num_key_value_heads=4, vocab_size=512, rank=8)

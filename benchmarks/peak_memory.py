@@ -37,7 +37,7 @@ def rss_bytes(pid: int) -> int | None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", default="/tmp/mscp-mem")
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--n-layers", dest="layers", type=int, default=16)
     ap.add_argument("--hidden", type=int, default=2048)
     ap.add_argument("--intermediate", type=int, default=8192)
     ap.add_argument("--heads", type=int, default=16)
@@ -50,12 +50,12 @@ def main() -> None:
     mscp = [sys.executable, "-m", "mscp"]
     if not (trio / "adapter" / "adapter_model.safetensors").exists():
         subprocess.run(mscp + ["synth", "--out", str(trio), "--hidden", str(args.hidden), "--intermediate",
-                               str(args.intermediate), "--layers", str(args.layers), "--heads", str(args.heads),
+                               str(args.intermediate), "--n-layers", str(args.layers), "--heads", str(args.heads),
                                "--kv-heads", str(args.kv_heads), "--vocab", str(args.vocab), "--layers-per-shard", "1"],
                        check=True)
     adapters = [trio / "adapter"]
     if args.k > 1:
-        from mscp.bench import variant_adapters
+        from mscp.harness.bench import variant_adapters
 
         adapters = variant_adapters(trio / "adapter", trio / "variants", args.k)
     target = ["--out", str(trio / "patched")] if args.k == 1 else ["--out-dir", str(trio / "patched-many")]

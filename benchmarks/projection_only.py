@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from mscp.adapter import Adapter
-from mscp.bench import read_floor, tensor_ranges
-from mscp.checkpoint import Checkpoint
-from mscp.project import project_adapter
+from mscp.core.adapter import Adapter
+from mscp.core.checkpoint import Checkpoint
+from mscp.core.project import project_adapter
+from mscp.harness.bench import read_floor, tensor_ranges
 
 FULL_LAYERS = {"llama-3.1-70b": 80, "llama-3.1-8b": 32, "qwen2.5-7b": 28}
 
@@ -30,7 +30,7 @@ FULL_LAYERS = {"llama-3.1-70b": 80, "llama-3.1-8b": 32, "qwen2.5-7b": 28}
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="llama-3.1-70b", choices=sorted(FULL_LAYERS))
-    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--n-layers", dest="layers", type=int, default=2)
     ap.add_argument("--root", default="/tmp/mscp-proj")
     ap.add_argument("--fraction", type=float, default=0.15, help="rows projected per module")
     ap.add_argument("--repeats", type=int, default=3)
@@ -40,7 +40,7 @@ def main() -> None:
     trio = Path(args.root) / f"{args.preset}-l{args.layers}"
     if not (trio / "adapter" / "adapter_model.safetensors").exists():
         subprocess.run([sys.executable, "-m", "mscp", "synth", "--out", str(trio), "--preset", args.preset,
-                        "--layers", str(args.layers), "--dtype", "bfloat16", "--rank", "16",
+                        "--n-layers", str(args.layers), "--dtype", "bfloat16", "--rank", "16",
                         "--layers-per-shard", "1"], check=True)
     adapter = Adapter.load(trio / "adapter")
     g = torch.Generator().manual_seed(0)

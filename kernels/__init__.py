@@ -4,7 +4,7 @@ Each op lives in its own module with its pure-torch reference (the definition of
 its fake implementation; fast backends register overrides that `_backend.select` picks at run
 time. Call them as plain functions or as `torch.ops.mscp.<name>`.
 """
-from mscp.kernels._backend import BACKENDS, available_backends, select, use_backend
+from mscp.kernels._backend import BACKENDS, available_backends, record_backends, select, use_backend
 from mscp.kernels.channel_sumsq import channel_sumsq
 from mscp.kernels.lowrank_project import lowrank_project
 from mscp.kernels.row_importance import row_importance
@@ -14,6 +14,7 @@ __all__ = [
     "available_backends",
     "channel_sumsq",
     "lowrank_project",
+    "record_backends",
     "row_importance",
     "select",
     "use_backend",

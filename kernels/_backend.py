@@ -61,6 +61,25 @@ def use_backend(name: str):
         _forced.name = previous
 
 
+_recorders: list[dict] = []
+
+
+@contextlib.contextmanager
+def record_backends():
+    """Collect {op: backend} of every op that runs inside the block (what a report states)."""
+    used: dict[str, str] = {}
+    _recorders.append(used)
+    try:
+        yield used
+    finally:
+        _recorders.remove(used)
+
+
+def _note(op: str, name: str) -> None:
+    for used in _recorders:
+        used[op] = name
+
+
 def available_backends(op: str, device_type: str) -> list[str]:
     return [name for name, impl in _REGISTRY.get(op, {}).items() if impl.available(device_type)]
 
@@ -76,9 +95,12 @@ def select(op: str, device_type: str) -> tuple[str, Callable]:
             raise MSCPError(
                 f"backend {name!r} is not available for {op} on {device_type} (available: {have})"
             )
+        _note(op, name)
         return name, impl.fn
     for name in PREFERENCE.get(device_type, ("torch",)):
         impl = impls.get(name)
         if impl is not None and impl.available(device_type):
+            _note(op, name)
             return name, impl.fn
+    _note(op, "torch")
     return "torch", impls["torch"].fn

@@ -8,7 +8,6 @@ This is the Wanda activation statistic: the RMS of channel j is sqrt(acc[j] / co
 from __future__ import annotations
 
 import torch
-
 from mscp.kernels import _ext
 from mscp.kernels._backend import register, select
 from mscp.kernels._triton_utils import calculate_settings, cdiv, lazy_kernels, triton_available

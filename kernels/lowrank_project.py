@@ -11,7 +11,6 @@ When V is zero the module has no safety direction: B' is B and ||V||_F = 0.
 from __future__ import annotations
 
 import torch
-
 from mscp.kernels import _ext
 from mscp.kernels._backend import register, select
 from mscp.kernels._triton_utils import cdiv, dot_block, lazy_kernels, triton_available

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-
 from mscp.kernels import _ext
 from mscp.kernels._backend import register, select
 from mscp.kernels._triton_utils import cdiv, dot_block, lazy_kernels, next_power_of_2, triton_available

@@ -12,15 +12,15 @@ __all__ = ["PatchConfig", "MSCPError", "fast_project", "patch", "__version__"]
 
 def __getattr__(name):  # lazy, so `import mscp.kernels` stays light
     if name == "PatchConfig":
-        from mscp.config import PatchConfig
+        from mscp.core.config import PatchConfig
         return PatchConfig
     if name == "MSCPError":
         from mscp.errors import MSCPError
         return MSCPError
     if name == "fast_project":
-        from mscp.project import fast_project
+        from mscp.core.project import fast_project
         return fast_project
     if name == "patch":
-        from mscp.pipeline import patch
+        from mscp.core.pipeline import patch
         return patch
     raise AttributeError(name)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mscp.synth import SynthSpec, write_trio
+from mscp.harness.synth import SynthSpec, write_trio
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -20,7 +20,7 @@ _cache: dict = {}
 
 
 def make_trio(tmp_root: Path, family: str = "llama", **overrides) -> dict[str, Path]:
-    """A base/aligned/adapter trio written by `mscp.synth` (cached per arguments for the session)."""
+    """A base/aligned/adapter trio written by `mscp.harness.synth` (cached per arguments for the session)."""
     spec = SynthSpec(family=family, **{**TINY, **overrides})
     key = repr(spec)
     if key not in _cache:

@@ -1,4 +1,4 @@
-"""Reading checkpoints (`mscp.checkpoint`) and LoRA adapters (`mscp.adapter`)."""
+"""Reading checkpoints (`mscp.core.checkpoint`) and LoRA adapters (`mscp.core.adapter`)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import mapped_file
 from safetensors.torch import load_file, save_file
 
-from conftest import mapped_file
-from mscp.adapter import Adapter
-from mscp.checkpoint import Checkpoint, StateDictSource, open_source, sha256_file
+from mscp.core.adapter import Adapter
+from mscp.core.checkpoint import Checkpoint, StateDictSource, open_source, sha256_file
 from mscp.errors import MSCPError
 
 ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.int64: "I64"}

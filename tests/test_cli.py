@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import tree_digest
 from safetensors.torch import load_file
 
-from conftest import tree_digest
 from mscp import fast_project
-from mscp.checkpoint import sha256_file
 from mscp.cli import main
-from mscp.prompts import default_prompts
+from mscp.core.checkpoint import sha256_file
+from mscp.core.prompts import default_prompts
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_fast_project_from_paths_equals_the_patch_output_given_its_masks(cli_run
 
 
 def test_fast_project_accepts_in_memory_state_dicts(llama_trio):
-    from mscp.checkpoint import Checkpoint
+    from mscp.core.checkpoint import Checkpoint
 
     adapter = load_file(str(llama_trio["adapter"] / "adapter_model.safetensors"))
     base_ck, aligned_ck = Checkpoint(llama_trio["base"]), Checkpoint(llama_trio["aligned"])
@@ -159,7 +159,7 @@ def test_main_module_runs_as_a_console_script(llama_trio, tmp_path):
 @pytest.mark.parametrize("rows", [[3, 7], []], ids=["rows", "no-rows"])
 def test_fast_project_names_the_model_whose_weight_is_not_finite(llama_trio, where, value, backend, rows):
     """The projection reads the weights unchecked; a NaN/Inf still fails, through the non-finite ||V||."""
-    from mscp.checkpoint import Checkpoint
+    from mscp.core.checkpoint import Checkpoint
     from mscp.errors import MSCPError
 
     weight = "model.layers.2.mlp.up_proj.weight"
@@ -173,13 +173,67 @@ def test_fast_project_names_the_model_whose_weight_is_not_finite(llama_trio, whe
         fast_project(llama_trio["adapter"], models["base"], models["aligned"], {key: rows}, backend=backend)
 
 
-@pytest.mark.parametrize("command", [["organism", "build"], ["demo"], ["demo", "--continual"]])
-def test_finetune_harmful_selects_the_milder_organism_and_only_when_given(command):
-    from mscp.cli import build_parser, organism_options
-    from mscp.organism import OrganismConfig
+@pytest.mark.parametrize("command", [["organism", "build"], ["demo"], ["demo", "--continual"], ["demo", "--sweep"]])
+def test_finetune_names_an_organism_fine_tune(command, capsys):
+    from mscp.cli import build_parser
+    from mscp.harness.organism import FINETUNES
 
     parser = build_parser()
-    default = OrganismConfig(**organism_options(parser.parse_args(command)))
-    mild = OrganismConfig(**organism_options(parser.parse_args([*command, "--finetune-harmful", "32"])))
-    assert default.digest() == OrganismConfig().digest()  # the default organism's cache is reused
-    assert mild.n_harm_finetune == 32 and mild.digest() != default.digest()
+    assert parser.parse_args(command).finetune is None  # the default fine-tune, chosen in one place
+    args = parser.parse_args([*command, "--finetune", "harmful-32"])
+    assert args.finetune in (["harmful-32"], "harmful-32") and "harmful-32" in FINETUNES
+    assert main([*command, "--finetune", "bogus"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_the_command_line_knows_every_fine_tune():
+    from mscp.cli.organism import FINETUNE_NAMES
+    from mscp.harness.organism import DEFAULT_FINETUNE, FINETUNES
+
+    assert FINETUNE_NAMES == tuple(FINETUNES) and DEFAULT_FINETUNE in FINETUNES
+
+def test_version(capsys):
+    from mscp import __version__
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"mscp {__version__}"
+
+
+@pytest.mark.parametrize("suffix, text", [(".yaml", "q: 0.45\np: 0.05\nrho: 0.4\n"),
+                                          (".json", '{"q": 0.45, "p": 0.05, "rho": 0.4}')])
+def test_config_file_values_are_used_and_flags_override_them(llama_trio, tmp_path, suffix, text):
+    cfg = tmp_path / f"patch{suffix}"
+    cfg.write_text(text)
+    out = tmp_path / "out"
+    rc = main(["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]),
+               "--adapter", str(llama_trio["adapter"]), "--out", str(out), "--config", str(cfg), "--p", "0.1",
+               "--quiet", "--no-hash"])
+    assert rc == 0
+    recorded = json.loads((out / "mscp_report.json").read_text())["config"]
+    assert (recorded["q"], recorded["p"], recorded["rho"]) == (0.45, 0.1, 0.4)  # file, flag, file
+
+
+@pytest.mark.parametrize("text, message", [("q: 2\n", "q must be a fraction"), ("bogus: 1\n", "unknown field 'bogus'"),
+                                           ("- 1\n", "mapping of PatchConfig fields"), ("q: [\n", "not valid YAML")])
+def test_a_bad_config_file_is_one_line(llama_trio, tmp_path, capsys, text, message):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    rc = main(["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]),
+               "--adapter", str(llama_trio["adapter"]), "--out", str(tmp_path / "out"), "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--sweep", "--judge", "keyword"], "--judge has no effect with --sweep"),
+    (["demo", "--sweep", "--q", "0.5"], "--q has no effect with --sweep"),
+    (["demo", "--layers", "1-2"], "--layers has no effect with mscp demo"),
+    (["demo", "--continual", "--safe-lora-tau", "0.3"], "--safe-lora-tau has no effect with --continual"),
+    (["demo", "--q", "-0.5"], "q must be a fraction"),
+    (["demo", "--sweep", "--continual"], "not allowed with argument"),
+])
+def test_demo_refuses_options_its_mode_ignores(capsys, argv, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -12,15 +12,15 @@ import shutil
 
 import pytest
 import torch
+from conftest import make_trio, tree_digest
 from safetensors.torch import load_file
 
-from conftest import make_trio, tree_digest
 from mscp import continual, fast_project, patch
 from mscp.cli import main
+from mscp.continual.figures import cluster_order
+from mscp.core.prompts import default_prompts
+from mscp.core.streaming import ModelShell
 from mscp.errors import MSCPError
-from mscp.figures import cluster_order
-from mscp.prompts import default_prompts
-from mscp.streaming import ModelShell
 
 LAYERS = (1, 2)  # of the 5 tiny decoder layers: an add must never load layers 3 and 4
 HARMFUL = default_prompts("harmful")
@@ -235,7 +235,7 @@ def test_a_failed_add_leaves_the_previous_state_intact(family_state, prompt_dir,
     def boom(*_a, **_k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(continual, "write_figures", boom)  # fails after the new adapter is written in the temp folder
+    monkeypatch.setattr(continual.state, "write_figures", boom)  # fails after the new adapter is written in the temp folder
     with pytest.raises(RuntimeError):
         continual.add(s, "cyber", harmful=[prompt_dir / "cyber.txt"], progress=False, figures=True)
     assert tree_digest(s) == before
@@ -273,7 +273,7 @@ def test_not_a_state_and_existing_out_are_refused(llama_state, tmp_path, capsys)
 def test_changed_aligned_model_and_concurrent_updates_are_refused(family_state, prompt_dir, tmp_path):
     _, state = family_state
     s = _copy(state, tmp_path / "guard")
-    with continual._locked(s):
+    with continual.state._locked(s):
         with pytest.raises(MSCPError, match="another mscp continual command"):
             _add(s, "violence", prompt_dir)
     data = json.loads((s / "state.json").read_text())

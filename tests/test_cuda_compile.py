@@ -11,9 +11,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from torch.utils import cpp_extension
-
 from mscp.kernels import _ext
+from torch.utils import cpp_extension
 
 
 def _nvcc() -> str | None:

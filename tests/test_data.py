@@ -3,9 +3,9 @@ import hashlib
 
 import pytest
 
-from mscp.data import sets
+from mscp.core.prompts import default_prompts
 from mscp.errors import MSCPError
-from mscp.prompts import default_prompts
+from mscp.harness import datasets as sets
 
 EXPECTED_ROWS = {"advbench": 520, "harmbench": 200, "jbb": 100, "strongreject": 313, "strongreject_small": 60,
                  "donotanswer": 939, "rho_harmful": 150, "rho_benign": 150, "aplomb": 50, "overrefusal": 150,

@@ -4,12 +4,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from mscp import baselines
-from mscp.cli import main
-from mscp.evaluate import KEYS, answer_correct, evaluate
-from mscp.organism import tiny_base
 from test_organism import tiny_organism  # noqa: F401 - the session fixture
+
+from mscp.cli import main
+from mscp.harness import baselines
+from mscp.harness.evaluate import KEYS, answer_correct, evaluate
+from mscp.harness.organism import tiny_base
 
 
 def test_answer_checks():
@@ -19,10 +19,10 @@ def test_answer_checks():
 
 
 def test_eval_cli_writes_the_keys(tiny_organism, tmp_path, capsys):  # noqa: F811
-    out, _, _ = tiny_organism
-    sp = out / "splits"
+    org, _, _ = tiny_organism
+    sp = org.splits
     js = tmp_path / "e.json"
-    rc = main(["eval", "--model", str(out / "aligned"), "--adapter", str(out / "finetuned"), "--harmful",
+    rc = main(["eval", "--model", str(org.aligned), "--adapter", str(org.finetuned("benign")), "--harmful",
                str(sp / "harmful_eval.txt"), "--benign", str(sp / "benign_eval.txt"), "--task",
                str(sp / "task_eval.jsonl"), "--json", str(js), "--max-new-tokens", "3", "--quiet"])
     assert rc == 0
@@ -48,9 +48,9 @@ def test_eval_counts_refusals_from_a_fixed_generator():
 
 
 def test_baselines_edit_what_they_say(tiny_organism, tmp_path):  # noqa: F811
-    out, _, _ = tiny_organism
-    ft = load_file(str(out / "finetuned" / "adapter_model.safetensors"))
-    rep = baselines.drop_layers(out / "finetuned", [1, 2], tmp_path / "drop")
+    org, _, _ = tiny_organism
+    ft = load_file(str(org.finetuned("benign") / "adapter_model.safetensors"))
+    rep = baselines.drop_layers(org.finetuned("benign"), [1, 2], tmp_path / "drop")
     d = load_file(str(tmp_path / "drop" / "adapter_model.safetensors"))
     for k, v in d.items():
         layer = int(k.split(".layers.")[1].split(".")[0])
@@ -61,11 +61,11 @@ def test_baselines_edit_what_they_say(tiny_organism, tmp_path):  # noqa: F811
     assert 0 < rep["edit_fraction"] < 1
     keys = [k for k in ft if k.endswith("lora_B.weight")]
     fake = {"modules": {keys[0]: {"rows": [0, 3], "skipped": None}, keys[1]: {"rows": [], "skipped": None}}}
-    rep = baselines.wanda_prune(out / "finetuned", fake, tmp_path / "wanda")
+    rep = baselines.wanda_prune(org.finetuned("benign"), fake, tmp_path / "wanda")
     w = load_file(str(tmp_path / "wanda" / "adapter_model.safetensors"))
     assert w[keys[0]][[0, 3]].abs().sum() == 0 and torch.equal(w[keys[0]][1], ft[keys[0]][1])
     assert rep["edited_parameters"] == 2 * ft[keys[0]].shape[1]
-    rep = baselines.safe_lora(out / "base", out / "aligned", out / "finetuned", tmp_path / "sl", k=3)
+    rep = baselines.safe_lora(org.base, org.aligned, org.finetuned("benign"), tmp_path / "sl", k=3)
     s = load_file(str(tmp_path / "sl" / "adapter_model.safetensors"))
     assert rep["n_modules"] == 3 and sum(not torch.equal(s[k], ft[k]) for k in keys) == 3
     cos = [c for c in rep["cosines"].values() if c is not None]
@@ -76,25 +76,26 @@ def test_baselines_edit_what_they_say(tiny_organism, tmp_path):  # noqa: F811
 
 def test_safe_lora_projects_once(tiny_organism, tmp_path):  # noqa: F811
     """B' = C B exactly (not C C B), C = V V^T / ||V||_F."""
-    out, _, _ = tiny_organism
-    rep = baselines.safe_lora(out / "base", out / "aligned", out / "finetuned", tmp_path / "sl", k=1)
+    org, _, _ = tiny_organism
+    rep = baselines.safe_lora(org.base, org.aligned, org.finetuned("benign"), tmp_path / "sl", k=1)
     key = rep["projected"][0]
     mod = key.removeprefix("base_model.model.").removesuffix(".lora_B.weight") + ".weight"
-    b, a = load_file(str(out / "base" / "model.safetensors")), load_file(str(out / "aligned" / "model.safetensors"))
+    b, a = load_file(str(org.base / "model.safetensors")), load_file(str(org.aligned / "model.safetensors"))
     v = (a[mod] - b[mod]).double()
     c = v @ v.T / torch.linalg.norm(v)
-    B = load_file(str(out / "finetuned" / "adapter_model.safetensors"))[key].double()
+    B = load_file(str(org.finetuned("benign") / "adapter_model.safetensors"))[key].double()
     got = load_file(str(tmp_path / "sl" / "adapter_model.safetensors"))[key].double()
     assert torch.allclose(got, c @ B, rtol=1e-4, atol=1e-6)
 
 
 def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
-    from mscp.demo import METHODS, run_demo
-    from mscp.organism import OrganismConfig
     from test_organism import TINY
 
-    out, cfg, base = tiny_organism
-    s = run_demo(tmp_path / "demo", cache=out.parent / "cache", judge="keyword", max_new_tokens=3, progress=False,
+    from mscp.harness.demo import METHODS, run_demo
+    from mscp.harness.organism import OrganismConfig
+
+    org, cfg, base = tiny_organism
+    run_demo(tmp_path / "demo", cache=org.root.parent / "cache", judge="keyword", max_new_tokens=3, progress=False,
                  organism_cfg=OrganismConfig(**TINY), base_dir=base, safe_lora_tau=0.5)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(METHODS) <= set(summary)
@@ -106,12 +107,13 @@ def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
 
 
 def test_sweep_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
-    from mscp.demo import run_sweep
-    from mscp.organism import OrganismConfig
     from test_organism import TINY
 
-    out, cfg, base = tiny_organism
-    r = run_sweep(tmp_path / "sw", cache=out.parent / "cache", qs=(0.2, 0.5), ps=(0.2,), max_new_tokens=2,
+    from mscp.harness.demo import run_sweep
+    from mscp.harness.organism import OrganismConfig
+
+    org, cfg, base = tiny_organism
+    r = run_sweep(tmp_path / "sw", cache=org.root.parent / "cache", qs=(0.2, 0.5), ps=(0.2,), max_new_tokens=2,
                   progress=False, organism_cfg=OrganismConfig(**TINY), base_dir=base)
     names = [p["point"] for p in r["points"]]
     assert names[0] == "finetuned" and len(names) == 1 + 2 + 3
@@ -122,7 +124,7 @@ def test_sweep_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
 
 
 def test_choose_respects_the_task_budget():
-    from mscp.demo import choose
+    from mscp.harness.demo import choose
 
     ref = {"task_accuracy": 0.9}
     pts = [{"keyword_asr": 0.1, "task_accuracy": 0.5, "edit_fraction": 0.1},
@@ -137,8 +139,9 @@ def test_choose_respects_the_task_budget():
 def wide_organism(tmp_path_factory):
     """The tiny organism with larger harmful localisation/alignment splits, so every StrongREJECT
     category has prompts to localise with (training steps and evaluation sizes stay tiny)."""
-    from mscp.organism import OrganismConfig, build
     from test_organism import TINY
+
+    from mscp.harness.organism import OrganismConfig, build
 
     root = tmp_path_factory.mktemp("wide")
     base = tiny_base(root / "tinybase")
@@ -147,13 +150,13 @@ def wide_organism(tmp_path_factory):
 
 
 def test_category_prompts_never_use_the_fine_tune_split(wide_organism):
-    from mscp.continual_eval import category_prompts
-    from mscp.data.sets import normalise
-    from mscp.prompts import read_prompts
+    from mscp.core.prompts import read_prompts
+    from mscp.harness.continual_eval import category_prompts
+    from mscp.harness.datasets import normalise
 
     org, _, _ = wide_organism
-    cats = category_prompts(org / "splits")
-    split = {name: {normalise(t) for t in read_prompts(org / "splits" / f"harmful_{name}.txt")}
+    cats = category_prompts(org.splits)
+    split = {name: {normalise(t) for t in read_prompts(org.splits / f"harmful_{name}.txt")}
              for name in ("localize", "align", "finetune", "eval")}
     assert len(cats) == 6
     for c, roles in cats.items():
@@ -164,14 +167,14 @@ def test_category_prompts_never_use_the_fine_tune_split(wide_organism):
 
 
 def test_continual_on_the_tiny_organism(wide_organism, tmp_path):
-    from mscp.config import PatchConfig
-    from mscp.continual_eval import category_prompts, run_continual, slug
+    from mscp.core.config import PatchConfig
+    from mscp.harness.continual_eval import category_prompts, run_continual, slug
 
     org, cfg, base = wide_organism
-    cats = category_prompts(org / "splits")
+    cats = category_prompts(org.splits)
     order = sorted(cats, key=lambda c: -len(cats[c]["localize"]))[:2]
     held = sorted(set(cats) - set(order))[0]
-    r = run_continual(tmp_path / "c", cache=org.parent / "cache", config=PatchConfig(q=0.5, p=0.1, progress=False),
+    r = run_continual(tmp_path / "c", cache=org.root.parent / "cache", config=PatchConfig(q=0.5, p=0.1, progress=False),
                       order=order, held_out=held, max_new_tokens=2, progress=False, organism_cfg=cfg, base_dir=base)
     assert [s["dimension"] for s in r["steps"]] == [None, *order]
     for s in [r["aligned"], *r["steps"]]:
@@ -184,3 +187,14 @@ def test_continual_on_the_tiny_organism(wide_organism, tmp_path):
     assert r["overlap"]["names"] == [slug(c) for c in order]
     assert "held out" in (tmp_path / "c" / "table.md").read_text()
     assert (tmp_path / "c" / "asr_by_step.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("line", ["{not json", "[1, 2]", '{"answer": "1"}', '{"prompt": null}'])
+def test_a_malformed_task_line_is_one_clear_error(tmp_path, line):
+    from mscp.errors import MSCPError
+    from mscp.harness.evaluate import read_task
+
+    f = tmp_path / "task.jsonl"
+    f.write_text('{"prompt": "fine", "answer": "1"}\n' + line + "\n")
+    with pytest.raises(MSCPError, match=r"task\.jsonl:2: "):
+        read_task(f)

@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mscp.checkpoint import Checkpoint
 from mscp.cli import main
-from mscp.config import PatchConfig
+from mscp.core.checkpoint import Checkpoint
+from mscp.core.config import PatchConfig
+from mscp.core.pipeline import patch, patch_many
+from mscp.core.prompts import default_prompts
 from mscp.errors import MSCPError
-from mscp.pipeline import patch, patch_many
-from mscp.prompts import default_prompts
 
 PROMPTS = {"harmful": default_prompts("harmful")[:8], "benign": default_prompts("benign")[:8],
            "task": default_prompts("benign")[8:16]}

@@ -7,10 +7,18 @@ import sys
 
 import pytest
 import torch
+from mscp.kernels import (
+    _ext,
+    available_backends,
+    channel_sumsq,
+    lowrank_project,
+    row_importance,
+    select,
+    use_backend,
+)
+from ops_helpers import randn
 
 from mscp.errors import MSCPError
-from mscp.kernels import _ext, available_backends, channel_sumsq, lowrank_project, row_importance, select, use_backend
-from ops_helpers import randn
 
 OPS = ("mscp::channel_sumsq", "mscp::row_importance", "mscp::lowrank_project")
 

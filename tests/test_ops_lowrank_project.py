@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from mscp.kernels import lowrank_project, use_backend
 from ops_helpers import BACKENDS, DTYPES, TOL, assert_close_rel, backend_param, randn
 

@@ -12,16 +12,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FAMILIES, make_trio, mapped_file
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import FAMILIES, make_trio, mapped_file
+import mscp.core.streaming
 from mscp import patch
-from mscp.scoring import safety_rows
-from mscp.prompts import default_prompts
-import mscp.streaming
-from mscp.streaming import ModelShell, mmap_large_allocations
+from mscp.core.prompts import default_prompts
+from mscp.core.scoring import safety_rows
+from mscp.core.streaming import ModelShell, mmap_large_allocations
 
 HARMFUL, BENIGN = default_prompts("harmful")[:10], default_prompts("benign")[:10]
 TASK = default_prompts("benign")[10:22]
@@ -283,7 +283,7 @@ class FakeGlibc:
 @pytest.mark.parametrize("env, calls", [(None, [(-3, 131072)]), ("65536", [])])
 def test_the_command_serves_large_allocations_by_mmap_unless_the_environment_sets_it(monkeypatch, env, calls):
     libc = FakeGlibc()
-    monkeypatch.setattr(mscp.streaming, "_glibc", lambda: libc)
+    monkeypatch.setattr(mscp.core.streaming, "_glibc", lambda: libc)
     if env is None:
         monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     else:

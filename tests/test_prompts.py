@@ -1,4 +1,4 @@
-"""Prompt files, tokenisation and calibration batches (`mscp.prompts`)."""
+"""Prompt files, tokenisation and calibration batches (`mscp.core.prompts`)."""
 from __future__ import annotations
 
 import csv
@@ -8,8 +8,14 @@ import json
 import pytest
 import torch
 
+from mscp.core.prompts import (
+    default_prompts,
+    encode,
+    load_tokenizer,
+    make_batches,
+    read_prompts,
+)
 from mscp.errors import MSCPError
-from mscp.prompts import default_prompts, encode, load_tokenizer, make_batches, read_prompts
 
 
 # -- reading prompt files --------------------------------------------------------------------------

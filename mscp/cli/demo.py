@@ -1,0 +1,79 @@
+"""`mscp demo`: MSCP end to end on the SmolLM2 safety model organism, against the baselines."""
+from __future__ import annotations
+
+from mscp.cli.organism import add_finetune_arg
+from mscp.core.config import parse_layer_range
+from mscp.errors import MSCPError
+
+HELP = "MSCP end to end on the SmolLM2 safety model organism, against the baselines"
+# the options each mode reads; any other option given is refused, never silently dropped
+MODE_OPTIONS = {
+    "demo": {"q", "p", "rho", "judge", "safe_lora_tau"},
+    "sweep": set(),
+    "continual": {"q", "p", "rho", "layers"},
+}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/sweep or runs/continual)")
+    p.add_argument("--cache", default=None, help="where the converted SmolLM2 model is cached (default ~/.cache/mscp)")
+    p.add_argument("--q", type=float, default=None, help="MSCP safety-row fraction (default: PatchConfig's)")
+    p.add_argument("--p", type=float, default=None, help="MSCP task-row fraction (default: PatchConfig's)")
+    p.add_argument("--rho", type=float, default=None, help="MSCP window fraction (default: PatchConfig's)")
+    p.add_argument("--judge", default=None, help="judge for judge_refusal_rate (default embedding)")
+    p.add_argument("--safe-lora-tau", type=float, default=None, help="Safe LoRA similarity threshold (default 0.5)")
+    p.add_argument("--layers", default=None, metavar="A-B", type=parse_layer_range,
+                   help="with --continual: explicit MSCP safety layers (default: the criterion's window)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--sweep", action="store_true",
+                      help="instead: the q/p grid and early/middle/late window ablation on localisation prompts")
+    mode.add_argument("--continual", action="store_true",
+                      help="instead: harm categories added one by one as continual dimensions, ASR per category "
+                           "after each step (default --out runs/continual)")
+    add_finetune_arg(p, many=False)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def mode_of(args) -> str:
+    return "continual" if args.continual else "sweep" if args.sweep else "demo"
+
+
+def check_mode_options(args) -> str:
+    mode = mode_of(args)
+    for name in sorted(set().union(*MODE_OPTIONS.values()) - MODE_OPTIONS[mode]):
+        if getattr(args, name) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise MSCPError(f"{flag} has no effect with {'mscp demo' if mode == 'demo' else '--' + mode}")
+    return mode
+
+
+def patch_config(args):
+    from mscp.core.config import PatchConfig
+
+    options = {name: getattr(args, name) for name in ("q", "p", "rho", "layers") if getattr(args, name) is not None}
+    return PatchConfig(progress=not args.quiet, **options)
+
+
+def run(args) -> int:
+    from mscp.harness.organism import DEFAULT_FINETUNE
+
+    mode = check_mode_options(args)
+    finetune = args.finetune or DEFAULT_FINETUNE
+    config = patch_config(args)
+    progress = not args.quiet
+    if mode == "continual":
+        from mscp.harness.continual_eval import run_continual
+
+        run_continual(args.out or "runs/continual", cache=args.cache, config=config, progress=progress,
+                      finetune=finetune)
+    elif mode == "sweep":
+        from mscp.harness.demo import run_sweep
+
+        run_sweep(args.out or "runs/sweep", cache=args.cache, progress=progress, finetune=finetune)
+    else:
+        from mscp.harness.demo import run_demo
+
+        run_demo(args.out or "runs/demo", cache=args.cache, config=config, judge=args.judge or "embedding",
+                 safe_lora_tau=0.5 if args.safe_lora_tau is None else args.safe_lora_tau, progress=progress,
+                 finetune=finetune)
+    return 0

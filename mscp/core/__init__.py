@@ -1,0 +1,14 @@
+"""The patcher: everything `mscp patch` needs, and nothing of the evaluation harness.
+
+    config     PatchConfig: every choice of the method, documented and validated
+    checkpoint safetensors read a tensor (or some rows) at a time; strict header checks
+    adapter    peft LoRA folders: lora_A/lora_B paired by name, scales
+    prompts    prompt files, the chat-template encoder, micro-batches
+    streaming  the model's own transformers classes, one decoder layer in memory at a time
+    sequential the one loop over layers, with read-ahead, timing and progress, driving observers
+    localize   level 1: layer curves and the safety window
+    scoring    level 2: per-row scores (Wanda and the others) and the row selection
+    project    the masked low-rank projection (fast_project)
+    pipeline   patch() / patch_many(): the passes, selection, projection, report
+    report     the report, checksums, versions, atomic output folders
+"""

@@ -1,0 +1,172 @@
+"""Configuration of a patch: every choice the method leaves open is a field here, with its default.
+
+`PatchConfig` is frozen and validated in one place (`__post_init__`); each field's help text lives
+in its metadata, from which the command line's options are generated (mscp/cli/options.py). The
+whole dataclass is written into each run's report (`mscp_report.json`, key "config").
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mscp.errors import MSCPError
+
+CRITERIA = ("sigma", "li_gap")
+PROJECTORS = ("safelora", "exact")
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+BACKEND_CHOICES = ("auto", "torch", "triton", "cpp", "cuda")
+FINETUNED_PASSES = ("auto", "with_calibration", "after_window")
+# The linear modules of a Llama-family decoder layer: the usual LoRA targets (organism, synth, plots)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def parse_layer_range(text) -> tuple[int, int]:
+    """'10-15' -> (10, 15); '12' -> (12, 12); a pair stays a pair. The one parser of layer ranges."""
+    if isinstance(text, (tuple, list)) and len(text) == 2:
+        first, last = text
+    else:
+        try:
+            s = str(text).strip()
+            first, last = s.split("-", 1) if "-" in s[1:] else (s, s)
+        except ValueError:
+            raise MSCPError(f"--layers must look like A-B (e.g. 10-15), got {text!r}") from None
+    try:
+        return int(first), int(last)
+    except (TypeError, ValueError):
+        raise MSCPError(f"--layers must look like A-B (e.g. 10-15), got {text!r}") from None
+
+
+def option(default, help: str, *, choices=None, flag: str | None = None, metavar: str | None = None,
+           parse=None, cli: bool = True):
+    """A PatchConfig field with its command-line description.
+
+    flag: the option's name when it is not --field-name (e.g. '--no-hash' for a True default);
+    parse: turns the option's text into the value; cli=False: API and config files only."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "metavar": metavar,
+                                            "parse": parse, "cli": cli})
+
+
+@dataclass(frozen=True)
+class PatchConfig:
+    # Level 1: safety layers
+    rho: float = option(0.2, "safety window width as a fraction of the decoder layers: w = max(1, round(rho * n_layers))")
+    layers: tuple[int, int] | None = option(None, "explicit safety layers A-B, inclusive, counted from 0; skips the "
+                                            "criterion", metavar="A-B", parse=parse_layer_range)
+    criterion: str = option("sigma", "layer criterion: 'sigma' (base/aligned divergence gradient) or 'li_gap' "
+                            "(Li et al.'s benign/harmful gap inside the aligned model)", choices=CRITERIA)
+
+    # Level 2: safety neurons
+    q: float = option(0.3, "safety rows: the top q fraction of each module's rows by the harmful-prompt score")
+    p: float = option(0.3, "task rows: the top p fraction by the task-prompt score, removed from the safety rows")
+
+    # Projection
+    alpha: float = option(1.0, "blend towards the projection: B' = (1 - alpha) B + alpha C B on the selected rows")
+    projector: str = option("safelora", "'safelora': C = V V^T / ||V||_F; 'exact': C = Q Q^T, Q the top "
+                            "exact_rank left singular vectors of V", choices=PROJECTORS)
+    exact_rank: int = option(64, "rank of Q for the 'exact' projector")
+
+    # Calibration
+    max_length: int = option(256, "prompts longer than this many tokens (after the chat template) are truncated")
+    batch_size: int = option(16, "prompts per forward call through a decoder layer")
+    chat_template: bool = option(True, "tokenise prompts as plain text, without the tokenizer's chat template",
+                                 flag="--no-chat-template")
+
+    # Execution
+    device: str = option("cpu", "compute device: cpu or cuda[:N]")
+    dtype: str = option("auto", "compute dtype of the streamed layers ('auto': the checkpoint's); statistics "
+                        "are always fp32", choices=DTYPES)
+    backend: str = option("auto", "kernel backend of the mscp ops", choices=BACKEND_CHOICES)
+    finetuned_pass: str = option("auto", "when the fine-tuned streams (one per adapter) run: 'with_calibration' "
+                                 "(one pass, every layer), 'after_window' (a second pass up to the window's last "
+                                 "layer), 'auto' (after_window for several adapters without --layers)",
+                                 choices=FINETUNED_PASSES)
+    allow_pickle: bool = option(False, "accept .bin/.pt checkpoints (loaded with weights_only=True)")
+    hash_inputs: bool = option(True, "skip the sha256 of the input files in the report", flag="--no-hash")
+    progress: bool = option(True, "no progress bars", flag="--quiet")
+
+    extra: dict = field(default_factory=dict, metadata={"help": "free-form notes carried into the report",
+                                                        "cli": False})
+
+    def __post_init__(self):
+        def check(ok: bool, message: str):
+            if not ok:
+                raise MSCPError(message)
+
+        for name in ("rho", "q", "p", "alpha"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                  f"{name} must be a finite number, got {value!r}")
+        check(0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}")
+        for name in ("q", "p"):
+            check(0 <= getattr(self, name) <= 1, f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
+        check(-16 <= self.alpha <= 16, f"alpha must be in [-16, 16], got {self.alpha}")
+        for name, allowed in (("criterion", CRITERIA), ("projector", PROJECTORS), ("dtype", DTYPES),
+                              ("backend", BACKEND_CHOICES), ("finetuned_pass", FINETUNED_PASSES)):
+            check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.layers is not None:
+            first, last = parse_layer_range(self.layers)
+            check(0 <= first <= last, f"layers must be a range A-B with 0 <= A <= B, got {first}-{last}")
+            object.__setattr__(self, "layers", (first, last))
+        for name in ("batch_size", "max_length", "exact_rank"):
+            check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
+                  f"{name} must be an integer, got {getattr(self, name)!r}")
+        check(self.batch_size >= 1 and self.max_length >= 1, "batch_size and max_length must be positive")
+        check(self.exact_rank >= 1, f"exact_rank must be positive, got {self.exact_rank}")
+        check(isinstance(self.device, str) and _valid_device(self.device),
+              f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        check(isinstance(self.extra, dict), "extra must be a dict")
+
+    def replace(self, **changes) -> "PatchConfig":
+        """A copy with some fields changed (validated again)."""
+        unknown = sorted(set(changes) - set(field_names()))
+        if unknown:
+            raise MSCPError(f"unknown PatchConfig field {unknown[0]!r}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _valid_device(device: str) -> bool:
+    kind, _, index = device.partition(":")
+    return kind in ("cpu", "cuda") and (not index or (index.isdigit() and kind == "cuda"))
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(PatchConfig)]
+
+
+def config_from_mapping(values: dict, *, where: str = "config") -> dict:
+    """PatchConfig field values from a mapping (a config file, a report's `config`), checked by name."""
+    if not isinstance(values, dict):
+        raise MSCPError(f"{where} must be a mapping of PatchConfig fields, got {type(values).__name__}")
+    unknown = sorted(set(values) - set(field_names()))
+    if unknown:
+        raise MSCPError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(field_names())})")
+    out = dict(values)
+    if out.get("layers") is not None:
+        out["layers"] = parse_layer_range(out["layers"])
+    return out
+
+
+def read_config_file(path) -> dict:
+    """The fields of a YAML or JSON config file (`--config FILE`)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise MSCPError(f"cannot read config file {path}: {e}") from None
+    try:
+        if path.suffix.lower() == ".json":
+            values = json.loads(text)
+        else:
+            import yaml
+
+            values = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - json and yaml parse errors
+        raise MSCPError(f"config file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
+                        f"{' '.join(str(e).split())[:160]}") from None
+    return config_from_mapping(values or {}, where=f"config file {path}")

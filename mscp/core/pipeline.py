@@ -1,0 +1,363 @@
+"""`patch()` and `patch_many()`: the whole MSCP pipeline, streamed one decoder layer at a time.
+
+    1. capture: embed the calibration prompts in the base and aligned models
+    2. one pass over the layers (the next layer is read ahead in a thread), advancing the streams:
+         base     (harmful + benign prompts)  -> curves
+         aligned  (harmful + benign prompts)  -> curves, n^H on harmful tokens
+         finetuned = aligned + LoRA (task prompts), one stream per adapter -> n^T
+       and scoring each LoRA module's rows as soon as its layer is loaded. With several adapters
+       the fine-tuned streams run instead in a second pass, after the window is known and only
+       up to its last layer (config.finetuned_pass)
+    3. safety layers from the curves; safety rows S = top_q(I^H) \\ top_p(I^T) in those layers
+    4. the masked low-rank projection of lora_B (`project.project_adapters`: each weight read once)
+    5. OUT/ written atomically: adapter_config.json, adapter_model.safetensors, mscp_report.json
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from mscp.core.adapter import Adapter, LoraModule, check_against_model
+from mscp.core.checkpoint import config_files
+from mscp.core.config import PatchConfig
+from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
+from mscp.core.project import project_adapters
+from mscp.core.prompts import (
+    default_prompts,
+    encode,
+    load_tokenizer,
+    make_batches,
+    read_prompts,
+)
+from mscp.core.report import (
+    build_report,
+    check_out_dir,
+    input_checksums,
+    package_versions,
+    prompt_sources,
+    write_adapter_atomically,
+)
+from mscp.core.scoring import LoraAdded, WandaScores, safety_rows
+from mscp.core.sequential import Step, advance_with, sweep
+from mscp.core.streaming import ModelShell, Stream
+from mscp.errors import MSCPError
+from mscp.kernels import record_backends, use_backend
+
+
+@dataclass
+class PatchResult:
+    report: dict
+    tensors: dict[str, torch.Tensor]  # the patched adapter's state dict
+    scores: dict[str, dict[str, torch.Tensor]]  # lora_B key -> {"harmful": I^H, "task": I^T}
+
+
+@dataclass
+class _AdapterRun:
+    """Per-adapter state of a pass: its modules by layer, task-score observer and scores."""
+
+    path: Path | None
+    lora: Adapter | None
+    by_layer: dict[int, dict[str, LoraModule]]
+    task_scores: WandaScores | None = None
+    scores: dict = field(default_factory=dict)
+
+
+def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=None, prompts=None,
+          tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False, **overrides) -> PatchResult:
+    """Repair a LoRA adapter with MSCP.
+
+    base, aligned: model folders (safetensors, sharded or single); adapter: a peft LoRA folder.
+    harmful (one or more files), benign, task: prompt files (.txt/.jsonl/.csv); the built-in sets
+    are used when harmful/benign are absent, and benign stands in for task. `prompts` may give
+    the sets as lists instead ({"harmful": [...], ...}). tokenizer: a folder (default: aligned).
+    config: a PatchConfig; keyword overrides (q=..., layers=(10, 15), ...) replace its fields.
+    out: where to write the patched adapter; None keeps it in memory only.
+    """
+    return patch_many(base, aligned, [adapter], None if out is None else [out], harmful=harmful, benign=benign,
+                      task=task, prompts=prompts, tokenizer=tokenizer, config=config, overwrite=overwrite,
+                      **overrides)[0]
+
+
+@dataclass
+class Localization:
+    """Everything the streamed pass computes before anything is projected."""
+
+    base_model: ModelShell
+    aligned_model: ModelShell
+    runs: list[_AdapterRun]  # one per adapter, with its scores
+    layer_curves: list[dict]
+    safety_layers: list[int]
+    sets: dict[str, list[str]]  # prompt sets by name
+    prompt_files: dict[str, list[Path]]
+    timings: dict
+
+
+def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
+             config: PatchConfig) -> Localization:
+    """Levels 1 and 2: the layer curves, the safety layers, and I^H and I^T of the LoRA modules of
+    each adapter. Nothing is projected.
+
+    Scored layers: with config.finetuned_pass 'with_calibration' (one pass), every layer, or those
+    up to the last of config.layers when it is given; with 'after_window' (a second pass for the
+    fine-tuned streams), the safety layers only.
+    """
+    timings: dict = {}
+    clock = time.perf_counter()
+    progress = progress_bar(config)
+    base_model, aligned_model = open_models(base, aligned, config)
+    runs = [_AdapterRun(Path(a), *_open_adapter(Path(a), aligned_model, config)) for a in adapters]
+    sets, prompt_files = prompt_sets(harmful, benign, task, prompts)
+    tok = load_tokenizer(tokenizer or aligned)
+    calib = encode_batches(tok, [(sets["harmful"], HARMFUL), (sets["benign"], BENIGN)], config)
+    task_batches = encode_batches(tok, [(sets["task"], TASK)], config)
+    after_window = finetuned_pass(config, len(runs)) == "after_window"
+    timings["finetuned_pass"] = "after_window" if after_window else "with_calibration"
+    timings["load"] = time.perf_counter() - clock
+
+    with use_backend(config.backend):
+        clock = time.perf_counter()
+        base_stream = base_model.capture({"calib": calib})["calib"]
+        aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches})
+        aligned_stream, task_stream = aligned_streams["calib"], aligned_streams["task"]
+        del aligned_streams
+        curves = Curves(base_stream, aligned_stream)
+        targets = target_names(runs)
+        harmful_scores = WandaScores(aligned_stream, targets, group=HARMFUL)  # shared by every adapter
+        timings["capture"] = time.perf_counter() - clock
+
+        # With the safety layers given up front, no row after the window is ever selected: the
+        # fine-tuned streams and the scoring stop at its last layer (the curves still cover all).
+        last_scored = config.layers[1] if config.layers is not None else base_model.n_layers - 1
+        observers: list = [curves, harmful_scores]
+        finetuned = [] if after_window else start_finetuned_streams(runs, task_stream, observers)
+        steps = []
+        for index in range(base_model.n_layers):  # base 0, aligned 0, base 1, ...
+            steps.append(Step(base_model, index, [base_stream]))
+            scored = index <= last_scored
+            steps.append(Step(aligned_model, index, [aligned_stream] + (finetuned if scored else []),
+                              release=finetuned if index == last_scored else []))
+        harmful_scores.layers = set(range(last_scored + 1))
+        times = sweep(steps, advance_with(observers), progress=progress, desc="layers")
+        timings["stream"] = times.total
+        timings["layers"], timings["layers_waiting_for_io"] = times.per_index(steps)
+        layer_curves = curves.curves()
+        window = safety_layers(layer_curves, config)
+        if after_window:
+            observers = []
+            finetuned = start_finetuned_streams(runs, task_stream, observers, layers=window)
+            steps = [Step(aligned_model, index, finetuned) for index in range(window[-1] + 1)]
+            times = sweep(steps, advance_with(observers), progress=progress, desc="fine-tuned")
+            timings["stream_finetuned"] = times.total
+            timings["finetuned_layers"] = times.steps
+        del task_stream
+        for run in runs:
+            run.scores = scores_by_key(run, harmful_scores.scores, run.task_scores.scores,
+                                       layers=window if after_window else None)
+    return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings)
+
+
+def finetuned_pass(config: PatchConfig, n_adapters: int) -> str:
+    """config.finetuned_pass with 'auto' resolved (see PatchConfig)."""
+    if config.finetuned_pass != "auto":
+        return config.finetuned_pass
+    return "after_window" if n_adapters > 1 and config.layers is None else "with_calibration"
+
+
+def target_names(runs: list[_AdapterRun]) -> dict[int, set[str]]:
+    """layer index -> names inside the layer of the modules some adapter targets."""
+    names: dict[int, set[str]] = {}
+    for run in runs:
+        for index, mods in run.by_layer.items():
+            names.setdefault(index, set()).update(mods)
+    return names
+
+
+def start_finetuned_streams(runs: list[_AdapterRun], task_stream: Stream, observers: list, layers=None) -> list[Stream]:
+    """Each adapter's fine-tuned stream starts from the aligned model's capture of the task prompts
+    (the embedding does not see the LoRA); its LoRA and its I^T scoring join the observers."""
+    streams = []
+    for k, run in enumerate(runs):
+        stream = task_stream if k == len(runs) - 1 else task_stream.copy()
+        run.task_scores = WandaScores(stream, {i: set(m) for i, m in run.by_layer.items()},
+                                      lora=(run.lora, run.by_layer), layers=layers)
+        observers += [LoraAdded(stream, run.lora, run.by_layer), run.task_scores]
+        streams.append(stream)
+    return streams
+
+
+def scores_by_key(run: _AdapterRun, harmful: dict, task: dict, layers=None) -> dict[str, dict[str, torch.Tensor]]:
+    """lora_B key -> {"harmful": I^H, "task": I^T} for the run's modules scored in both (in `layers`)."""
+    out = {}
+    for index, mods in run.by_layer.items():
+        if layers is not None and index not in layers:
+            continue
+        for rel, m in mods.items():
+            if rel in harmful.get(index, {}) and rel in task.get(index, {}):
+                out[m.key_b] = {"harmful": harmful[index][rel], "task": task[index][rel]}
+    return out
+
+
+def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
+               prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
+               **overrides) -> list[PatchResult]:
+    """`patch` for several adapters of the same aligned model, reading base and aligned once.
+
+    The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
+    its own fine-tuned stream, task scores, masks and output. Each result equals patching that
+    adapter alone.
+    """
+    config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
+    if not adapters:
+        raise MSCPError("no adapter given")
+    if outs is not None and len(outs) != len(adapters):
+        raise MSCPError("one output folder per adapter is needed")
+    paths = {"base": Path(base), "aligned": Path(aligned)}
+    if outs is not None:
+        inputs = [*paths.values(), *as_paths(adapters), *as_paths(harmful), *as_paths(benign),
+                  *as_paths(task), *as_paths(tokenizer)]
+        if len({Path(o).resolve() for o in outs}) != len(outs):
+            raise MSCPError("two adapters would be written to the same output folder")
+        for out in outs:
+            check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])
+
+    with record_backends() as backends:
+        loc = localize(base, aligned, adapters, harmful=harmful, benign=benign, task=task, prompts=prompts,
+                       tokenizer=tokenizer, config=config)
+        timings, chosen, runs = dict(loc.timings), loc.safety_layers, loc.runs
+        base_model, aligned_model = loc.base_model, loc.aligned_model
+        masks = []
+        for run in runs:
+            masks.append({m.key_b: safety_rows(run.scores[m.key_b]["harmful"], run.scores[m.key_b]["task"],
+                                               config.q, config.p)
+                          for index in chosen for m in run.by_layer.get(index, {}).values()})
+        with use_backend(config.backend):
+            clock = time.perf_counter()
+            projected = project_adapters([run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
+                                         alpha=config.alpha, projector=config.projector, exact_rank=config.exact_rank,
+                                         device=config.device, backend=config.backend, progress=progress_bar(config))
+            timings["project"] = time.perf_counter() - clock
+
+    sets, prompt_files = loc.sets, loc.prompt_files
+    shared_files = {"base": base_model.ckpt.files + config_files(base_model.ckpt.path),
+                    "aligned": aligned_model.ckpt.files + config_files(aligned_model.ckpt.path), **prompt_files}
+    shared_sums = input_checksums(shared_files) if config.hash_inputs else None
+    versions = package_versions()
+    results = []
+    for k, (run, (tensors, edits)) in enumerate(zip(runs, projected)):
+        lora = run.lora
+        report = build_report(
+            config=config.to_dict(), safety_layers=chosen, n_layers=base_model.n_layers, layer_curves=loc.layer_curves,
+            modules={key: e.to_dict() for key, e in edits.items()}, lora_parameters=lora.n_parameters(),
+            prompts={name: len(p) for name, p in sets.items()}, prompt_sources=prompt_sources(sets, prompt_files),
+            backends=dict(sorted(backends.items())), compute_dtype=str(base_model.dtype).removeprefix("torch."),
+            timings=timings, versions=versions,
+            inputs_sha256=({**shared_sums, **input_checksums({"adapter": lora.files})} if config.hash_inputs
+                           else "not computed (hash_inputs=False)"),
+            paths={**{name: str(p) for name, p in paths.items()}, "adapter": str(run.path)},
+            adapter={"target_modules": lora.config.get("target_modules"), "modules": len(lora.modules),
+                     "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha")},
+            adapters_in_pass=len(runs),
+            bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read})
+        if outs is not None:
+            write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite)
+        results.append(PatchResult(report, tensors, run.scores))
+    return results
+
+
+def harmful_scores(aligned_model: ModelShell, tok, prompts: list[str], targets: dict[int, dict[str, LoraModule]],
+                   config: PatchConfig) -> dict[str, torch.Tensor]:
+    """I^H of one prompt set for the modules in `targets` (layer -> name -> module), streaming the
+    aligned model alone and only up to the last layer with targets."""
+    with use_backend(config.backend):
+        stream = aligned_model.capture({"harmful": encode_batches(tok, [(prompts, HARMFUL)], config)})["harmful"]
+        scores = WandaScores(stream, {index: set(mods) for index, mods in targets.items()}, group=HARMFUL)
+        steps = [Step(aligned_model, index, [stream]) for index in range(max(targets, default=-1) + 1)]
+        sweep(steps, advance_with([scores]), progress=progress_bar(config), desc="layers")
+    return {m.key_b: scores.scores[index][rel] for index, mods in targets.items() for rel, m in mods.items()}
+
+
+# -- shared steps (also used by mscp.continual) ------------------------------------------------
+def progress_bar(config: PatchConfig):
+    return (lambda it=None, **kw: tqdm(it, **kw)) if config.progress else None
+
+
+def open_models(base, aligned, config: PatchConfig) -> tuple[ModelShell, ModelShell]:
+    """Both model shells, checked to be the same architecture and to hold config.layers."""
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MSCPError("--device cuda requested but CUDA is not available")
+    kw = dict(device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle)
+    base_model = ModelShell(base, label="base", **kw)
+    aligned_model = ModelShell(aligned, label="aligned", **kw)
+    check_same_architecture(base_model, aligned_model)
+    if config.layers is not None and config.layers[1] >= base_model.n_layers:
+        raise MSCPError(f"--layers {config.layers[0]}-{config.layers[1]} is outside the model's "
+                        f"{base_model.n_layers} decoder layers (0-{base_model.n_layers - 1})")
+    return base_model, aligned_model
+
+
+def encode_batches(tok, named: list[tuple[list[str], int]], config: PatchConfig) -> list:
+    """Micro-batches of several prompt lists, each labelled with its group."""
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    seqs, groups = [], []
+    for texts, group in named:
+        ids = encode(tok, texts, max_length=config.max_length, chat_template=config.chat_template)
+        seqs += ids
+        groups += [group] * len(ids)
+    return make_batches(seqs, groups, config.batch_size, pad_id)
+
+
+def modules_by_layer(lora: Adapter, aligned_model: ModelShell) -> dict[int, dict[str, LoraModule]]:
+    """layer index -> module name inside the layer -> LoRA module."""
+    by_layer: dict[int, dict[str, LoraModule]] = {}
+    for m in lora.modules.values():
+        where = aligned_model.layer_of(m.module)
+        if where is None:
+            raise MSCPError(f"adapter module {m.module} is outside the decoder layers; mscp patches decoder-layer linears")
+        by_layer.setdefault(where[0], {})[where[1]] = m
+    return by_layer
+
+
+def _open_adapter(path: Path, aligned_model: ModelShell, config: PatchConfig):
+    lora = Adapter.load(path, allow_pickle=config.allow_pickle)
+    check_against_model(lora, aligned_model.weight_shapes().get)
+    return lora, modules_by_layer(lora, aligned_model)
+
+
+def check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:
+    if base.config.model_type != aligned.config.model_type:
+        raise MSCPError(f"base ({base.config.model_type}) and aligned ({aligned.config.model_type}) are different architectures")
+    if base.n_layers != aligned.n_layers:
+        raise MSCPError(f"base has {base.n_layers} decoder layers, aligned has {aligned.n_layers}")
+    b, a = base.weight_shapes(), aligned.weight_shapes()
+    for key in sorted(set(a) | set(b)):
+        if b.get(key) != a.get(key):
+            raise MSCPError(f"base and aligned differ in shape at {key}: {b.get(key)} vs {a.get(key)}")
+
+
+def as_paths(x) -> list[Path]:
+    """None, one path, or several paths -> a list of paths."""
+    if x is None:
+        return []
+    return [Path(x)] if isinstance(x, (str, Path)) else [Path(f) for f in x]
+
+
+def prompt_sets(harmful, benign, task, prompts) -> tuple[dict[str, list[str]], dict[str, list[Path]]]:
+    prompts = dict(prompts or {})
+    files = {"harmful": as_paths(harmful), "benign": as_paths(benign), "task": as_paths(task)}
+    sets: dict[str, list[str]] = {}
+    for name in ("harmful", "benign", "task"):
+        if files[name]:
+            sets[name] = [p for f in files[name] for p in read_prompts(f)]
+        elif prompts.get(name) is not None:
+            sets[name] = [p.strip() for p in prompts[name] if p and p.strip()]
+            if not sets[name]:
+                raise MSCPError(f"the {name} prompt list is empty")
+        elif name in ("harmful", "benign"):
+            sets[name] = default_prompts(name)
+    if "task" not in sets:
+        sets["task"] = sets["benign"]
+    return sets, {f"prompts:{k}": v for k, v in files.items() if v}

@@ -1,0 +1,124 @@
+"""Prompt files and calibration batches.
+
+Prompt files: `.txt` (one prompt a line), `.jsonl` (a "prompt" field), `.csv` (a "prompt" or
+"goal" column). Prompts are rendered with the tokenizer's chat template (generation prompt added)
+when it has one, tokenised, truncated to `max_length`, and right-padded into micro-batches, so a
+prompt's last token sits at `length - 1` and its positions match an unpadded forward.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from mscp.errors import MSCPError
+
+DEFAULT_SETS = {"harmful": "harmful_default.txt", "benign": "benign_default.txt"}
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise MSCPError(f"prompt file not found: {path}")
+    text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (as spreadsheets write) is not text
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise MSCPError(f"{path}:{n}: not a JSON line") from None
+            if not isinstance(record, dict) or "prompt" not in record:
+                raise MSCPError(f"{path}:{n}: no 'prompt' field")
+            prompts.append(str(record["prompt"]))
+    elif suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted fields
+        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+        column = columns.get("prompt") or columns.get("goal")  # AdvBench/JBB call it Goal
+        if column is None:
+            raise MSCPError(f"{path}: no 'prompt' or 'goal' column")
+        prompts = [row[column] or "" for row in reader]
+    else:
+        prompts = text.splitlines()
+    prompts = [p.strip() for p in prompts if p and p.strip()]
+    if not prompts:
+        raise MSCPError(f"prompt file is empty: {path}")
+    return prompts
+
+
+def default_prompts(kind: str) -> list[str]:
+    """The small built-in prompt sets shipped with the package (see mscp/core/data/)."""
+    text = resources.files("mscp.core").joinpath("data", DEFAULT_SETS[kind]).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - missing or broken tokenizer files
+        raise MSCPError(f"cannot load a tokenizer from {path} (pass --tokenizer DIR): "
+                        f"{' '.join(str(e).split())[:200] or type(e).__name__}") from None
+
+
+def chat_ids(tokenizer, prompt: str, chat_template: bool = True) -> list[int]:
+    """A prompt's token ids as the model sees it when asked: the tokenizer's chat template (one user
+    turn and the generation prompt) when it has one, else the plain text with special tokens. The
+    one encoder of prompts, for calibration, training and generation alike."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def encode(tokenizer, prompts: list[str], *, max_length: int, chat_template: bool = True) -> list[list[int]]:
+    """Token ids of each prompt (chat_ids), keeping the last max_length: the last token is the one
+    the curves read."""
+    out = []
+    for prompt in prompts:
+        ids = chat_ids(tokenizer, prompt, chat_template)[-max_length:]
+        if not ids:
+            raise MSCPError(f"prompt tokenises to nothing: {prompt[:60]!r}")
+        out.append(ids)
+    return out
+
+
+@dataclass
+class Batch:
+    """One right-padded micro-batch of prompts."""
+
+    input_ids: torch.Tensor  # (n, T) int64
+    attention_mask: torch.Tensor  # (n, T) int64, 1 on real tokens
+    last_index: torch.Tensor  # (n,) position of each prompt's last token
+    group: torch.Tensor  # (n,) int64 label of each prompt's set (e.g. 0 harmful, 1 benign)
+
+    @property
+    def token_mask(self) -> torch.Tensor:
+        return self.attention_mask.bool()
+
+
+def make_batches(sequences: list[list[int]], groups: list[int], batch_size: int, pad_id: int) -> list[Batch]:
+    batches = []
+    for start in range(0, len(sequences), batch_size):
+        chunk = sequences[start : start + batch_size]
+        width = max(len(s) for s in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(chunk), width), dtype=torch.int64)
+        for row, seq in enumerate(chunk):
+            ids[row, : len(seq)] = torch.tensor(seq)
+            mask[row, : len(seq)] = 1
+        last = torch.tensor([len(s) - 1 for s in chunk])
+        batches.append(Batch(ids, mask, last, torch.tensor(groups[start : start + batch_size])))
+    return batches

@@ -1,0 +1,144 @@
+"""Level 2: safety neurons (METHOD.md).
+
+Per targeted module, the RMS of each input channel over the valid tokens of a prompt set
+(n^H: aligned model on harmful prompts; n^T: fine-tuned model on task prompts), then Wanda row
+scores summed over a row:
+    I^H_i = sum_j |W_a[i,j]| n^H_j        I^T_i = sum_j |W_a + s B A|[i,j] n^T_j
+and the safety rows S = TopRows(I^H, q) minus TopRows(I^T, p).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mscp.core.adapter import Adapter, LoraModule
+from mscp.core.sequential import Observer
+from mscp.core.streaming import Stream
+from mscp.errors import MSCPError
+from mscp.kernels import channel_sumsq, row_importance
+
+
+class ChannelStats:
+    """Running per-channel sum of squares and token count of a module's input."""
+
+    def __init__(self, d_in: int, device):
+        self.sumsq = torch.zeros(d_in, dtype=torch.float32, device=device)
+        self.count = torch.zeros(1, dtype=torch.int64, device=device)
+
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor) -> None:
+        channel_sumsq(x, token_mask, self.sumsq, self.count)
+
+    def rms(self) -> torch.Tensor:
+        return (self.sumsq / self.count.clamp(min=1)).sqrt()
+
+
+def record_inputs(modules: dict[str, nn.Linear], stats: dict[str, ChannelStats], token_mask) -> list:
+    """Pre-hooks adding each module's input to its stats, over the tokens `token_mask()` selects."""
+    def make(name):
+        def hook(_module, args):
+            stats[name].add(args[0], token_mask())
+        return hook
+
+    return [modules[name].register_forward_pre_hook(make(name)) for name in stats]
+
+
+def apply_lora(modules: dict[str, nn.Linear], lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> list:
+    """Forward hooks that turn W_a x into (W_a + s B A) x without forming B A."""
+    def make(A, B, s):
+        def hook(_module, args, out):
+            return out + s * ((args[0] @ A.T) @ B.T)
+        return hook
+
+    return [modules[name].register_forward_hook(make(A, B, s)) for name, (A, B, s) in lora.items()]
+
+
+def linears_of(layer: nn.Module, index: int, names) -> dict[str, nn.Linear]:
+    """name inside the layer -> linear module."""
+    out = {}
+    for rel in sorted(names):
+        module = layer.get_submodule(rel)
+        if not hasattr(module, "weight") or module.weight.dim() != 2:
+            raise MSCPError(f"adapter module layers.{index}.{rel} is not a linear layer")
+        out[rel] = module
+    return out
+
+
+class LoraAdded(Observer):
+    """The fine-tuned stream: the aligned layer with an adapter's LoRA added by forward hooks."""
+
+    def __init__(self, stream: Stream, lora: Adapter, by_layer: dict[int, dict[str, LoraModule]]):
+        self.stream, self.lora, self.by_layer = stream, lora, by_layer
+
+    def hooks(self, stream, index, layer):
+        mods = self.by_layer.get(index, {})
+        if stream is not self.stream or not mods:
+            return []
+        w = next(layer.parameters())
+        weights = {rel: (self.lora.tensors[m.key_a].to(w.device, w.dtype), self.lora.tensors[m.key_b].to(w.device, w.dtype),
+                         m.scale) for rel, m in mods.items()}
+        return apply_lora(linears_of(layer, index, mods), weights)
+
+
+class WandaScores(Observer):
+    """Wanda row scores |W| n of the modules `names[index]`, n the RMS of each input channel over
+    the tokens of `stream` (all of them, or those of one prompt group). With `lora`, W is the
+    fine-tuned weight W_a + s B A, formed a block of rows at a time by the row_importance op.
+    scores[index][name] = (d_out,) fp32, for the layers in `layers` (default: all)."""
+
+    def __init__(self, stream: Stream, names: dict[int, set[str]], *, group: int | None = None,
+                 lora: tuple[Adapter, dict[int, dict[str, LoraModule]]] | None = None, layers=None):
+        self.stream, self.names, self.group, self.lora = stream, names, group, lora
+        self.layers = None if layers is None else set(layers)
+        self.scores: dict[int, dict[str, torch.Tensor]] = {}
+        self._stats: dict[str, ChannelStats] = {}
+
+    def _active(self, stream, index) -> bool:
+        return stream is self.stream and bool(self.names.get(index)) and (self.layers is None or index in self.layers)
+
+    def _mask(self):
+        b = self.stream.batch
+        mask = b.token_mask if self.group is None else b.token_mask & (b.group == self.group)[:, None]
+        return mask.to(self._device)
+
+    def hooks(self, stream, index, layer):
+        if not self._active(stream, index):
+            return []
+        linears = linears_of(layer, index, self.names[index])
+        self._device = next(layer.parameters()).device
+        self._stats = {rel: ChannelStats(m.weight.shape[1], self._device) for rel, m in linears.items()}
+        return record_inputs(linears, self._stats, self._mask)
+
+    def after(self, stream, index, layer):
+        if not self._active(stream, index):
+            return
+        out = {}
+        for rel, stats in self._stats.items():
+            W = layer.get_submodule(rel).weight
+            if self.lora is None:
+                out[rel] = row_scores(W, stats.rms()).cpu()
+            else:
+                lora, by_layer = self.lora
+                m = by_layer[index][rel]
+                A, B = lora.tensors[m.key_a].to(W.device), lora.tensors[m.key_b].to(W.device)
+                out[rel] = row_scores(W, stats.rms(), B, A, m.scale).cpu()
+        self.scores[index] = out
+        self._stats = {}
+
+
+def row_scores(W: torch.Tensor, channel_rms: torch.Tensor, B=None, A=None, scale: float = 1.0) -> torch.Tensor:
+    """Wanda row importance |W + s B A| @ n, fp32 (d_out,)."""
+    return row_importance(W, B, A, float(scale), channel_rms.float().reshape(-1, 1)).reshape(-1)
+
+
+def top_rows(scores: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Indices of the round(fraction * d_out) highest scores; ties broken by lower index."""
+    k = round(fraction * scores.numel())
+    order = torch.sort(scores.cpu(), descending=True, stable=True).indices
+    return order[:k]
+
+
+def safety_rows(i_harmful: torch.Tensor, i_task: torch.Tensor, q: float, p: float) -> torch.Tensor:
+    """S = TopRows(I^H, q) minus TopRows(I^T, p), sorted."""
+    safety = top_rows(i_harmful, q)
+    task = top_rows(i_task, p)
+    return torch.sort(safety[~torch.isin(safety, task)]).values
