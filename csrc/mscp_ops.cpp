@@ -318,7 +318,8 @@ at::Tensor row_importance_cpu(const at::Tensor& W, const std::optional<at::Tenso
 //   pass 1 (column strips in parallel): V = W_a - W_b a row chunk at a time into an L1 buffer,
 //           G^T[k, j] += sum_i B[i, k] V[i, j] (KC accumulators in registers), ||V||^2;
 //   pass 2 (selected rows in parallel): CB[i, k] = V[i, :] . G^T[k, :] / ||V||,
-//           B'[i] = B[i] + alpha (CB[i] - B[i]) in the accumulation dtype, rounded to B's dtype.
+//           B'[i] = (1 - alpha) B[i] + alpha CB[i] in the accumulation dtype, rounded to B's dtype
+//           (not B + alpha (CB - B), which cancels when CB << B).
 // ------------------------------------------------------------------------------------------
 #if defined(__AVX512F__)
 constexpr int kMaxKC = 16;
@@ -581,7 +582,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_project_impl(const at::Tensor& W_a, c
         for (int64_t k = 0; k < R; ++k) {
           const acc_t b = bp[i * R_pad + k];
           const acc_t c = cb[rr * R + k] / norm;
-          store_one<acc_t>(out, obase, i * R + k, b + a * (c - b));
+          store_one<acc_t>(out, obase, i * R + k, (acc_t(1) - a) * b + a * c);
         }
       }
     }

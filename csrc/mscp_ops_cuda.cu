@@ -152,7 +152,7 @@ at::Tensor row_importance_cuda(const at::Tensor& W, const std::optional<at::Tens
 //   pass 1: one thread per column j (coalesced), a slice of rows per grid row; accumulates
 //           G[j, k0:k0+16] in registers and ||V||^2, atomically added to global memory.
 //   pass 2: one block per selected row; threads stride over d_in accumulating V[i,j] G[j,k],
-//           block reduction, then B' = B + alpha (CB / ||V|| - B) for that row.
+//           block reduction, then B' = (1 - alpha) B + alpha CB / ||V|| for that row.
 // ------------------------------------------------------------------------------------------
 constexpr int kLpR = 16;
 
@@ -229,7 +229,7 @@ __global__ void lp_pass2_kernel(const scalar_t* __restrict__ Wa, const scalar_t*
       for (int w = 0; w < kThreads / 32; ++w) tot += red[w][k];
       const acc_t norm = sqrt(*sumsq);
       const acc_t b = B[i * r + k0 + k];
-      new_rows[s * r + k0 + k] = b + alpha * (tot / norm - b);
+      new_rows[s * r + k0 + k] = (acc_t(1) - alpha) * b + alpha * (tot / norm);
     }
   }
 }

@@ -1,18 +1,22 @@
 """Loader of mscp's C++/CUDA extension (`csrc/`), built with `torch.utils.cpp_extension.load`
 (JIT, ninja) on first use and cached on disk.
 
-* Cache: `$MSCP_EXT_DIR` or `~/.cache/mscp_ext`, one folder per torch version, CPU and CUDA
-  configuration (the CPU code is compiled with `-march=native`).
+* Cache: `$MSCP_EXT_DIR` or `~/.cache/mscp_ext`, one folder per torch version, host CPU (the CPU
+  code is compiled with `-march=native`), CUDA or not, and hash of the sources and compiler flags:
+  two checkouts with different sources on one machine each keep their own build.
 * The CPU sources are always compiled; the `.cu` sources only when `torch.cuda.is_available()`.
 * The library registers its kernels as `torch.ops.mscp_ext.*` (CPU and CUDA dispatch keys).
-* A failed build never breaks `import mscp.kernels`: the "cpp"/"cuda" backends become unavailable
-  and `build_error()` keeps the reason. `MSCP_EXT_DISABLE=1` skips the build altogether.
+* The first build says so on stderr ("building the C++ kernels (once, about 40 s)"). A failed build
+  never breaks `import mscp.kernels`: the "cpp"/"cuda" backends become unavailable, one warning line
+  names the reason and the torch backend is used; `build_error()` keeps the whole reason.
+  `MSCP_EXT_DISABLE=1` skips the build altogether.
 """
 from __future__ import annotations
 
 import hashlib
 import os
 import platform
+import sys
 import threading
 from pathlib import Path
 
@@ -48,9 +52,23 @@ def _cpu_tag() -> str:
     return hashlib.sha1(flags.encode()).hexdigest()[:10]
 
 
+CUDA_CFLAGS = ["-O3", "--use_fast_math"]
+
+
+def _source_tag(with_cuda: bool) -> str:
+    """Hash of the sources and flags that go into the build."""
+    h = hashlib.sha256()
+    src = csrc_dir()
+    for name in CPU_SOURCES + (CUDA_SOURCES if with_cuda else ()):
+        path = src / name
+        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
+    h.update(" ".join(cflags() + (CUDA_CFLAGS if with_cuda else [])).encode())
+    return h.hexdigest()[:10]
+
+
 def build_dir(with_cuda: bool) -> Path:
     root = Path(os.environ.get("MSCP_EXT_DIR") or Path.home() / ".cache" / "mscp_ext")
-    tag = f"torch{torch.__version__}-{_cpu_tag()}" + ("-cuda" if with_cuda else "-cpu")
+    tag = f"torch{torch.__version__}-{_cpu_tag()}" + ("-cuda" if with_cuda else "-cpu") + f"-{_source_tag(with_cuda)}"
     return root / tag.replace("+", "_")
 
 
@@ -76,11 +94,13 @@ def _build() -> None:
         raise RuntimeError(f"missing sources: {', '.join(missing)}")
     directory = build_dir(with_cuda)
     directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("*.so")):
+        print(f"mscp: building the C++ kernels (once, about 40 s) in {directory}", file=sys.stderr, flush=True)
     cpp_extension.load(
         name="mscp_ext_cuda" if with_cuda else "mscp_ext",
         sources=sources,
         extra_cflags=cflags(),
-        extra_cuda_cflags=["-O3", "--use_fast_math"] if with_cuda else None,
+        extra_cuda_cflags=CUDA_CFLAGS if with_cuda else None,
         extra_ldflags=["-fopenmp"],
         build_directory=str(directory),
         is_python_module=False,
@@ -103,6 +123,9 @@ def load() -> bool:
             except Exception as exc:  # a compiler error, a missing toolchain: keep the reason
                 _state["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())[:2000]
                 _state["ok"] = False
+                if "MSCP_EXT_DISABLE" not in _state["error"] and "disabled by" not in _state["error"]:
+                    print(f"mscp: warning: the C++ kernels could not be built ({_state['error'][:160]}); "
+                          "using the torch backend", file=sys.stderr, flush=True)
             _state["tried"] = True
     return _state["ok"]
 

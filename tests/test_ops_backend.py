@@ -68,7 +68,7 @@ def test_extension_builds_and_is_preferred_on_cpu():
         assert "cuda" not in available_backends(op, "cpu")
 
 
-def test_failed_build_keeps_reason_and_falls_back(monkeypatch, tmp_path):
+def test_failed_build_keeps_reason_and_falls_back(monkeypatch, tmp_path, capsys):
     saved = dict(_ext._state)
     try:
         monkeypatch.setattr(_ext, "csrc_dir", lambda: tmp_path)  # no sources there
@@ -76,6 +76,8 @@ def test_failed_build_keeps_reason_and_falls_back(monkeypatch, tmp_path):
         _ext._state.update(tried=False, ok=False, cuda=False, error=None)
         assert not _ext.load()
         assert "missing sources" in _ext.build_error()
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "could not be built" in err and "using the torch backend" in err
         for op in OPS:
             assert "cpp" not in available_backends(op, "cpu")
             assert select(op, "cpu")[0] == "torch"
@@ -87,6 +89,23 @@ def test_failed_build_keeps_reason_and_falls_back(monkeypatch, tmp_path):
     finally:
         _ext._state.clear()
         _ext._state.update(saved)
+
+
+def test_build_folder_is_keyed_by_sources_and_flags(monkeypatch, tmp_path):
+    """Two checkouts with different sources on one machine keep two builds, not one rebuilt in turn."""
+    monkeypatch.setenv("MSCP_EXT_DIR", str(tmp_path / "build"))
+    src = tmp_path / "csrc"
+    src.mkdir()
+    for name in _ext.CPU_SOURCES:
+        (src / name).write_text((_ext.csrc_dir() / name).read_text())
+    here = _ext.build_dir(False)
+    monkeypatch.setattr(_ext, "csrc_dir", lambda: src)
+    assert _ext.build_dir(False) == here  # same sources, same flags: the same build
+    (src / _ext.CPU_SOURCES[0]).write_text((src / _ext.CPU_SOURCES[0]).read_text() + "\n// changed\n")
+    changed = _ext.build_dir(False)
+    assert changed != here and changed.parent == here.parent
+    monkeypatch.setattr(_ext, "cflags", lambda: ["-O2"])
+    assert _ext.build_dir(False) not in (here, changed)
 
 
 def test_import_and_reference_work_without_triton(tmp_path):

@@ -45,7 +45,7 @@ from mscp.core.scoring import LoraAdded, WandaScores, safety_rows
 from mscp.core.sequential import Step, advance_with, sweep
 from mscp.core.streaming import ModelShell, Stream
 from mscp.errors import MSCPError
-from mscp.kernels import record_backends, use_backend
+from mscp.kernels import prepare, record_backends, use_backend
 
 
 @dataclass
@@ -119,6 +119,7 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     timings["load"] = time.perf_counter() - clock
 
     with use_backend(config.backend):
+        timings["kernels_load"] = prepare()  # a first-time C++ build is not counted as layer time
         clock = time.perf_counter()
         base_stream = base_model.capture({"calib": calib})["calib"]
         aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches})

@@ -1,6 +1,6 @@
 """The projection: masked, low-rank, training-free (METHOD.md, "Projection").
 
-For each LoRA module with a row mask S:  B' = B + alpha * M_S (C B - B),  C = V V^T / ||V||_F,
+For each LoRA module with a row mask S:  B'[S] = (1 - alpha) B[S] + alpha (C B)[S],  C = V V^T / ||V||_F,
 V = W_aligned - W_base, computed as V (V^T B) / ||V||_F by the `mscp::lowrank_project` op.
 C and B A are never built; rows outside S are untouched bit for bit; A is unchanged.
 """
@@ -146,5 +146,5 @@ def _exact_projection(W_a, W_b, B, rows, alpha, rank):
         Q = torch.linalg.svd(V, full_matrices=False).U[:, : min(rank, min(V.shape))]
         B_rows = B[rows].to(acc)
         CB_rows = Q[rows] @ (Q.T @ B.to(acc))
-        out[rows] = (B_rows + alpha * (CB_rows - B_rows)).to(B.dtype)
+        out[rows] = ((1 - alpha) * B_rows + alpha * CB_rows).to(B.dtype)
     return out, norm_v.float()
