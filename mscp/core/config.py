@@ -19,6 +19,7 @@ PROJECTORS = ("safelora", "exact")
 DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 BACKEND_CHOICES = ("auto", "torch", "triton", "cpp", "cuda")
 FINETUNED_PASSES = ("auto", "with_calibration", "after_window")
+SCORES = ("wanda", "wanda_weight", "attribution")
 # The linear modules of a Llama-family decoder layer: the usual LoRA targets (organism, synth, plots)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -59,8 +60,16 @@ class PatchConfig:
                             "(Li et al.'s benign/harmful gap inside the aligned model)", choices=CRITERIA)
 
     # Level 2: safety neurons
-    q: float = option(0.3, "safety rows: the top q fraction of each module's rows by the harmful-prompt score")
-    p: float = option(0.3, "task rows: the top p fraction by the task-prompt score, removed from the safety rows")
+    score: str = option("wanda", "row score: 'wanda' (the paper's |W| n summed over a row), 'wanda_weight' (Wei et "
+                        "al.'s per-weight set difference, then each row's safety-only mass) or 'attribution' (the "
+                        "first-order effect of each row's edit on the aligned refusal's likelihood; docs/method.md)",
+                        choices=SCORES)
+    q: float = option(0.3, "safety rows: the top q fraction of each module's rows by the harmful-prompt score "
+                      "(attribution: of all rows in the safety layers, ranked together)")
+    p: float = option(0.3, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
+                      "removed from the safety rows")
+    target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
+                                "harmful prompts, the fine-tuned model's to the task prompts)")
 
     # Projection
     alpha: float = option(1.0, "blend towards the projection: B' = (1 - alpha) B + alpha C B on the selected rows")
@@ -103,18 +112,19 @@ class PatchConfig:
         for name in ("q", "p"):
             check(0 <= getattr(self, name) <= 1, f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
         check(-16 <= self.alpha <= 16, f"alpha must be in [-16, 16], got {self.alpha}")
-        for name, allowed in (("criterion", CRITERIA), ("projector", PROJECTORS), ("dtype", DTYPES),
+        for name, allowed in (("score", SCORES), ("criterion", CRITERIA), ("projector", PROJECTORS), ("dtype", DTYPES),
                               ("backend", BACKEND_CHOICES), ("finetuned_pass", FINETUNED_PASSES)):
             check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.layers is not None:
             first, last = parse_layer_range(self.layers)
             check(0 <= first <= last, f"layers must be a range A-B with 0 <= A <= B, got {first}-{last}")
             object.__setattr__(self, "layers", (first, last))
-        for name in ("batch_size", "max_length", "exact_rank"):
+        for name in ("batch_size", "max_length", "exact_rank", "target_tokens"):
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   f"{name} must be an integer, got {getattr(self, name)!r}")
         check(self.batch_size >= 1 and self.max_length >= 1, "batch_size and max_length must be positive")
         check(self.exact_rank >= 1, f"exact_rank must be positive, got {self.exact_rank}")
+        check(self.target_tokens >= 1, f"target_tokens must be positive, got {self.target_tokens}")
         check(isinstance(self.device, str) and _valid_device(self.device),
               f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         check(isinstance(self.extra, dict), "extra must be a dict")

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model
+from mscp.core.attribution import attribution_scores, greedy_answers
 from mscp.core.checkpoint import config_files
 from mscp.core.config import PatchConfig
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
@@ -41,7 +42,7 @@ from mscp.core.report import (
     prompt_sources,
     write_adapter_atomically,
 )
-from mscp.core.scoring import LoraAdded, WandaScores, safety_rows
+from mscp.core.scoring import LoraAdded, WandaScores, global_safety_rows, safety_rows, top_rows, weight_safety_mass
 from mscp.core.sequential import Step, advance_with, sweep
 from mscp.core.streaming import ModelShell, Stream
 from mscp.errors import MSCPError
@@ -64,6 +65,7 @@ class _AdapterRun:
     by_layer: dict[int, dict[str, LoraModule]]
     task_scores: WandaScores | None = None
     scores: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)  # what a score records beside the rows (attribution)
 
 
 def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=None, prompts=None,
@@ -98,14 +100,15 @@ class Localization:
 
 def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
              config: PatchConfig) -> Localization:
-    """Levels 1 and 2: the layer curves, the safety layers, and I^H and I^T of the LoRA modules of
-    each adapter. Nothing is projected.
+    """Levels 1 and 2: the layer curves, the safety layers, and each adapter's row scores (harmful
+    and task) of its LoRA modules, by config.score. Nothing is projected.
 
-    Scored layers: with config.finetuned_pass 'with_calibration' (one pass), every layer, or those
-    up to the last of config.layers when it is given; with 'after_window' (a second pass for the
-    fine-tuned streams), the safety layers only.
+    Wanda scores are recorded as the streams pass: with config.finetuned_pass 'with_calibration'
+    (one pass) in every layer, or those up to the last of config.layers when it is given; with
+    'after_window' (a second pass for the fine-tuned streams), in the safety layers only. The
+    attribution score needs the window first: it runs after the curves (core/attribution.py).
     """
-    timings: dict = {}
+    timings: dict = {"score": config.score}
     clock = time.perf_counter()
     progress = progress_bar(config)
     base_model, aligned_model = open_models(base, aligned, config)
@@ -114,27 +117,27 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     tok = load_tokenizer(tokenizer or aligned)
     calib = encode_batches(tok, [(sets["harmful"], HARMFUL), (sets["benign"], BENIGN)], config)
     task_batches = encode_batches(tok, [(sets["task"], TASK)], config)
-    after_window = finetuned_pass(config, len(runs)) == "after_window"
-    timings["finetuned_pass"] = "after_window" if after_window else "with_calibration"
+    wanda = config.score in ("wanda", "wanda_weight")
+    after_window = wanda and finetuned_pass(config, len(runs)) == "after_window"
+    timings["finetuned_pass"] = "after_window" if after_window else "with_calibration" if wanda else "none"
     timings["load"] = time.perf_counter() - clock
 
     with use_backend(config.backend):
         timings["kernels_load"] = prepare()  # a first-time C++ build is not counted as layer time
         clock = time.perf_counter()
         base_stream = base_model.capture({"calib": calib})["calib"]
-        aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches})
-        aligned_stream, task_stream = aligned_streams["calib"], aligned_streams["task"]
+        aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches} if wanda else {"calib": calib})
+        aligned_stream, task_stream = aligned_streams["calib"], aligned_streams.get("task")
         del aligned_streams
         curves = Curves(base_stream, aligned_stream)
-        targets = target_names(runs)
-        harmful_scores = WandaScores(aligned_stream, targets, group=HARMFUL)  # shared by every adapter
+        harmful_scores = WandaScores(aligned_stream, target_names(runs), group=HARMFUL)  # shared by every adapter
         timings["capture"] = time.perf_counter() - clock
 
         # With the safety layers given up front, no row after the window is ever selected: the
         # fine-tuned streams and the scoring stop at its last layer (the curves still cover all).
         last_scored = config.layers[1] if config.layers is not None else base_model.n_layers - 1
-        observers: list = [curves, harmful_scores]
-        finetuned = [] if after_window else start_finetuned_streams(runs, task_stream, observers)
+        observers: list = [curves] + ([harmful_scores] if wanda else [])
+        finetuned = start_finetuned_streams(runs, task_stream, observers) if wanda and not after_window else []
         steps = []
         for index in range(base_model.n_layers):  # base 0, aligned 0, base 1, ...
             steps.append(Step(base_model, index, [base_stream]))
@@ -145,6 +148,8 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
         times = sweep(steps, advance_with(observers), progress=progress, desc="layers")
         timings["stream"] = times.total
         timings["layers"], timings["layers_waiting_for_io"] = times.per_index(steps)
+        base_stream.release()
+        aligned_stream.release()
         layer_curves = curves.curves()
         window = safety_layers(layer_curves, config)
         if after_window:
@@ -155,10 +160,81 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
             timings["stream_finetuned"] = times.total
             timings["finetuned_layers"] = times.steps
         del task_stream
-        for run in runs:
-            run.scores = scores_by_key(run, harmful_scores.scores, run.task_scores.scores,
-                                       layers=window if after_window else None)
+        if wanda:
+            for run in runs:
+                run.scores = scores_by_key(run, harmful_scores, run.task_scores, layers=window if after_window else None)
+        else:
+            attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings)
     return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings)
+
+
+def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: list[_AdapterRun], sets: dict, tok,
+                     window: list[int], config: PatchConfig, timings: dict) -> None:
+    """The attribution scores of each adapter's modules in the window (core/attribution.py): the
+    aligned model's answers to the harmful prompts are generated once; then per adapter the edit
+    of every row (the projection of all rows), the fine-tuned model's answers to the task prompts,
+    and a forward and backward pass for each prompt set."""
+    progress = progress_bar(config)
+    head = aligned_model.head()
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    eos = eos_ids(tok, aligned_model)
+    harmful = encode(tok, sets["harmful"], max_length=config.max_length, chat_template=config.chat_template)
+    task = encode(tok, sets["task"], max_length=config.max_length, chat_template=config.chat_template)
+    gen = dict(eos=eos, batch_size=config.batch_size, pad_id=pad_id, progress=progress)
+    clock = time.perf_counter()
+    refusals = greedy_answers(aligned_model, head, harmful, config.target_tokens, **gen)
+    timings["targets_harmful"] = time.perf_counter() - clock
+    scored = set(window)
+    for run in runs:
+        lora = (run.lora, run.by_layer)
+        clock = time.perf_counter()
+        every_row = {m.key_b: torch.arange(run.lora.tensors[m.key_b].shape[0])
+                     for index in window for m in run.by_layer.get(index, {}).values()}
+        (projected, _), = project_adapters([run.lora], base_model.ckpt, aligned_model.ckpt, [every_row],
+                                           alpha=config.alpha, projector=config.projector,
+                                           exact_rank=config.exact_rank, device=config.device, backend=config.backend)
+        edits = {key: projected[key].float() - run.lora.tensors[key].float() for key in every_row}
+        timings["edits_all_rows"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        answers = greedy_answers(aligned_model, head, task, config.target_tokens, lora=lora, **gen)
+        timings["targets_task"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress)
+        a_harmful, ll_harmful = attribution_scores(aligned_model, head, harmful, refusals, lora, edits, scored, **common)
+        a_task, ll_task = attribution_scores(aligned_model, head, task, answers, lora, edits, scored, **common)
+        timings["attribution"] = time.perf_counter() - clock
+        run.scores = {m.key_b: {"harmful": a_harmful[index][rel], "task": a_task[index][rel]}
+                      for index in window for rel, m in run.by_layer.get(index, {}).items()}
+        run.details = {"targets_loglik": {"harmful": ll_harmful, "task": ll_task},
+                       "target_tokens": {"harmful": sum(map(len, refusals)), "task": sum(map(len, answers))}}
+
+
+def eos_ids(tok, model: ModelShell) -> set[int]:
+    """Tokens that end an answer: the tokenizer's EOS and the model config's."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    eos = getattr(model.config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return ids
+
+
+def select_masks(run: _AdapterRun, window: list[int], config: PatchConfig, aligned_ckpt) -> dict[str, torch.Tensor]:
+    """The rows to project of each module in the window, by config.score (docs/method.md)."""
+    modules = [m for index in window for m in run.by_layer.get(index, {}).values()]
+    if config.score == "attribution":
+        return global_safety_rows({m.key_b: run.scores[m.key_b]["harmful"] for m in modules},
+                                  {m.key_b: run.scores[m.key_b]["task"] for m in modules}, config.q, config.p)
+    masks = {}
+    for m in modules:
+        sc = run.scores[m.key_b]
+        if config.score == "wanda":
+            masks[m.key_b] = safety_rows(sc["harmful"], sc["task"], config.q, config.p)
+        else:
+            mass = weight_safety_mass(aligned_ckpt.get(m.weight_key, check=False, mapped=True), sc["rms_harmful"],
+                                      sc["rms_task"], config.q, config.p, run.lora.tensors[m.key_b],
+                                      run.lora.tensors[m.key_a], m.scale)
+            top = top_rows(mass, config.q)
+            masks[m.key_b] = torch.sort(top[mass[top] > 0]).values
+    return masks
 
 
 def finetuned_pass(config: PatchConfig, n_adapters: int) -> str:
@@ -190,15 +266,17 @@ def start_finetuned_streams(runs: list[_AdapterRun], task_stream: Stream, observ
     return streams
 
 
-def scores_by_key(run: _AdapterRun, harmful: dict, task: dict, layers=None) -> dict[str, dict[str, torch.Tensor]]:
-    """lora_B key -> {"harmful": I^H, "task": I^T} for the run's modules scored in both (in `layers`)."""
+def scores_by_key(run: _AdapterRun, harmful: WandaScores, task: WandaScores, layers=None) -> dict[str, dict]:
+    """lora_B key -> {"harmful": I^H, "task": I^T, "rms_harmful": n^H, "rms_task": n^T} for the run's
+    modules scored in both passes (in `layers`)."""
     out = {}
     for index, mods in run.by_layer.items():
         if layers is not None and index not in layers:
             continue
         for rel, m in mods.items():
-            if rel in harmful.get(index, {}) and rel in task.get(index, {}):
-                out[m.key_b] = {"harmful": harmful[index][rel], "task": task[index][rel]}
+            if rel in harmful.scores.get(index, {}) and rel in task.scores.get(index, {}):
+                out[m.key_b] = {"harmful": harmful.scores[index][rel], "task": task.scores[index][rel],
+                                "rms_harmful": harmful.rms[index][rel], "rms_task": task.rms[index][rel]}
     return out
 
 
@@ -230,11 +308,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
                        tokenizer=tokenizer, config=config)
         timings, chosen, runs = dict(loc.timings), loc.safety_layers, loc.runs
         base_model, aligned_model = loc.base_model, loc.aligned_model
-        masks = []
-        for run in runs:
-            masks.append({m.key_b: safety_rows(run.scores[m.key_b]["harmful"], run.scores[m.key_b]["task"],
-                                               config.q, config.p)
-                          for index in chosen for m in run.by_layer.get(index, {}).values()})
+        masks = [select_masks(run, chosen, config, aligned_model.ckpt) for run in runs]
         with use_backend(config.backend):
             clock = time.perf_counter()
             projected = project_adapters([run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
@@ -261,7 +335,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             paths={**{name: str(p) for name, p in paths.items()}, "adapter": str(run.path)},
             adapter={"target_modules": lora.config.get("target_modules"), "modules": len(lora.modules),
                      "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha")},
-            adapters_in_pass=len(runs),
+            adapters_in_pass=len(runs), **({"score_details": run.details} if run.details else {}),
             bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read})
         if outs is not None:
             write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite)

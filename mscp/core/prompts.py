@@ -103,10 +103,23 @@ class Batch:
     attention_mask: torch.Tensor  # (n, T) int64, 1 on real tokens
     last_index: torch.Tensor  # (n,) position of each prompt's last token
     group: torch.Tensor  # (n,) int64 label of each prompt's set (e.g. 0 harmful, 1 benign)
+    labels: torch.Tensor | None = None  # (n, T) int64: the token at each target position, -100 elsewhere
 
     @property
     def token_mask(self) -> torch.Tensor:
         return self.attention_mask.bool()
+
+
+def make_target_batches(prompts: list[list[int]], targets: list[list[int]], group: int, batch_size: int,
+                        pad_id: int) -> list[Batch]:
+    """Micro-batches of prompt + target sequences whose `labels` mark the target tokens (teacher forcing)."""
+    batches = make_batches([p + t for p, t in zip(prompts, targets)], [group] * len(prompts), batch_size, pad_id)
+    for start, batch in zip(range(0, len(prompts), batch_size), batches):
+        labels = torch.full_like(batch.input_ids, -100)
+        for row, (p, t) in enumerate(zip(prompts[start: start + batch_size], targets[start: start + batch_size])):
+            labels[row, len(p): len(p) + len(t)] = torch.tensor(t, dtype=torch.int64)
+        batch.labels = labels
+    return batches
 
 
 def make_batches(sequences: list[list[int]], groups: list[int], batch_size: int, pad_id: int) -> list[Batch]:

@@ -90,6 +90,7 @@ class WandaScores(Observer):
         self.stream, self.names, self.group, self.lora = stream, names, group, lora
         self.layers = None if layers is None else set(layers)
         self.scores: dict[int, dict[str, torch.Tensor]] = {}
+        self.rms: dict[int, dict[str, torch.Tensor]] = {}  # n per module: the per-weight scores need it
         self._stats: dict[str, ChannelStats] = {}
 
     def _active(self, stream, index) -> bool:
@@ -112,6 +113,7 @@ class WandaScores(Observer):
         if not self._active(stream, index):
             return
         out = {}
+        self.rms[index] = {rel: stats.rms().cpu() for rel, stats in self._stats.items()}
         for rel, stats in self._stats.items():
             W = layer.get_submodule(rel).weight
             if self.lora is None:
@@ -142,3 +144,55 @@ def safety_rows(i_harmful: torch.Tensor, i_task: torch.Tensor, q: float, p: floa
     safety = top_rows(i_harmful, q)
     task = top_rows(i_task, p)
     return torch.sort(safety[~torch.isin(safety, task)]).values
+
+
+def weight_safety_mass(W: torch.Tensor, rms_harmful: torch.Tensor, rms_task: torch.Tensor, q: float, p: float,
+                       B=None, A=None, scale: float = 1.0) -> torch.Tensor:
+    """wanda_weight (Wei et al. 2024's set difference, per weight): per weight S^H = |W_a| n^H and
+    S^T = |W_a + s B A| n^T; the safety-only weights are the top q of S^H (over the module) that are
+    not in the top p of S^T; a row's score is the mass of its safety-only weights, sum S^H. Float64
+    over one module at a time (d_out x d_in), formed here and dropped."""
+    Wa = W.double()
+    sh = Wa.abs() * rms_harmful.double().to(Wa.device)[None, :]
+    Wf = Wa if B is None else Wa + scale * (B.double().to(Wa.device) @ A.double().to(Wa.device))
+    st = Wf.abs() * rms_task.double().to(Wa.device)[None, :]
+    n = sh.numel()
+    keep = sh >= _threshold(sh, round(q * n))
+    if p > 0:
+        keep &= st < _threshold(st, round(p * n))
+    return (sh * keep).sum(dim=1).float().cpu()
+
+
+def _threshold(x: torch.Tensor, k: int) -> float:
+    """The k-th largest value of x (+inf for k = 0: nothing reaches it)."""
+    if k <= 0:
+        return float("inf")
+    flat = x.reshape(-1)
+    return torch.kthvalue(flat, flat.numel() - min(k, flat.numel()) + 1).values.item()
+
+
+def global_safety_rows(harmful: dict[str, torch.Tensor], task: dict[str, torch.Tensor], q: float,
+                       p: float) -> dict[str, torch.Tensor]:
+    """The attribution score's selection, over all modules at once (its scores share a unit, the
+    change of a log-likelihood): the top q fraction of all candidate rows by the harmful score, among
+    rows whose edit raises the refusal's likelihood (score > 0), minus the top p fraction by task
+    damage (the edit lowers the task answer's likelihood: -task > 0). Per module key, sorted rows."""
+    keys = sorted(harmful)
+    if not keys:
+        return {}
+    h = torch.cat([harmful[k].double() for k in keys])
+    t = torch.cat([task[k].double() for k in keys])
+    owner = torch.cat([torch.full((harmful[k].numel(),), i) for i, k in enumerate(keys)])
+    local = torch.cat([torch.arange(harmful[k].numel()) for k in keys])
+    n = h.numel()
+    order = torch.sort(h, descending=True, stable=True).indices[: round(q * n)]
+    chosen = order[h[order] > 0]
+    if p > 0:
+        damage = torch.sort(-t, descending=True, stable=True).indices[: round(p * n)]
+        damage = damage[-t[damage] > 0]
+        chosen = chosen[~torch.isin(chosen, damage)]
+    out = {}
+    for i, k in enumerate(keys):
+        rows = local[chosen[owner[chosen] == i]]
+        out[k] = torch.sort(rows).values
+    return out

@@ -10,6 +10,7 @@ only the current layer and the calibration activations are ever in memory.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import functools
 import os
@@ -163,6 +164,30 @@ class ModelShell:
 
         return {k: move(v) for k, v in kwargs.items()}
 
+    # -- the output head -------------------------------------------------------------------
+    def head(self) -> "Head":
+        """The final norm and the LM head (its own weight, or the tied embedding), for log-likelihoods."""
+        norm_meta = getattr(self._skeleton, "norm", None)
+        if not isinstance(norm_meta, nn.Module):
+            raise MSCPError(f"{self.label}: no final norm found on {type(self._skeleton).__name__}")
+        norm = copy.deepcopy(norm_meta).to_empty(device=self.device)
+        state = {}
+        for name, meta in norm_meta.state_dict().items():
+            key = f"{self.prefix}norm.{name}"
+            if key not in self.ckpt:
+                raise MSCPError(f"{self.label} checkpoint {self.ckpt.path} has no tensor {key}")
+            state[name] = self.ckpt.get(key, dtype=self.dtype, device=self.device)
+        norm.load_state_dict(state, assign=True, strict=True)
+        norm.requires_grad_(False)
+        candidates = ["lm_head.weight"]
+        if getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in self.ckpt:
+            candidates.append(f"{self.prefix}embed_tokens.weight")
+        key = next((k for k in candidates if k in self.ckpt), None)
+        if key is None:
+            raise MSCPError(f"{self.label} checkpoint {self.ckpt.path} has no LM head (lm_head.weight) nor embedding")
+        weight = self.ckpt.get(key, dtype=self.dtype, device=self.device)
+        return Head(norm.eval(), weight, getattr(self.config, "final_logit_softcapping", None))
+
     # -- layers --------------------------------------------------------------------------
     def load_layer(self, index: int) -> nn.Module:
         """Decoder layer `index` with its checkpoint weights, on the compute device and dtype."""
@@ -203,6 +228,21 @@ def _non_persistent_buffers(module: nn.Module):
     for name, sub in module.named_modules():
         for bname in getattr(sub, "_non_persistent_buffers_set", ()):
             yield (f"{name}.{bname}" if name else bname), getattr(sub, bname)
+
+
+@dataclass
+class Head:
+    """h -> logits: final norm, LM head, optional soft-capping (Gemma 2)."""
+
+    norm: nn.Module
+    weight: torch.Tensor  # (vocab, hidden)
+    softcap: float | None = None
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        z = self.norm(hidden) @ self.weight.T
+        if self.softcap:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
 
 
 @dataclass

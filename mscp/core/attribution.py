@@ -1,0 +1,184 @@
+"""Level 2, the attribution score: the first-order effect of each row's edit on what the model says.
+
+For a LoRA module with output y = W_a x + s B (A x), the projection changes row i of B by E_i (the
+edit: alpha (C B - B)_i), and so changes y_i by d_i(x) = s (E A x)_i. The first-order change of the
+log-likelihood of a target answer, summed over tokens and prompts, is
+
+    a_i = sum_{prompts, tokens} (d log p(target) / d y_i) * d_i
+
+computed in the fine-tuned model (aligned + LoRA) with one forward and one backward pass, and no
+training: nothing is updated. Two such scores per row:
+
+    harmful  targets: the aligned model's own greedy answers to the harmful prompts (its refusals).
+             a_i > 0: editing row i brings the refusal back.
+    task     targets: the fine-tuned model's own greedy answers to the task prompts.
+             a_i < 0: editing row i costs the task.
+
+Unlike Wanda scores (|W| times input size, the same ranking on any prompt set), these measure what
+the LoRA's update on a row does to the answer that matters, so safety rows and task rows part.
+
+Streamed like everything else: targets are generated one token per pass over the layers (no layer
+is ever loaded whole with another), the forward pass keeps each layer's input in a scratch folder
+(memory flat in depth), and the backward pass walks the layers in reverse, recomputing one layer at
+a time from its stored input and carrying the gradient down to the first scored layer.
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from mscp.core.adapter import Adapter, LoraModule
+from mscp.core.prompts import make_batches, make_target_batches
+from mscp.core.scoring import LoraAdded, linears_of
+from mscp.core.sequential import Observer, Step, advance_with, sweep
+from mscp.core.streaming import Head, ModelShell, Stream, hooks
+
+Lora = tuple[Adapter, dict[int, dict[str, LoraModule]]]  # an adapter and its modules by layer
+
+
+def greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_tokens: int, *, eos: set[int],
+                   batch_size: int, pad_id: int, lora: Lora | None = None, progress=None) -> list[list[int]]:
+    """Each prompt's greedy continuation (at most n_tokens, ending at an EOS token), streamed: one
+    pass over the layers per token, with only the unfinished prompts."""
+    answers: list[list[int]] = [[] for _ in prompts]
+    active = list(range(len(prompts)))
+    for _ in range(n_tokens):
+        if not active:
+            break
+        seqs = [prompts[i] + answers[i] for i in active]
+        batches = make_batches(seqs, [0] * len(seqs), batch_size, pad_id)
+        stream = model.capture({"gen": batches})["gen"]
+        observers = [LoraAdded(stream, *lora)] if lora else []
+        sweep([Step(model, i, [stream]) for i in range(model.n_layers)], advance_with(observers), progress=progress,
+              desc="answer token")
+        with torch.no_grad():
+            last = torch.cat([h[torch.arange(h.shape[0]), b.last_index.to(h.device)]
+                              for h, b in zip(stream.hidden, stream.batches)])
+            tokens = head.logits(last).argmax(dim=-1).tolist()
+        still = []
+        for i, t in zip(active, tokens):
+            answers[i].append(t)
+            if t not in eos:
+                still.append(i)
+        active = still
+    return answers
+
+
+class _ScratchStore:
+    """Hidden states by (layer, micro-batch) in a scratch folder: memory stays flat in depth."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.dir = Path(tempfile.mkdtemp(prefix="mscp-attribution-", dir=root))
+
+    def put(self, index: int, k: int, tensor: torch.Tensor) -> None:
+        torch.save(tensor.detach().cpu(), self.dir / f"{index}_{k}.pt")
+
+    def take(self, index: int, k: int, device) -> torch.Tensor:
+        path = self.dir / f"{index}_{k}.pt"
+        tensor = torch.load(path, map_location=device, weights_only=True)
+        path.unlink()
+        return tensor
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class _KeepInputs(Observer):
+    """Stores each layer's input (hidden states and layer kwargs) from `first` on, for the backward pass."""
+
+    def __init__(self, stream: Stream, first: int, store: _ScratchStore):
+        self.stream, self.first, self.store = stream, first, store
+        self.kwargs: dict[int, list[dict]] = {}
+
+    def before(self, stream, index, layer):
+        if stream is self.stream and index >= self.first:
+            for k, h in enumerate(stream.hidden):
+                self.store.put(index, k, h)
+            self.kwargs[index] = [per_batch[index] for per_batch in stream.layer_kwargs]
+
+
+def _target_loglik_grads(head: Head, stream: Stream) -> tuple[list[torch.Tensor], float]:
+    """d (sum of target log-likelihoods) / d (last hidden states), per micro-batch; and that sum."""
+    grads, total = [], 0.0
+    for h, batch in zip(stream.hidden, stream.batches):
+        h = h.detach().requires_grad_(True)
+        labels = batch.labels.to(h.device)
+        follow = labels[:, 1:]
+        sel = follow != -100
+        with torch.enable_grad():
+            logits = head.logits(h[:, :-1][sel]).float()
+            ll = torch.log_softmax(logits, dim=-1).gather(-1, follow[sel][:, None]).sum()
+            ll.backward()
+        grads.append(h.grad.detach())
+        total += ll.item()
+    return grads, total
+
+
+def _attribution_hook(A, B, s, E, acc):
+    """Forward hook: adds the LoRA (gradients flow through it) and, for a scored module, records
+    sum over tokens of grad(y) * s (E A x) into `acc` (float64, d_out) during the backward pass."""
+    def hook(_module, args, out):
+        u = args[0] @ A.T
+        y = out + s * (u @ B.T)
+        if E is not None:
+            with torch.no_grad():
+                effect = s * (u.detach() @ E.T)
+
+            def record(grad):
+                dims = tuple(range(grad.dim() - 1))
+                acc.add_((grad.float() * effect.float()).sum(dim=dims).double().to(acc.device))
+
+            y.register_hook(record)
+        return y
+    return hook
+
+
+def attribution_scores(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
+                       lora: Lora, edits: dict[str, torch.Tensor], scored: set[int], *, batch_size: int, pad_id: int,
+                       scratch: str | Path | None = None, progress=None) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
+    """a_i (see the module doc) of every module in the `scored` layers whose lora_B key has an edit
+    in `edits` (key_b -> E, d_out x r); returns ({layer: {name: scores}}, total log-likelihood)."""
+    adapter, by_layer = lora
+    first = min(scored)
+    batches = make_target_batches(prompts, targets, 0, batch_size, pad_id)
+    stream = model.capture({"targets": batches})["targets"]
+    store = _ScratchStore(scratch)
+    try:
+        keep = _KeepInputs(stream, first, store)
+        sweep([Step(model, i, [stream]) for i in range(model.n_layers)],
+              advance_with([LoraAdded(stream, adapter, by_layer), keep]), progress=progress, desc="forward")
+        grads, total = _target_loglik_grads(head, stream)
+        stream.release()
+        scores: dict[int, dict[str, torch.Tensor]] = {}
+
+        def backward(step: Step, layer) -> None:
+            index = step.index
+            mods = by_layer.get(index, {})
+            linears = linears_of(layer, index, mods)
+            w = next(layer.parameters())
+            accs = {rel: torch.zeros(linears[rel].weight.shape[0], dtype=torch.float64, device=w.device)
+                    for rel, m in mods.items() if index in scored and m.key_b in edits}
+            for k, batch in enumerate(batches):
+                x = store.take(index, k, w.device).to(w.dtype).requires_grad_(True)
+                handles = []
+                for rel, m in mods.items():
+                    A = adapter.tensors[m.key_a].to(w.device, w.dtype)
+                    B = adapter.tensors[m.key_b].to(w.device, w.dtype)
+                    E = edits[m.key_b].to(w.device, w.dtype) if rel in accs else None
+                    handles.append(linears[rel].register_forward_hook(_attribution_hook(A, B, m.scale, E, accs.get(rel))))
+                with torch.enable_grad(), hooks(handles):
+                    out = layer(x, **keep.kwargs[index][k])
+                    out = out[0] if isinstance(out, tuple) else out
+                    torch.autograd.backward(out, grads[k])
+                grads[k] = x.grad.detach()
+            if accs:
+                scores[index] = {rel: acc.cpu() for rel, acc in accs.items()}
+
+        steps = [Step(model, i) for i in reversed(range(first, model.n_layers))]
+        sweep(steps, backward, progress=progress, desc="backward")
+    finally:
+        store.close()
+    return scores, total

@@ -1,0 +1,213 @@
+"""The row scores beyond Wanda (docs/method.md, "Level 2"): wanda_weight and attribution, each
+against an independent in-memory float64 reference, and their row selections."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_trio
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from mscp import patch
+from mscp.core.adapter import Adapter
+from mscp.core.attribution import attribution_scores, greedy_answers
+from mscp.core.pipeline import modules_by_layer, patch_many
+from mscp.core.prompts import default_prompts, encode, load_tokenizer
+from mscp.core.scoring import global_safety_rows, weight_safety_mass
+from mscp.core.streaming import ModelShell
+
+PROMPTS = {"harmful": default_prompts("harmful")[:6], "benign": default_prompts("benign")[:6],
+           "task": default_prompts("benign")[6:12]}
+
+
+# -- wanda_weight --------------------------------------------------------------------------------
+def weight_mass_reference(W, nh, nt, q, p, B, A, s):
+    """Wei et al.'s per-weight set difference, spelled out: rank every weight, keep the top q by the
+    harmful score that are not in the top p by the task score, sum the kept harmful scores per row."""
+    Wa = W.double()
+    sh = (Wa.abs() * nh.double()).flatten().tolist()
+    st = ((Wa + s * B.double() @ A.double()).abs() * nt.double()).flatten().tolist()
+    n = len(sh)
+    top_h = set(sorted(range(n), key=lambda i: -sh[i])[: round(q * n)])
+    top_t = set(sorted(range(n), key=lambda i: -st[i])[: round(p * n)])
+    mass = torch.zeros(W.shape[0], dtype=torch.float64)
+    for i in top_h - top_t:
+        mass[i // W.shape[1]] += sh[i]
+    return mass
+
+
+@pytest.mark.parametrize("shape, r", [((7, 5), 2), ((16, 33), 4), ((1, 9), 1)])
+@pytest.mark.parametrize("q, p", [(0.3, 0.3), (0.5, 0.0), (0.1, 0.9), (1.0, 0.2), (0.0, 0.5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weight_safety_mass_matches_the_reference(shape, r, q, p, dtype):
+    gen = torch.Generator().manual_seed(hash((shape, r, q, p)) % 2**31)
+    W = torch.randn(*shape, generator=gen).to(dtype)
+    B, A = torch.randn(shape[0], r, generator=gen), torch.randn(r, shape[1], generator=gen)
+    nh, nt = torch.rand(shape[1], generator=gen) + 0.1, torch.rand(shape[1], generator=gen) + 0.1
+    got = weight_safety_mass(W, nh, nt, q, p, B, A, 0.5)
+    exp = weight_mass_reference(W, nh, nt, q, p, B, A, 0.5)
+    torch.testing.assert_close(got.double(), exp, rtol=1e-6, atol=1e-9)
+
+
+# -- the global selection of the attribution score ------------------------------------------------
+@pytest.mark.parametrize("q, p", [(0.1, 0.0), (0.3, 0.1), (0.5, 0.5), (1.0, 0.0), (0.0, 0.3)])
+def test_global_safety_rows_matches_brute_force(q, p):
+    gen = torch.Generator().manual_seed(7)
+    sizes = {"a.lora_B.weight": 9, "b.lora_B.weight": 4, "c.lora_B.weight": 13}
+    harmful = {k: torch.randn(n, generator=gen) for k, n in sizes.items()}
+    task = {k: torch.randn(n, generator=gen) for k, n in sizes.items()}
+    got = global_safety_rows(harmful, task, q, p)
+    flat = [(harmful[k][i].item(), -task[k][i].item(), k, i) for k in sorted(sizes) for i in range(sizes[k])]
+    n = len(flat)
+    top = sorted(flat, key=lambda x: -x[0])[: round(q * n)]
+    damage = {(k, i) for _, d, k, i in sorted(flat, key=lambda x: -x[1])[: round(p * n)] if d > 0}
+    expected = {k: sorted(i for h, _, kk, i in top if kk == k and h > 0 and (k, i) not in damage) for k in sizes}
+    assert {k: v.tolist() for k, v in got.items()} == expected
+
+
+# -- attribution against a full in-memory float64 model ---------------------------------------------
+def reference_attribution(trio, prompts, targets, edits, scored_modules):
+    """Whole aligned model in float64 with the LoRA added by hooks; one padded batch; the gradient
+    of the targets' summed log-likelihood w.r.t. each scored module's output, dotted with its edit."""
+    model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
+    ad = Adapter.load(trio["adapter"])
+    outputs, effects = {}, {}
+
+    def make(m, key_b):
+        A, B = ad.tensors[m.key_a].double(), ad.tensors[m.key_b].double()
+
+        def hook(_mod, args, out):
+            u = args[0] @ A.T
+            y = out + m.scale * (u @ B.T)
+            if key_b in edits:
+                y.retain_grad()
+                outputs[key_b] = y
+                effects[key_b] = (m.scale * (u @ edits[key_b].double().T)).detach()
+            return y
+        return hook
+
+    handles = [model.get_submodule(m.module).register_forward_hook(make(m, m.key_b)) for m in ad.modules.values()]
+    seqs = [p + t for p, t in zip(prompts, targets)]
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (p, t) in enumerate(zip(prompts, targets)):
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        mask[i, : len(p) + len(t)] = 1
+        labels[i, len(p): len(p) + len(t)] = torch.tensor(t)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    follow = labels[:, 1:]
+    sel = follow != -100
+    ll = torch.log_softmax(logits[sel], -1).gather(-1, follow[sel][:, None]).sum()
+    ll.backward()
+    for h in handles:
+        h.remove()
+    return {k: (outputs[k].grad * effects[k]).sum(dim=(0, 1)) for k in edits}, ll.item()
+
+
+@pytest.fixture(scope="module")
+def attribution_case(trio_root):
+    trio = make_trio(trio_root, "llama")
+    tok = load_tokenizer(trio["aligned"])
+    prompts = encode(tok, PROMPTS["harmful"][:5], max_length=64)
+    gen = torch.Generator().manual_seed(3)
+    targets = [torch.randint(3, 500, (n,), generator=gen).tolist() for n in (4, 1, 6, 3, 5)]
+    ad = Adapter.load(trio["adapter"])
+    shell = ModelShell(trio["aligned"], label="aligned")
+    by_layer = modules_by_layer(ad, shell)
+    scored = {2, 3}
+    edits = {m.key_b: torch.randn(ad.tensors[m.key_b].shape, generator=gen)
+             for i in scored for m in by_layer[i].values()}
+    return trio, prompts, targets, ad, by_layer, scored, edits
+
+
+# float64 streaming still takes the embedding and rotary tables in the checkpoint's fp32: ~1e-8 apart
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-6), ("float32", 2e-4)])
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_attribution_matches_a_float64_full_model(attribution_case, dtype, rtol, batch_size):
+    trio, prompts, targets, ad, by_layer, scored, edits = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned", dtype=dtype)
+    scores, total = attribution_scores(shell, shell.head(), prompts, targets, (ad, by_layer), edits, scored,
+                                       batch_size=batch_size, pad_id=0)
+    expected, ll = reference_attribution(trio, prompts, targets, edits, set(edits))
+    assert total == pytest.approx(ll, rel=rtol)
+    assert sorted(scores) == sorted(scored)
+    for index in scored:
+        for rel, m in by_layer[index].items():
+            got, exp = scores[index][rel].double(), expected[m.key_b]
+            assert (got - exp).abs().max() <= rtol * exp.abs().max() + 1e-12, (index, rel)
+
+
+def test_attribution_leaves_no_scratch_files(attribution_case, tmp_path):
+    trio, prompts, targets, ad, by_layer, scored, edits = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned")
+    attribution_scores(shell, shell.head(), prompts, targets, (ad, by_layer), edits, scored, batch_size=2, pad_id=0,
+                       scratch=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_greedy_answers_equal_transformers_generate(attribution_case):
+    trio, prompts, _, ad, by_layer, _, _ = attribution_case
+    from peft import PeftModel
+
+    shell = ModelShell(trio["aligned"], label="aligned")
+    got = greedy_answers(shell, shell.head(), prompts, 6, eos={2}, batch_size=2, pad_id=0, lora=(ad, by_layer))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float32),
+                                      str(trio["adapter"])).eval()
+    for p, answer in zip(prompts, got):
+        out = model.generate(input_ids=torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=2,
+                             pad_token_id=0)[0, len(p):].tolist()
+        assert answer == out[: len(answer)] and (len(answer) == 6 or answer[-1] == 2)
+
+
+# -- the scores in the pipeline ------------------------------------------------------------------------
+def patch_with(trio, score, **kw):
+    return patch(trio["base"], trio["aligned"], trio["adapter"], prompts=PROMPTS, score=score, progress=False,
+                 hash_inputs=False, batch_size=4, target_tokens=3, **kw)
+
+
+@pytest.mark.parametrize("score", ["attribution", "wanda_weight"])
+def test_a_patch_edits_exactly_the_selected_rows_of_the_window(llama_trio, score):
+    res = patch_with(llama_trio, score, q=0.2, p=0.1)
+    window = res.report["safety_layers"]
+    before = load_file(str(Path(llama_trio["adapter"]) / "adapter_model.safetensors"))
+    edited = 0
+    for key, tensor in res.tensors.items():
+        rows = res.report["modules"].get(key, {}).get("rows", [])
+        changed = (tensor != before[key]).any(dim=1).nonzero().flatten().tolist() if tensor.dim() == 2 else []
+        assert set(changed) <= set(rows), key
+        if rows:
+            assert int(key.split(".layers.")[1].split(".")[0]) in window
+        edited += len(rows)
+    assert edited > 0 and res.report["config"]["score"] == score
+
+
+def test_attribution_patch_selects_what_the_global_rule_says(llama_trio):
+    res = patch_with(llama_trio, "attribution", q=0.1, p=0.05)
+    chosen = global_safety_rows({k: s["harmful"] for k, s in res.scores.items()},
+                                {k: s["task"] for k, s in res.scores.items()}, 0.1, 0.05)
+    assert {k: m["rows"] for k, m in res.report["modules"].items()} == {k: v.tolist() for k, v in chosen.items()}
+    details = res.report["score_details"]
+    assert details["target_tokens"]["harmful"] > 0 and details["targets_loglik"]["harmful"] < 0
+
+
+def test_attribution_for_several_adapters_equals_each_alone(trio_root):
+    a = make_trio(trio_root, "llama")
+    b = make_trio(trio_root, "llama", seed=5)  # same shapes, other weights: use its adapter on a's models
+    kw = dict(prompts=PROMPTS, score="attribution", progress=False, hash_inputs=False, batch_size=4,
+              target_tokens=3, q=0.2, p=0.0, layers=(1, 3))
+    together = patch_many(a["base"], a["aligned"], [a["adapter"], b["adapter"]], **kw)
+    alone = [patch_many(a["base"], a["aligned"], [x], **kw)[0] for x in (a["adapter"], b["adapter"])]
+    for t, s in zip(together, alone):
+        assert t.report["modules"] == s.report["modules"]
+        assert all(torch.equal(t.tensors[k], s.tensors[k]) for k in s.tensors)
+
+
+def test_no_scratch_folder_is_left_after_a_patch(llama_trio):
+    before = set(Path(tempfile.gettempdir()).glob("mscp-attribution-*"))
+    patch_with(llama_trio, "attribution", q=0.1, p=0.0)
+    assert set(Path(tempfile.gettempdir()).glob("mscp-attribution-*")) == before
