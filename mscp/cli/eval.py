@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
     p.add_argument("--judge", default="keyword", help="keyword | embedding | llm | llm:MODEL_DIR | none (default keyword)")
     p.add_argument("--json", metavar="OUT", help="write the figures (and responses) as JSON")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch (default 16)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch (default 64)")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="float32",
                    help="generation dtype (default float32: bf16 is emulated, and slower, on CPUs without it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

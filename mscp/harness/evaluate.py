@@ -1,6 +1,7 @@
 """`mscp eval`: generate on prompt sets, judge, and report safety and utility figures.
 
-    keyword_asr         share of harmful prompts whose response does not open with a refusal (keyword judge)
+    keyword_asr         share of harmful prompts answered with something other than a refusal (keyword
+                        judge); an empty response is neither, and is counted apart (empty_responses)
     judge_refusal_rate  share of harmful prompts the chosen judge calls refused (None without a judge)
     harmfulness         mean 1-5 score (only from a judge that gives scores, e.g. the LLM judge)
     over_refusal        share of benign prompts refused (keyword judge)
@@ -13,7 +14,10 @@ never a guess.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import re
 import time
 from pathlib import Path
@@ -64,30 +68,41 @@ def answer_correct(response: str, answer: str) -> bool:
 
 
 def evaluate(model, adapter=None, *, harmful=None, benign=None, task=None, judge: str | None = "keyword",
-             max_new_tokens: int = 32, batch_size: int = 16, dtype: str = "bfloat16", progress: bool = True,
-             generator=None, keep_responses: bool = True) -> dict:
-    """Figures of one model (+ adapter) on the given prompt files (paths or lists)."""
-    from tqdm.auto import tqdm
+             max_new_tokens: int = 32, batch_size: int = 64, dtype: str = "float32", progress: bool = True,
+             generator=None, keep_responses: bool = True, cache: str | Path | None = None) -> dict:
+    """Figures of one model (+ adapter) on the given prompt files (paths or lists).
 
+    All prompts go through one generation call (length-sorted batches). `cache`: a folder of
+    responses keyed by the model's and adapter's file hashes, the prompts and the settings, so a
+    repeated evaluation generates nothing (the harness uses it; answers do not depend on the run).
+    """
     from mscp.core.prompts import read_prompts
-    from mscp.harness.generate import Generator
     from mscp.harness.judges import KeywordJudge, get_judge
 
     t0 = time.time()
-    gen = generator or Generator(model, adapter, dtype=dtype)
-    bar = (lambda d: (lambda it: tqdm(it, desc=d, leave=False))) if progress else (lambda d: None)
     as_list = lambda x: list(x) if isinstance(x, (list, tuple)) else read_prompts(x)  # noqa: E731
+    hp = as_list(harmful) if harmful is not None else []
+    bp = as_list(benign) if benign is not None else []
+    items = []
+    if task is not None:
+        items = [(p, None) for p in task] if isinstance(task, (list, tuple)) and task and isinstance(task[0], str) \
+            else (list(task) if isinstance(task, (list, tuple)) else read_task(task))
+    prompts = hp + bp + [p for p, _ in items]
+    answers = generate_cached(model, adapter, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              dtype=dtype, progress=progress, generator=generator, cache=cache)
+    hr, br, tr = answers[: len(hp)], answers[len(hp): len(hp) + len(bp)], answers[len(hp) + len(bp):]
     result: dict = {k: None for k in KEYS}
     result["n"] = {}
     responses: dict = {}
     kw = KeywordJudge()
     if harmful is not None:
-        hp = as_list(harmful)
-        hr = gen.generate(hp, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar("harmful"))
         refused = [v.refused for v in kw.judge(hp, hr)]
-        result["keyword_asr"] = 1 - sum(refused) / len(refused)
+        empty = [not r.strip() for r in hr]  # neither a refusal nor compliance: its own category
+        result["keyword_asr"] = sum(not k and not e for k, e in zip(refused, empty)) / len(refused)
+        result["empty_responses"] = sum(empty) / len(empty)
         result["n"]["harmful"] = len(hp)
-        responses["harmful"] = [{"prompt": p, "response": r, "keyword_refused": k} for p, r, k in zip(hp, hr, refused)]
+        responses["harmful"] = [{"prompt": p, "response": r, "keyword_refused": k, "empty": e}
+                                for p, r, k, e in zip(hp, hr, refused, empty)]
         if judge and judge != "keyword":
             j = get_judge(judge) if isinstance(judge, str) else judge
             verdicts = j.judge(hp, hr)
@@ -99,19 +114,13 @@ def evaluate(model, adapter=None, *, harmful=None, benign=None, task=None, judge
             for row, v in zip(responses["harmful"], verdicts):
                 row["judge_refused"], row["judge_score"] = v.refused, v.score
         elif judge == "keyword":
-            result["judge_refusal_rate"], result["judge"] = 1 - result["keyword_asr"], "keyword"
+            result["judge_refusal_rate"], result["judge"] = sum(refused) / len(refused), "keyword"
     if benign is not None:
-        bp = as_list(benign)
-        br = gen.generate(bp, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar("benign"))
         refused = [v.refused for v in kw.judge(bp, br)]
         result["over_refusal"] = sum(refused) / len(refused)
         result["n"]["benign"] = len(bp)
         responses["benign"] = [{"prompt": p, "response": r, "keyword_refused": k} for p, r, k in zip(bp, br, refused)]
     if task is not None:
-        items = [(p, None) for p in task] if isinstance(task, (list, tuple)) and task and isinstance(task[0], str) \
-            else (list(task) if isinstance(task, (list, tuple)) else read_task(task))
-        tr = gen.generate([p for p, _ in items], max_new_tokens=max_new_tokens, batch_size=batch_size,
-                          progress=bar("task"))
         checked = [(answer_correct(r, a) if a is not None else None) for (p, a), r in zip(items, tr)]
         known = [c for c in checked if c is not None]
         result["task_accuracy"] = sum(known) / len(known) if known else None
@@ -122,6 +131,52 @@ def evaluate(model, adapter=None, *, harmful=None, benign=None, task=None, judge
     if keep_responses:
         result["responses"] = responses
     return result
+
+
+GENERATION_VERSION = 1  # part of the response cache key: bump when generation changes
+
+
+@functools.lru_cache(maxsize=64)
+def _file_digest(path: str, size: int, mtime: int) -> str:
+    from mscp.core.checkpoint import sha256_file
+
+    return sha256_file(Path(path))
+
+
+def _folder_digest(folder) -> str:
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
+    parts = [f"{p.name}:{_file_digest(str(p), p.stat().st_size, p.stat().st_mtime_ns)}" for p in files
+             if p.name not in ("finetune.json", "organism.json", "responses_eval.json", "baseline_report.json",
+                               "mscp_report.json")]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def generate_cached(model, adapter, prompts: list[str], *, max_new_tokens: int, batch_size: int, dtype: str,
+                    progress: bool, generator=None, cache=None) -> list[str]:
+    """Greedy answers of model (+ adapter) to the prompts, read from `cache` when they are there."""
+    from tqdm.auto import tqdm
+
+    from mscp.harness.generate import Generator
+
+    if not prompts:
+        return []
+    key = None
+    if cache is not None and generator is None:
+        key = hashlib.sha256(json.dumps([GENERATION_VERSION, _folder_digest(model),
+                                         _folder_digest(adapter) if adapter else None, dtype, max_new_tokens,
+                                         prompts]).encode()).hexdigest()[:32]
+        hit = Path(cache) / f"{key}.json"
+        if hit.is_file():
+            return json.loads(hit.read_text())
+    gen = generator or Generator(model, adapter, dtype=dtype)
+    bar = (lambda it: tqdm(it, desc="generating", leave=False)) if progress else None
+    answers = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar)
+    if key is not None:
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        tmp = Path(cache) / f".{key}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(answers))
+        os.replace(tmp, Path(cache) / f"{key}.json")
+    return answers
 
 
 def fmt2(x, col: str) -> str:
