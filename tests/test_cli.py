@@ -173,7 +173,7 @@ def test_fast_project_names_the_model_whose_weight_is_not_finite(llama_trio, whe
         fast_project(llama_trio["adapter"], models["base"], models["aligned"], {key: rows}, backend=backend)
 
 
-@pytest.mark.parametrize("command", [["organism", "build"], ["demo"], ["demo", "--continual"], ["demo", "--sweep"]])
+@pytest.mark.parametrize("command", [["organism", "build"], ["demo"], ["demo", "--continual"], ["demo", "--pareto"]])
 def test_finetune_names_an_organism_fine_tune(command, capsys):
     from mscp.cli import build_parser
     from mscp.harness.organism import FINETUNES
@@ -226,12 +226,12 @@ def test_a_bad_config_file_is_one_line(llama_trio, tmp_path, capsys, text, messa
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["demo", "--sweep", "--judge", "keyword"], "--judge has no effect with --sweep"),
-    (["demo", "--sweep", "--q", "0.5"], "--q has no effect with --sweep"),
+    (["demo", "--continual", "--judge", "keyword"], "--judge has no effect with --continual"),
+    (["demo", "--pareto", "--q", "0.5"], "--q has no effect with --pareto"),
     (["demo", "--layers", "1-2"], "--layers has no effect with mscp demo"),
     (["demo", "--continual", "--safe-lora-tau", "0.3"], "--safe-lora-tau has no effect with --continual"),
     (["demo", "--q", "-0.5"], "q must be a fraction"),
-    (["demo", "--sweep", "--continual"], "not allowed with argument"),
+    (["demo", "--pareto", "--continual"], "not allowed with argument"),
 ])
 def test_demo_refuses_options_its_mode_ignores(capsys, argv, message):
     assert main(argv) == 2

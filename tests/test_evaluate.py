@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 from test_organism import tiny_organism  # noqa: F401 - the session fixture
 
 from mscp.cli import main
+from mscp.core.config import PatchConfig
 from mscp.harness import baselines
 from mscp.harness.evaluate import KEYS, answer_correct, evaluate
 from mscp.harness.organism import tiny_base
@@ -118,33 +119,47 @@ def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
         assert (tmp_path / "demo" / f).stat().st_size > 1000
 
 
-def test_sweep_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
+def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     from test_organism import TINY
 
-    from mscp.harness.demo import run_sweep
     from mscp.harness.organism import OrganismConfig
+    from mscp.harness.pareto import run_pareto
 
     org, cfg, base = tiny_organism
-    r = run_sweep(tmp_path / "sw", cache=org.root.parent / "cache", qs=(0.2, 0.5), ps=(0.2,), max_new_tokens=2,
-                  progress=False, organism_cfg=OrganismConfig(**TINY), base_dir=base)
-    names = [p["point"] for p in r["points"]]
-    assert names[0] == "finetuned" and len(names) == 1 + 2 + 3
+    grid = {"mscp:wanda": [dict(q=0.2, p=0.0, window="sigma"), dict(q=0.5, p=0.0, window="sigma")],
+            "mscp:attribution": [dict(q=0.05, p=0.0, window="all")],
+            "mscp:wanda_weight": [dict(q=0.3, p=0.0, window="sigma")],
+            "safe_lora": [dict(tau=0.5), dict(modules=0.1)], "drop_safety_layers": [dict(window="sigma")],
+            "wanda_zero": [dict(q=0.3, p=0.3, window="sigma")]}
+    r = run_pareto(tmp_path / "pa", cache=org.root.parent / "cache", grid=grid, max_new_tokens=2, judge="keyword",
+                   progress=False, organism_cfg=OrganismConfig(**TINY), base_dir=base, finetune="benign",
+                   config=PatchConfig(progress=False, batch_size=4, target_tokens=2, hash_inputs=False))
+    saved = json.loads((tmp_path / "pa" / "pareto.json").read_text())
+    assert saved["points"] == r["points"] and len(r["points"]) == 8
+    for p in r["points"]:
+        assert {"method", "params", "keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy",
+                "edit_fraction", "localisation"} <= set(p)
+        assert 0 <= p["keyword_asr"] <= 1 and 0 <= p["localisation"]["task_accuracy"] <= 1
+        assert (tmp_path / "pa" / "adapters" / p["point"] / "adapter_model.safetensors").is_file()
     efs = {p["point"]: p["edit_fraction"] for p in r["points"]}
-    assert efs["finetuned"] == 0.0 and efs["q0.5_p0.2"] >= efs["q0.2_p0.2"] > 0
-    assert r["choice"]["q"] in (0.2, 0.5) and r["points"][-1]["q"] == r["choice"]["q"]
-    assert (tmp_path / "sw" / "window_ablation.png").stat().st_size > 1000
+    assert efs["mscp-wanda_q0.5_p0.0_windowsigma"] >= efs["mscp-wanda_q0.2_p0.0_windowsigma"] > 0
+    assert set(r["chosen"]) == set(grid) and r["finetuned"]["edit_fraction"] == 0.0
+    assert r["windows"]["all"] == list(range(4)) and set(r["windows"]["sigma"]) <= set(range(4))
+    assert (tmp_path / "pa" / "pareto.png").stat().st_size > 1000
 
 
 def test_choose_respects_the_task_budget():
-    from mscp.harness.demo import choose
+    from mscp.harness.pareto import choose
 
-    ref = {"task_accuracy": 0.9}
-    pts = [{"keyword_asr": 0.1, "task_accuracy": 0.5, "edit_fraction": 0.1},
-           {"keyword_asr": 0.4, "task_accuracy": 0.89, "edit_fraction": 0.2},
-           {"keyword_asr": 0.4, "task_accuracy": 0.95, "edit_fraction": 0.05},
-           {"keyword_asr": 0.4, "task_accuracy": 0.95, "edit_fraction": 0.0}]
-    assert choose(pts, ref) is pts[2]  # a point that edits nothing is never chosen
-    assert choose(pts[:1], ref) is None
+    ref = {"localisation": {"task_accuracy": 0.9}}
+
+    def point(asr, task, ef):
+        return {"localisation": {"keyword_asr": asr, "task_accuracy": task}, "edit_fraction": ef}
+
+    pts = [point(0.1, 0.5, 0.1), point(0.4, 0.86, 0.2), point(0.4, 0.95, 0.05), point(0.4, 0.95, 0.0),
+           point(0.4, 0.87, 0.01)]
+    assert choose(pts, ref) is pts[4]  # within 3 points; fewest edits among the lowest ASR; 0 edits never
+    assert choose(pts[:2], ref) is None
 
 
 @pytest.fixture(scope="module")

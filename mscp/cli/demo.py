@@ -9,13 +9,13 @@ HELP = "MSCP end to end on the SmolLM2 safety model organism, against the baseli
 # the options each mode reads; any other option given is refused, never silently dropped
 MODE_OPTIONS = {
     "demo": {"q", "p", "rho", "judge", "safe_lora_tau"},
-    "sweep": set(),
     "continual": {"q", "p", "rho", "layers"},
+    "pareto": {"judge"},
 }
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/sweep or runs/continual)")
+    p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/pareto-FINETUNE or runs/continual)")
     p.add_argument("--cache", default=None, help="where the converted SmolLM2 model is cached (default ~/.cache/mscp)")
     p.add_argument("--q", type=float, default=None, help="MSCP safety-row fraction (default: PatchConfig's)")
     p.add_argument("--p", type=float, default=None, help="MSCP task-row fraction (default: PatchConfig's)")
@@ -25,8 +25,9 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", default=None, metavar="A-B", type=parse_layer_range,
                    help="with --continual: explicit MSCP safety layers (default: the criterion's window)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--sweep", action="store_true",
-                      help="instead: the q/p grid and early/middle/late window ablation on localisation prompts")
+    mode.add_argument("--pareto", action="store_true",
+                      help="instead: every method along its own knob (chosen on localisation prompts, reported "
+                           "on the evaluation split): OUT/pareto.json and pareto.png (default --out runs/pareto)")
     mode.add_argument("--continual", action="store_true",
                       help="instead: harm categories added one by one as continual dimensions, ASR per category "
                            "after each step (default --out runs/continual)")
@@ -35,7 +36,7 @@ def add_arguments(p) -> None:
 
 
 def mode_of(args) -> str:
-    return "continual" if args.continual else "sweep" if args.sweep else "demo"
+    return "continual" if args.continual else "pareto" if args.pareto else "demo"
 
 
 def check_mode_options(args) -> str:
@@ -66,10 +67,11 @@ def run(args) -> int:
 
         run_continual(args.out or "runs/continual", cache=args.cache, config=config, progress=progress,
                       finetune=finetune)
-    elif mode == "sweep":
-        from mscp.harness.demo import run_sweep
+    elif mode == "pareto":
+        from mscp.harness.pareto import run_pareto
 
-        run_sweep(args.out or "runs/sweep", cache=args.cache, progress=progress, finetune=finetune)
+        run_pareto(args.out or f"runs/pareto-{finetune}", cache=args.cache, finetune=finetune,
+                   judge=args.judge or "embedding", progress=progress)
     else:
         from mscp.harness.demo import run_demo
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from mscp.core.adapter import Adapter, LoraModule
-from mscp.core.prompts import make_batches, make_target_batches
+from mscp.core.prompts import Batch, make_target_batches
 from mscp.core.scoring import LoraAdded, linears_of
 from mscp.core.sequential import Observer, Step, advance_with, sweep
 from mscp.core.streaming import Head, ModelShell, Stream, hooks
@@ -42,28 +42,46 @@ Lora = tuple[Adapter, dict[int, dict[str, LoraModule]]]  # an adapter and its mo
 def greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_tokens: int, *, eos: set[int],
                    batch_size: int, pad_id: int, lora: Lora | None = None, progress=None) -> list[list[int]]:
     """Each prompt's greedy continuation (at most n_tokens, ending at an EOS token), streamed: one
-    pass over the layers per token, with only the unfinished prompts."""
+    pass over the layers per token, each layer keeping its own KV cache, prompts left-padded."""
+    from transformers import DynamicCache
+
     answers: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    for _ in range(n_tokens):
-        if not active:
-            break
-        seqs = [prompts[i] + answers[i] for i in active]
-        batches = make_batches(seqs, [0] * len(seqs), batch_size, pad_id)
-        stream = model.capture({"gen": batches})["gen"]
+    done = [False] * len(prompts)
+    groups = [list(range(start, min(start + batch_size, len(prompts)))) for start in range(0, len(prompts), batch_size)]
+    masks, caches, step_ids = [], [], []
+    for rows in groups:
+        width = max(len(prompts[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+        mask = torch.zeros((len(rows), width), dtype=torch.int64)
+        for r, i in enumerate(rows):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i], dtype=torch.int64)
+            mask[r, width - len(prompts[i]):] = 1
+        masks.append(mask)
+        step_ids.append(ids)
+        caches.append(DynamicCache(config=model.config))
+    for step in range(n_tokens):
+        batches, extra = [], []
+        for g, rows in enumerate(groups):
+            mask = masks[g]
+            width = step_ids[g].shape[1]
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -width:]
+            batches.append(Batch(step_ids[g], mask, torch.full((len(rows),), width - 1), torch.zeros(len(rows))))
+            extra.append({"cache": caches[g], "use_cache": True, "position_ids": positions.to(model.device)})
+        stream = model.capture({"gen": batches}, extra={"gen": extra})["gen"]
         observers = [LoraAdded(stream, *lora)] if lora else []
         sweep([Step(model, i, [stream]) for i in range(model.n_layers)], advance_with(observers), progress=progress,
               desc="answer token")
         with torch.no_grad():
-            last = torch.cat([h[torch.arange(h.shape[0]), b.last_index.to(h.device)]
-                              for h, b in zip(stream.hidden, stream.batches)])
-            tokens = head.logits(last).argmax(dim=-1).tolist()
-        still = []
-        for i, t in zip(active, tokens):
-            answers[i].append(t)
-            if t not in eos:
-                still.append(i)
-        active = still
+            for g, rows in enumerate(groups):
+                tokens = head.logits(stream.hidden[g][:, -1]).argmax(dim=-1)
+                for r, i in enumerate(rows):
+                    if not done[i]:
+                        answers[i].append(int(tokens[r]))
+                        done[i] = int(tokens[r]) in eos
+                step_ids[g] = tokens[:, None].cpu()
+                masks[g] = torch.cat([masks[g], torch.ones((len(rows), 1), dtype=torch.int64)], dim=1)
+        if all(done):
+            break
     return answers
 
 

@@ -111,10 +111,12 @@ class ModelShell:
                 for n, t in layer.state_dict().items()}
 
     # -- capture -------------------------------------------------------------------------
-    def capture(self, prompt_sets: dict[str, list[Batch]]) -> dict[str, "Stream"]:
+    def capture(self, prompt_sets: dict[str, list[Batch]], extra: dict[str, list[dict]] | None = None
+                ) -> dict[str, "Stream"]:
         """Run the embedding and everything before the first layer; record each layer's inputs.
 
-        One `Stream` per prompt set; the embedding is loaded once and dropped afterwards.
+        One `Stream` per prompt set; the embedding is loaded once and dropped afterwards. `extra`:
+        per set, per micro-batch, more arguments of the model's forward (a KV cache, position ids).
         """
         sink: list = []
         skeleton = self._skeleton
@@ -126,10 +128,11 @@ class ModelShell:
             with torch.no_grad():
                 for name, batches in prompt_sets.items():
                     stream = streams[name] = Stream(f"{self.label}/{name}", batches)
-                    for batch in batches:
+                    for k, batch in enumerate(batches):
                         sink.clear()
+                        more = (extra or {}).get(name, [{}] * len(batches))[k]
                         skeleton(input_ids=batch.input_ids.to(self.device),
-                                 attention_mask=batch.attention_mask.to(self.device), use_cache=False)
+                                 attention_mask=batch.attention_mask.to(self.device), **({"use_cache": False} | more))
                         if len(sink) != self.n_layers:
                             raise MSCPError(f"{self.label}: captured {len(sink)} of {self.n_layers} layers' inputs")
                         stream.hidden.append(sink[0][1].to(self.dtype))

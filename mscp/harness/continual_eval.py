@@ -81,9 +81,9 @@ def run_continual(out: str | Path, cache: str | Path | None = None, *, config=No
     """The measurement of the module doc; returns what OUT/continual.json holds."""
     from mscp import continual
     from mscp.core.config import PatchConfig
-    from mscp.harness.demo import _organism
+    from mscp.harness.demo import organism_for
 
-    out, org, sp, ft = _organism(out, cache, organism_cfg, base_dir, progress, finetune)
+    out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
     cats = category_prompts(sp)
     categories = list(order) + [held_out]
     for c in categories:

@@ -11,7 +11,6 @@ edit fraction. Writes OUT/summary.json, OUT/table.txt, OUT/layer_curves.png, OUT
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from mscp.core.config import LORA_TARGETS
@@ -76,7 +75,7 @@ def plot_figures(report: dict, out: Path) -> list[Path]:
     return [p1, p2]
 
 
-def _organism(out, cache, organism_cfg, base_dir, progress, finetune: str):
+def organism_for(out, cache, organism_cfg, base_dir, progress, finetune: str):
     """The output folder, the (built or cached) organism, its splits folder and the fine-tune's adapter."""
     from mscp.harness.organism import OrganismConfig, build
 
@@ -87,7 +86,7 @@ def _organism(out, cache, organism_cfg, base_dir, progress, finetune: str):
     return out, org, org.splits, org.finetuned(finetune)
 
 
-def _patch_on_localisation(org, adapter: Path, config, out):
+def patch_on_localisation(org, adapter: Path, config, out):
     """MSCP on a fine-tuned adapter of the organism, scored on the localisation splits only."""
     from mscp.core.pipeline import patch
 
@@ -104,10 +103,10 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     from mscp.core.config import PatchConfig
     from mscp.harness import baselines
     from mscp.harness.evaluate import evaluate, print_table
-    out, org, sp, ft = _organism(out, cache, organism_cfg, base_dir, progress, finetune)
+    out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
     pc = config or PatchConfig(progress=progress)
     print("MSCP: patching the fine-tuned adapter (localisation prompts only) ...", flush=True)
-    res = _patch_on_localisation(org, ft, pc, out / "mscp")
+    res = patch_on_localisation(org, ft, pc, out / "mscp")
     report = res.report
     edits = {"aligned": None, "finetuned": 0.0, "mscp": report["edit_fraction"]}
     edits["wanda"] = baselines.wanda_prune(ft, report, out / "wanda")["edit_fraction"]
@@ -155,103 +154,3 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}/summary.json, table.txt, {', '.join(f.name for f in figs)}")
     return summary
-
-
-def _window_masks(res, layers: list[int], q: float, p: float) -> dict:
-    from mscp.core.scoring import safety_rows
-
-    masks = {}
-    for key, sc in res.scores.items():
-        m = re.search(r"\.layers\.(\d+)\.", key)
-        if m and int(m.group(1)) in layers:
-            masks[key] = safety_rows(sc["harmful"], sc["task"], q, p)
-    return masks
-
-
-def choose(points: list[dict], reference: dict, max_task_drop: float = 0.03) -> dict | None:
-    """The grid point with the lowest keyword ASR whose task accuracy stays within `max_task_drop`
-    of the reference (the unpatched adapter); ties: fewer edits."""
-    ok = [r for r in points if r["task_accuracy"] >= reference["task_accuracy"] - max_task_drop
-          and r["edit_fraction"] > 0]
-    return min(ok, key=lambda r: (r["keyword_asr"], r["edit_fraction"])) if ok else None
-
-
-def run_sweep(out: str | Path, cache: str | Path | None = None, *, qs=(0.1, 0.3, 0.5), ps=(0.0, 0.1, 0.3),
-              windows: dict | None = None, max_new_tokens: int = 20, progress: bool = True, organism_cfg=None,
-              base_dir=None, window_qp: tuple | None = None, finetune: str = DEFAULT_FINETUNE) -> dict:
-    """q/p grid at the chosen window, then early/middle/late windows at the grid's choice, measured on the
-    localisation prompts only (harmful_localize, benign_localize, task_localize): the evaluation
-    split is never looked at. One streamed pass gives every row score; each point is a fast_project.
-    Writes OUT/sweep.json and OUT/window_ablation.png."""
-    from mscp.core.adapter import Adapter
-    from mscp.core.config import PatchConfig
-    from mscp.core.project import edit_fraction, project_adapter
-    from mscp.harness.baselines import write_adapter
-    from mscp.harness.evaluate import evaluate
-
-    out, org, sp, ft = _organism(out, cache, organism_cfg, base_dir, progress, finetune)
-    pc = PatchConfig(progress=progress)
-    res = _patch_on_localisation(org, ft, pc, None)
-    n_layers = res.report["n_layers"]
-    chosen = res.report["safety_layers"]
-    w = len(chosen)
-    windows = windows or {"early": list(range(0, w)), "middle": list(range((n_layers - w) // 2, (n_layers - w) // 2 + w)),
-                          "late": list(range(n_layers - w, n_layers))}
-    ad = Adapter.load(ft)
-    sets = dict(harmful=sp / "harmful_localize.txt", benign=sp / "benign_localize.txt")
-    task = [(json.loads(l)["prompt"], json.loads(l)["answer"]) for l in (sp / "task_localize.jsonl").read_text().splitlines()]
-    grid = [("finetuned", None, None, None)] + [(f"q{q}_p{p}", q, p, chosen) for q in qs for p in ps]
-    rows = []
-    best = None
-
-    def todo():
-        yield from grid
-        nonlocal best
-        best = choose(rows[1:], rows[0])
-        if window_qp is not None:
-            best = {"q": window_qp[0], "p": window_qp[1], "why": "given"}
-        elif best is None or best["keyword_asr"] >= rows[0]["keyword_asr"]:
-            # no grid point lowers the ASR: compare the windows at the strongest setting instead
-            strongest = max(rows[1:], key=lambda r: r["edit_fraction"], default=None)
-            best = ({"q": strongest["q"], "p": strongest["p"], "why": "no grid point lowered ASR: strongest"}
-                    if strongest else {"q": pc.q, "p": pc.p, "why": "default"})
-        for name, lay in windows.items():
-            yield (f"{name}_{lay[0]}-{lay[-1]}", best["q"], best["p"], lay)
-
-    for name, q, p, layers in todo():
-        adapter = ft
-        ef = 0.0
-        if q is not None:
-            masks = _window_masks(res, layers, q, p)
-            tensors, edits = project_adapter(ad, org.base, org.aligned, masks, alpha=pc.alpha,
-                                             projector=pc.projector)
-            ef = edit_fraction(ad, edits)
-            adapter = write_adapter(ft, tensors, out / "sweep_adapters" / name, {"q": q, "p": p, "layers": layers})
-        r = evaluate(org.aligned, adapter, task=task, judge=None, max_new_tokens=max_new_tokens, progress=progress,
-                     keep_responses=False, **sets)
-        row = {"point": name, "q": q, "p": p, "layers": layers, "edit_fraction": ef, "keyword_asr": r["keyword_asr"],
-               "over_refusal": r["over_refusal"], "task_accuracy": r["task_accuracy"]}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        (out / "sweep.json").write_text(json.dumps({"chosen_window": chosen, "split": "localisation prompts only",
-                                                   "choice": best, "points": rows}, indent=2) + "\n")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    wrows = [r for r in rows if r["point"].split("_")[0] in windows]
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    x = range(len(wrows))
-    ax.bar([i - 0.2 for i in x], [100 * r["keyword_asr"] for r in wrows], width=0.4, label="keyword ASR %")
-    ax.bar([i + 0.2 for i in x], [100 * r["task_accuracy"] for r in wrows], width=0.4, label="task accuracy %")
-    ft = rows[0]
-    ax.axhline(100 * ft["keyword_asr"], color="C0", ls="--", lw=1, label="fine-tuned ASR")
-    ax.axhline(100 * ft["task_accuracy"], color="C1", ls="--", lw=1, label="fine-tuned task acc.")
-    ax.set_xticks(list(x), [r["point"] for r in wrows])
-    ax.set_title(f"MSCP window ablation (q={best['q']}, p={best['p']}; localisation prompts)", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "window_ablation.png", dpi=110)
-    plt.close(fig)
-    return {"chosen_window": chosen, "choice": best, "points": rows}

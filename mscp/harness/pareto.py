@@ -1,0 +1,255 @@
+"""`mscp demo --pareto`: every method along its own knob, on one fine-tune of the organism.
+
+Each method is run at every point of its grid (GRID): MSCP per score over q/p and the window, Safe
+LoRA over tau and over the number of modules, dropping the adapter on the safety window, and Wanda
+zeroing of MSCP's default rows. Every point is evaluated twice:
+- on the localisation prompts (harmful_localize, benign_localize, task_localize): the split MSCP
+  scores rows with, and the only one any choice is made on;
+- on the evaluation split (harmful_eval, benign_eval, task_eval): reported, never used to choose.
+The chosen point of each method is the one with the lowest keyword ASR on the localisation prompts
+whose localisation task accuracy stays within 3 points of the fine-tuned adapter's (ties: fewer
+edits); `choose` is the rule.
+
+Writes OUT/pareto.json (points with the same figure names as the demo's summary.json, the chosen
+point per method, the aligned and fine-tuned references) and OUT/pareto.png (refusal rate against
+task accuracy, marker size = edit fraction).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from mscp.harness.organism import DEFAULT_FINETUNE
+
+WINDOWS = ("sigma", "all")  # the window the criterion chooses; every decoder layer
+GRID: dict[str, list[dict]] = {
+    "mscp:wanda": [dict(q=q, p=p, window="sigma") for q, p in ((0.3, 0.3), (0.3, 0.0), (0.8, 0.3), (0.8, 0.0))]
+    + [dict(q=0.3, p=0.0, window="all")],
+    "mscp:wanda_weight": [dict(q=q, p=p, window="sigma") for q, p in ((0.3, 0.3), (0.3, 0.0), (0.8, 0.3), (0.8, 0.0))]
+    + [dict(q=0.3, p=0.0, window="all")],
+    "mscp:attribution": [dict(q=q, p=0.0, window=w) for w in WINDOWS for q in (0.0025, 0.005, 0.01, 0.02, 0.05)]
+    + [dict(q=q, p=0.02, window="all") for q in (0.01, 0.02)],
+    "safe_lora": [dict(tau=t) for t in (0.2, 0.35, 0.5, 0.6)] + [dict(modules=f) for f in (0.05, 0.1, 0.25)],
+    "drop_safety_layers": [dict(window="sigma")],
+    "wanda_zero": [dict(q=0.3, p=0.3, window="sigma")],
+}
+FIELDS = ("keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy", "edit_fraction")
+
+
+def choose(points: list[dict], reference: dict, max_task_drop: float = 0.03, key: str = "localisation") -> dict | None:
+    """The point with the lowest keyword ASR on `key` whose task accuracy there stays within
+    `max_task_drop` of the reference's (the unpatched adapter); ties: fewer edits. Points that edit
+    nothing are never chosen."""
+    ok = [r for r in points if r[key]["task_accuracy"] >= reference[key]["task_accuracy"] - max_task_drop - 1e-12
+          and r["edit_fraction"] > 0]
+    return min(ok, key=lambda r: (r[key]["keyword_asr"], r["edit_fraction"])) if ok else None
+
+
+def _point_name(method: str, params: dict) -> str:
+    text = method + "_" + "_".join(f"{k}{v}" for k, v in params.items())
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
+
+
+def _layer(key: str) -> int:
+    return int(re.search(r"\.layers\.(\d+)\.", key).group(1))
+
+
+def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: str = DEFAULT_FINETUNE,
+               grid: dict | None = None, max_new_tokens: int = 20, judge: str = "embedding", progress: bool = True,
+               organism_cfg=None, base_dir=None, config=None) -> dict:
+    """The measurement of the module doc; returns what OUT/pareto.json holds."""
+    from mscp.core.adapter import Adapter
+    from mscp.core.config import PatchConfig
+    from mscp.core.project import edit_fraction, project_adapter
+    from mscp.core.scoring import global_safety_rows, safety_rows, top_rows, weight_safety_mass
+    from mscp.errors import MSCPError
+    from mscp.harness import baselines
+    from mscp.harness.demo import organism_for, patch_on_localisation
+    from mscp.harness.evaluate import evaluate
+    from mscp.harness.judges import get_judge
+
+    started = time.time()
+    grid = grid or GRID
+    out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
+    responses = Path(cache or Path.home() / ".cache" / "mscp") / "responses"
+    base_config = config or PatchConfig(progress=progress)
+    n_layers = json.loads((org.aligned / "config.json").read_text())["num_hidden_layers"]
+
+    # one streamed pass per score family: every row of every layer scored, then each point selects
+    scored = {}
+    if any(m in grid for m in ("mscp:wanda", "mscp:wanda_weight", "wanda_zero", "drop_safety_layers")):
+        print("scoring rows: wanda (every layer) ...", flush=True)
+        scored["wanda"] = patch_on_localisation(org, ft, base_config.replace(score="wanda"), None)
+    if "mscp:attribution" in grid:
+        print("scoring rows: attribution (every layer) ...", flush=True)
+        clock = time.time()
+        scored["attribution"] = patch_on_localisation(
+            org, ft, base_config.replace(score="attribution", layers=(0, n_layers - 1)), None)
+        scored["attribution"].report["timings_s"]["wall"] = time.time() - clock
+    sigma = next(iter(scored.values())).report["safety_layers"] if scored else None
+    if "mscp:attribution" in grid and "wanda" not in scored:  # the criterion's window from the curves
+        from mscp.core.localize import safety_layers
+
+        sigma = safety_layers(scored["attribution"].report["layer_curves"], base_config)
+    windows = {"sigma": sigma, "all": list(range(n_layers))}
+    lora = Adapter.load(ft)
+    aligned_weights = None
+
+    def masks_for(score: str, params: dict) -> dict:
+        nonlocal aligned_weights
+        res = scored["attribution" if score == "attribution" else "wanda"]
+        layers = set(windows[params["window"]])
+        keys = [k for k in res.scores if _layer(k) in layers]
+        if score == "attribution":
+            return global_safety_rows({k: res.scores[k]["harmful"] for k in keys},
+                                      {k: res.scores[k]["task"] for k in keys}, params["q"], params["p"])
+        if score == "wanda":
+            return {k: safety_rows(res.scores[k]["harmful"], res.scores[k]["task"], params["q"], params["p"])
+                    for k in keys}
+        from mscp.core.checkpoint import Checkpoint
+
+        aligned_weights = aligned_weights or Checkpoint(org.aligned, label="aligned")
+        masks = {}
+        by_b = lora.by_b_key()
+        for k in keys:
+            m = by_b[k]
+            mass = weight_safety_mass(aligned_weights.get(m.weight_key, check=False, mapped=True),
+                                      res.scores[k]["rms_harmful"], res.scores[k]["rms_task"], params["q"],
+                                      params["p"], lora.tensors[m.key_b], lora.tensors[m.key_a], m.scale)
+            top = top_rows(mass, params["q"])
+            masks[k] = top[mass[top] > 0]
+        return masks
+
+    try:
+        judge_obj = get_judge(judge)
+    except MSCPError as e:
+        print(f"judge {judge!r} unavailable ({e}); judge_refusal_rate = keyword judge", flush=True)
+        judge_obj = "keyword"
+
+    def measure(adapter) -> dict:
+        kw = dict(max_new_tokens=max_new_tokens, progress=progress, keep_responses=False, cache=responses)
+        loc = evaluate(org.aligned, adapter, harmful=sp / "harmful_localize.txt", benign=sp / "benign_localize.txt",
+                       task=sp / "task_localize.jsonl", judge=None, **kw)
+        ev = evaluate(org.aligned, adapter, harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
+                      task=sp / "task_eval.jsonl", judge=judge_obj, **kw)
+        return {**{k: ev.get(k) for k in FIELDS if k != "edit_fraction"}, "empty_responses": ev.get("empty_responses"),
+                "localisation": {k: loc.get(k) for k in ("keyword_asr", "over_refusal", "task_accuracy")}}
+
+    print("evaluating aligned and fine-tuned ...", flush=True)
+    references = {"aligned": {**measure(None), "edit_fraction": None},
+                  "finetuned": {**measure(ft), "edit_fraction": 0.0}}
+    points = []
+    adapters = out / "adapters"
+    for method, params_list in grid.items():
+        for params in params_list:
+            name = _point_name(method, params)
+            where = adapters / name
+            if method.startswith("mscp:"):
+                masks = masks_for(method.split(":", 1)[1], params)
+                tensors, edits = project_adapter(lora, org.base, org.aligned, masks, alpha=base_config.alpha,
+                                                 projector=base_config.projector)
+                ef = edit_fraction(lora, edits)
+                baselines.write_adapter(ft, tensors, where, {"method": method, **params, "edit_fraction": ef})
+            elif method == "safe_lora":
+                k = None
+                if "modules" in params:
+                    k = max(1, round(params["modules"] * len(lora.modules)))
+                ef = baselines.safe_lora(org.base, org.aligned, ft, where, tau=params.get("tau"), k=k)["edit_fraction"]
+            elif method == "drop_safety_layers":
+                ef = baselines.drop_layers(ft, windows[params["window"]], where)["edit_fraction"]
+            elif method == "wanda_zero":
+                rows = masks_for("wanda", params)
+                ef = baselines.wanda_prune(ft, {"modules": {k: {"rows": v.tolist(), "skipped": None}
+                                                            for k, v in rows.items()}}, where)["edit_fraction"]
+            else:
+                raise MSCPError(f"unknown method {method!r} in the Pareto grid")
+            clock = time.time()
+            point = {"method": method, "params": params, "point": name, "edit_fraction": ef, **measure(where),
+                     "seconds": time.time() - clock}
+            points.append(point)
+            print(json.dumps({k: v for k, v in point.items() if k not in ("params",)}), flush=True)
+            _write(out, finetune, org, windows, references, points, grid, scored, started)
+    result = _write(out, finetune, org, windows, references, points, grid, scored, started)
+    plot_pareto(result, out / "pareto.png")
+    print(format_table(result))
+    print(f"wrote {out}/pareto.json, pareto.png")
+    return result
+
+
+def _write(out: Path, finetune, org, windows, references, points, grid, scored, started) -> dict:
+    methods = list(dict.fromkeys(p["method"] for p in points))
+    chosen = {m: choose([p for p in points if p["method"] == m], references["finetuned"]) for m in methods}
+    result = {
+        "finetune": finetune, "organism": str(org.root), "windows": windows,
+        "split": {"chosen_on": "localisation prompts", "reported_on": "evaluation split"},
+        "rule": "lowest localisation keyword ASR with localisation task accuracy within 3 points of the fine-tuned "
+                "adapter's; ties: fewer edits; points that edit nothing are never chosen",
+        "aligned": references["aligned"], "finetuned": references["finetuned"],
+        "chosen": {m: (c["point"] if c else None) for m, c in chosen.items()},
+        "points": points, "grid": grid,
+        "scoring_seconds": {k: v.report["timings_s"].get("wall") for k, v in scored.items()},
+        "seconds": time.time() - started,
+    }
+    (out / "pareto.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def format_table(result: dict) -> str:
+    """Markdown: the references and each method's chosen point, evaluation split, in %."""
+    pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}"  # noqa: E731
+    lines = ["| method | chosen on localisation | keyword ASR | judge refusal | over-refusal | task | edit % |",
+             "|---|---|---|---|---|---|---|"]
+    for name in ("aligned", "finetuned"):
+        r = result[name]
+        edits = "–" if r["edit_fraction"] is None else f"{100 * r['edit_fraction']:.2f}"
+        lines.append(f"| {name} | – | {pct(r['keyword_asr'])} | {pct(r['judge_refusal_rate'])} | "
+                     f"{pct(r['over_refusal'])} | {pct(r['task_accuracy'])} | {edits} |")
+    by_name = {p["point"]: p for p in result["points"]}
+    for method, point in result["chosen"].items():
+        if point is None:
+            lines.append(f"| {method} | no point keeps the task | | | | | |")
+            continue
+        r = by_name[point]
+        params = ", ".join(f"{k} {v}" for k, v in r["params"].items())
+        lines.append(f"| {method} | {params} | {pct(r['keyword_asr'])} | {pct(r['judge_refusal_rate'])} | "
+                     f"{pct(r['over_refusal'])} | {pct(r['task_accuracy'])} | {100 * r['edit_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_pareto(result: dict, path: Path) -> Path:
+    """Refusal rate (1 - keyword ASR) against task accuracy on the evaluation split, one colour per
+    method, marker area by edit fraction, chosen points ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    methods = list(dict.fromkeys(p["method"] for p in result["points"]))
+    chosen = set(result["chosen"].values())
+    for i, method in enumerate(methods):
+        pts = [p for p in result["points"] if p["method"] == method]
+        xs = [100 * p["task_accuracy"] for p in pts]
+        ys = [100 * (1 - p["keyword_asr"]) for p in pts]
+        sizes = [20 + 600 * p["edit_fraction"] for p in pts]
+        ax.scatter(xs, ys, s=sizes, alpha=0.6, color=f"C{i}", label=method)
+        for p, x, y, s in zip(pts, xs, ys, sizes):
+            if p["point"] in chosen:
+                ax.scatter([x], [y], s=s + 80, facecolors="none", edgecolors="black", linewidths=1.5)
+    for name, marker in (("aligned", "*"), ("finetuned", "X")):
+        r = result[name]
+        ax.scatter([100 * r["task_accuracy"]], [100 * (1 - r["keyword_asr"])], marker=marker, s=160, color="black",
+                   label=name)
+    ax.set_xlabel("task accuracy % (evaluation split)")
+    ax.set_ylabel("refusal rate % = 100 - keyword ASR (evaluation split)")
+    ax.set_title(f"Pareto: fine-tune '{result['finetune']}' (marker area ~ edit fraction; ringed: chosen on "
+                 "localisation prompts)", fontsize=8)
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
