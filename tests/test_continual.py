@@ -191,17 +191,20 @@ def test_rows_projected_for_one_dimension_are_never_touched_again(sequence):
 
 
 # -- reuse and agreement with `patch` -----------------------------------------------------------------
-def test_a_dimension_equal_to_the_init_prompts_reproduces_patch(trio_root, prompt_dir, tmp_path):
+@pytest.mark.parametrize("score, options", [("wanda", {}), ("wanda_weight", {}),
+                                            ("attribution", {"q": 0.2, "p": 0.05, "target_tokens": 3})])
+def test_a_dimension_equal_to_the_init_prompts_reproduces_patch(trio_root, prompt_dir, tmp_path, score, options):
     trio = make_trio(trio_root, "qwen2")
     harmful = prompt_dir / "violence.txt"
+    kw = {**FAST, **options, "score": score}
     result = patch(trio["base"], trio["aligned"], trio["adapter"], harmful=[harmful], task=prompt_dir / "task.txt",
-                   layers=LAYERS, **FAST)
+                   layers=LAYERS, **kw)
     state = tmp_path / "S"
     continual.init(trio["base"], trio["aligned"], trio["adapter"], state, harmful=[harmful], task=prompt_dir / "task.txt",
-                   layers=LAYERS, figures=False, **FAST)
+                   layers=LAYERS, figures=False, **kw)
     _add(state, "violence", prompt_dir)
     expected = {k: m["rows"] for k, m in result.report["modules"].items() if m["rows"]}
-    assert _union(state) == expected
+    assert expected and _union(state) == expected
     got = _adapter(state)
     for key, t in result.tensors.items():
         torch.testing.assert_close(got[key], t, rtol=1e-6, atol=1e-7)

@@ -5,10 +5,10 @@ A *state* directory holds what every later dimension reuses, and the adapter aft
     STATE/state.json          models, options, safety layers, curves, modules, dimensions (masks,
                               prompt checksums, config), the union P of projected rows, the history
     STATE/b0/                 the input adapter, copied (B0: every projection starts from it)
-    STATE/cache/scores.safetensors     I^T per LoRA module (fine-tuned model, task prompts)
+    STATE/cache/scores.safetensors     task scores per LoRA module (task::KEY; rms_task::KEY for wanda_weight)
     STATE/cache/projected.safetensors  lora_B of every safety-layer module with *all* rows projected
                                        from B0 (B0 + alpha (C B0 - B0)); a step copies its new rows
-    STATE/dims/NAME.safetensors        I^H of each dimension (for re-analysis)
+    STATE/dims/NAME.safetensors        each dimension's harmful scores (harmful::KEY, rms_harmful::KEY)
     STATE/adapter/            the patched adapter after the last step (peft folder + mscp_report.json)
     STATE/figures/*.png       curves, per-dimension sizes and edit fractions, clustered overlap, layers
 
@@ -52,11 +52,10 @@ from mscp.core.adapter import Adapter, LoraModule
 from mscp.core.atomic import link_tree, write_atomically
 from mscp.core.checkpoint import config_files, sha256_file
 from mscp.core.config import PatchConfig
-from mscp.core.pipeline import as_paths, harmful_scores, localize, progress_bar
+from mscp.core.pipeline import as_paths, harmful_scores, localize, modules_by_layer, progress_bar, select_rows
 from mscp.core.project import project_adapter
 from mscp.core.prompts import load_tokenizer, read_prompts
 from mscp.core.report import REPORT_NAME, build_report, check_out_dir, input_checksums, package_versions, prompt_sources
-from mscp.core.scoring import safety_rows
 from mscp.core.streaming import ModelShell
 from mscp.errors import MSCPError
 from mscp.kernels import record_backends
@@ -137,8 +136,9 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
         "union": {k: [] for k, m in modules.items() if m["safety_layer"]},
         "history": [],
     }
-    tensors_scores = {f"task::{k}": v["task"].contiguous() for k, v in scores.items()}
-    tensors_scores.update({f"harmful_init::{k}": v["harmful"].contiguous() for k, v in scores.items()})
+    tensors_scores = {f"{kind}::{k}": v[name].contiguous() for k, v in scores.items()
+                      for kind, name in (("task", "task"), ("harmful_init", "harmful"), ("rms_task", "rms_task"))
+                      if name in v}
     projected_b = {k: projected[k].contiguous() for k in candidates}
 
     def write(tmp: Path):
@@ -214,17 +214,29 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
         clock = time.perf_counter()
         aligned = _shell(state["paths"]["aligned"], "aligned", config)
         tok = load_tokenizer(state["paths"].get("tokenizer") or state["paths"]["aligned"])
+        b0 = Adapter.load(state_dir / "b0")
+        by_layer = modules_by_layer(b0, aligned)
         targets: dict[int, dict[str, LoraModule]] = {}
         for key, m in state["modules"].items():
             if m["safety_layer"]:
-                targets.setdefault(m["layer"], {})[m["name"]] = _module_stub(key, m)
+                targets.setdefault(m["layer"], {})[m["name"]] = by_layer[m["layer"]][m["name"]]
+        modules = {m.key_b: m for mods in targets.values() for m in mods.values()}
         timings = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
-        scores = harmful_scores(aligned, tok, texts, targets, config)
+        edits = None
+        if config.score == "attribution":  # each row's edit: its projection (cached at init) minus B0
+            projected = load_file(str(state_dir / "cache" / "projected.safetensors"))
+            edits = {k: projected[k].float() - b0.tensors[k].float() for k in modules}
+        scores = harmful_scores(aligned, tok, texts, targets, config, lora=(b0, by_layer), edits=edits)
         timings["stream"] = time.perf_counter() - clock
         clock = time.perf_counter()
-        task = load_file(str(state_dir / "cache" / "scores.safetensors"))
-        mask = {k: safety_rows(scores[k], task[f"task::{k}"], config.q, config.p).tolist() for k in sorted(scores)}
+        cached = load_file(str(state_dir / "cache" / "scores.safetensors"))
+        for k, sc in scores.items():
+            sc["task"] = cached[f"task::{k}"]
+            if f"rms_task::{k}" in cached:
+                sc["rms_task"] = cached[f"rms_task::{k}"]
+        rows = select_rows(config, scores, modules, b0.tensors, aligned.ckpt)
+        mask = {k: rows[k].tolist() for k in sorted(scores)}
         new = {k: sorted(set(rows) - set(state["union"].get(k, []))) for k, rows in mask.items()}
         new = {k: rows for k, rows in new.items() if rows}
         union = {k: sorted(set(state["union"].get(k, [])) | set(mask.get(k, []))) for k in state["union"]}
@@ -258,7 +270,8 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
                "cumulative_edit_fraction": entry["cumulative_edit_fraction"], "rows": mask, "new_rows_by_module": new}
         state["dimensions"].append(dim)
         state["union"] = union
-        dim_scores = {k: v.contiguous() for k, v in scores.items()}
+        dim_scores = {f"{name}::{k}": t.contiguous() for k, sc in scores.items() for name, t in sc.items()
+                      if name in ("harmful", "rms_harmful")}
 
         def write(tmp: Path):
             write_clock = time.perf_counter()
@@ -312,11 +325,6 @@ def status(state_dir) -> dict:
 
 def _shell(path, label: str, config: PatchConfig) -> ModelShell:
     return ModelShell(path, label=label, device=config.device, dtype=config.dtype, allow_pickle=config.allow_pickle)
-
-
-def _module_stub(key_b: str, m: dict) -> LoraModule:
-    """A LoraModule for scoring I^H, which needs only names (no LoRA weights)."""
-    return LoraModule(m["module"], key_b.replace("lora_B", "lora_A"), key_b, m["rank"], 1.0)
 
 
 def _prompts_sha256(prompts: list[str]) -> str:

@@ -218,22 +218,29 @@ def eos_ids(tok, model: ModelShell) -> set[int]:
 
 
 def select_masks(run: _AdapterRun, window: list[int], config: PatchConfig, aligned_ckpt) -> dict[str, torch.Tensor]:
-    """The rows to project of each module in the window, by config.score (docs/method.md)."""
-    modules = [m for index in window for m in run.by_layer.get(index, {}).values()]
+    """The rows to project of each of the run's modules in the window, by config.score."""
+    modules = {m.key_b: m for index in window for m in run.by_layer.get(index, {}).values()}
+    return select_rows(config, {k: run.scores[k] for k in modules}, modules, run.lora.tensors, aligned_ckpt)
+
+
+def select_rows(config: PatchConfig, scores: dict[str, dict], modules: dict[str, LoraModule], tensors: dict,
+                aligned_ckpt) -> dict[str, torch.Tensor]:
+    """Level 2's selection (docs/method.md) for the modules given (lora_B key -> scores, module):
+    wanda: top_q(I^H) minus top_p(I^T) per module; wanda_weight: the top q rows by safety-only mass
+    per module; attribution: the top q of all rows together minus the top p by task damage."""
     if config.score == "attribution":
-        return global_safety_rows({m.key_b: run.scores[m.key_b]["harmful"] for m in modules},
-                                  {m.key_b: run.scores[m.key_b]["task"] for m in modules}, config.q, config.p)
+        return global_safety_rows({k: scores[k]["harmful"] for k in modules}, {k: scores[k]["task"] for k in modules},
+                                  config.q, config.p)
     masks = {}
-    for m in modules:
-        sc = run.scores[m.key_b]
+    for key, m in modules.items():
+        sc = scores[key]
         if config.score == "wanda":
-            masks[m.key_b] = safety_rows(sc["harmful"], sc["task"], config.q, config.p)
+            masks[key] = safety_rows(sc["harmful"], sc["task"], config.q, config.p)
         else:
             mass = weight_safety_mass(aligned_ckpt.get(m.weight_key, check=False, mapped=True), sc["rms_harmful"],
-                                      sc["rms_task"], config.q, config.p, run.lora.tensors[m.key_b],
-                                      run.lora.tensors[m.key_a], m.scale)
+                                      sc["rms_task"], config.q, config.p, tensors[m.key_b], tensors[m.key_a], m.scale)
             top = top_rows(mass, config.q)
-            masks[m.key_b] = torch.sort(top[mass[top] > 0]).values
+            masks[key] = torch.sort(top[mass[top] > 0]).values
     return masks
 
 
@@ -344,15 +351,29 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
 
 
 def harmful_scores(aligned_model: ModelShell, tok, prompts: list[str], targets: dict[int, dict[str, LoraModule]],
-                   config: PatchConfig) -> dict[str, torch.Tensor]:
-    """I^H of one prompt set for the modules in `targets` (layer -> name -> module), streaming the
-    aligned model alone and only up to the last layer with targets."""
+                   config: PatchConfig, *, lora: tuple | None = None, edits: dict | None = None) -> dict[str, dict]:
+    """The harmful-side scores of one prompt set (a continual dimension) for the modules in
+    `targets` (layer -> name -> module): lora_B key -> {"harmful": ...} and, for the Wanda scores,
+    "rms_harmful". Wanda streams the aligned model alone up to the last layer with targets; the
+    attribution score runs the fine-tuned model, so it needs the adapter and its modules by layer
+    (`lora`, every layer's) and each targeted row's edit (`edits`, lora_B key -> E)."""
     with use_backend(config.backend):
+        if config.score == "attribution":
+            head = aligned_model.head()
+            pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            ids = encode(tok, prompts, max_length=config.max_length, chat_template=config.chat_template)
+            common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress_bar(config))
+            refusals = greedy_answers(aligned_model, head, ids, config.target_tokens, eos=eos_ids(tok, aligned_model),
+                                      **common)
+            scores, _ = attribution_scores(aligned_model, head, ids, refusals, lora, edits, set(targets), **common)
+            return {m.key_b: {"harmful": scores[index][rel]} for index, mods in targets.items()
+                    for rel, m in mods.items()}
         stream = aligned_model.capture({"harmful": encode_batches(tok, [(prompts, HARMFUL)], config)})["harmful"]
-        scores = WandaScores(stream, {index: set(mods) for index, mods in targets.items()}, group=HARMFUL)
+        wanda = WandaScores(stream, {index: set(mods) for index, mods in targets.items()}, group=HARMFUL)
         steps = [Step(aligned_model, index, [stream]) for index in range(max(targets, default=-1) + 1)]
-        sweep(steps, advance_with([scores]), progress=progress_bar(config), desc="layers")
-    return {m.key_b: scores.scores[index][rel] for index, mods in targets.items() for rel, m in mods.items()}
+        sweep(steps, advance_with([wanda]), progress=progress_bar(config), desc="layers")
+    return {m.key_b: {"harmful": wanda.scores[index][rel], "rms_harmful": wanda.rms[index][rel]}
+            for index, mods in targets.items() for rel, m in mods.items()}
 
 
 # -- shared steps (also used by mscp.continual) ------------------------------------------------
