@@ -225,3 +225,28 @@ def test_a_malformed_task_line_is_one_clear_error(tmp_path, line):
     f.write_text('{"prompt": "fine", "answer": "1"}\n' + line + "\n")
     with pytest.raises(MSCPError, match=r"task\.jsonl:2: "):
         read_task(f)
+
+
+def test_choose_defaults_takes_the_best_worst_case_that_keeps_every_task():
+    from mscp.harness.pareto import choose_defaults
+
+    def run(name, aligned, finetuned, task, points):
+        ref = lambda asr, t: {"localisation": {"keyword_asr": asr, "task_accuracy": t}}  # noqa: E731
+        return {"finetune": name, "aligned": ref(aligned, 0.0), "finetuned": ref(finetuned, task),
+                "points": [{"method": m, "params": prm, "edit_fraction": ef,
+                            "localisation": {"keyword_asr": asr, "task_accuracy": t}} for m, prm, asr, t, ef in points]}
+
+    a, b, c = {"q": 0.01}, {"q": 0.05}, {"q": 0.3}
+    results = [
+        run("one", 0.1, 0.9, 1.0, [("mscp:x", a, 0.5, 1.0, 0.01), ("mscp:x", b, 0.2, 1.0, 0.05),
+                                   ("mscp:y", c, 0.1, 0.9, 0.3), ("safe_lora", {"tau": 0.5}, 0.1, 1.0, 0.5)]),
+        run("two", 0.1, 0.5, 1.0, [("mscp:x", a, 0.3, 1.0, 0.01), ("mscp:x", b, 0.3, 0.99, 0.05),
+                                   ("mscp:y", c, 0.1, 1.0, 0.3)]),
+        run("no-erosion", 0.1, 0.15, 1.0, [("mscp:x", a, 0.9, 0.0, 0.01)]),  # ignored: erodes < 10 points
+    ]
+    d = choose_defaults(results)
+    assert d["finetunes"] == ["one", "two"]
+    # x/b wins back 0.875 and 0.5, x/a 0.5 and 0.5 (the same worst case, a lower mean); y/c loses the task
+    assert d["chosen"]["method"] == "mscp:x" and d["chosen"]["params"] == b
+    assert [c["params"] for c in d["ranked"]] == [b, a]
+    assert d["chosen"]["worst_won_back"] == pytest.approx(0.5)

@@ -11,15 +11,34 @@ edit fraction. Writes OUT/summary.json, OUT/table.txt, OUT/layer_curves.png, OUT
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from mscp.core.config import LORA_TARGETS
 from mscp.errors import MSCPError
 from mscp.harness.organism import DEFAULT_FINETUNE
 
-METHODS = ("aligned", "finetuned", "mscp", "safe_lora", "wanda", "drop_safety_layers")
-# extra row: Safe LoRA in its "number" mode with the lowest-cosine 10 % of modules (the paper's ~10 % edits)
-EXTRA = ("safe_lora_10pct",)
+# The rows of the demo's table: the references, MSCP with the package defaults, MSCP with the paper's
+# own score (Wanda rows, q = p = 0.3, the criterion's window), and the baselines.
+METHODS = ("aligned", "finetuned", "mscp", "mscp_paper", "safe_lora", "safe_lora_10pct", "wanda_zero",
+           "drop_safety_layers")
+PAPER = dict(score="wanda", q=0.3, p=0.3, rho=0.2, layers=None)
+
+
+class Stages:
+    """Prints each stage as it starts, with the time spent and an estimate of what is left (from
+    the seconds per evaluated prompt measured so far)."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.start, self.k = names, time.time(), 0
+        self.per_prompt: list[float] = []
+
+    def next(self, what: str, prompts_left: int = 0) -> None:
+        self.k += 1
+        left = ""
+        if self.per_prompt and prompts_left:
+            left = f", about {prompts_left * sum(self.per_prompt) / len(self.per_prompt) / 60:.1f} min of evaluation left"
+        print(f"[{self.k}/{len(self.names)}] {what} ({(time.time() - self.start) / 60:.1f} min so far{left})", flush=True)
 
 
 def plot_figures(report: dict, out: Path) -> list[Path]:
@@ -98,59 +117,71 @@ def patch_on_localisation(org, adapter: Path, config, out):
 
 def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, judge: str = "embedding",
              safe_lora_tau: float = 0.5, max_new_tokens: int = 20, progress: bool = True, organism_cfg=None,
-             base_dir=None, extra_safe_lora: bool = True, finetune: str = DEFAULT_FINETUNE) -> dict:
-    """organism_cfg, base_dir: another organism recipe or base model (the tests use a tiny random one)."""
+             base_dir=None, finetune: str = DEFAULT_FINETUNE) -> dict:
+    """The demo of the module doc on one fine-tune of the organism; returns what summary.json holds.
+
+    config: MSCP's settings (default: the package defaults). organism_cfg, base_dir: another
+    organism recipe or base model (the tests use a tiny random one)."""
     from mscp.core.config import PatchConfig
     from mscp.harness import baselines
     from mscp.harness.evaluate import evaluate, print_table
+    from mscp.harness.judges import get_judge
+
+    stages = Stages(["organism", "mscp", "mscp (paper's score)", "baselines", *(f"evaluate {m}" for m in METHODS),
+                     "figures"])
+    stages.next("the organism (built once, then cached)")
     out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
+    responses_cache = Path(cache or Path.home() / ".cache" / "mscp") / "responses"
     pc = config or PatchConfig(progress=progress)
-    print("MSCP: patching the fine-tuned adapter (localisation prompts only) ...", flush=True)
-    res = patch_on_localisation(org, ft, pc, out / "mscp")
-    report = res.report
-    edits = {"aligned": None, "finetuned": 0.0, "mscp": report["edit_fraction"]}
-    edits["wanda"] = baselines.wanda_prune(ft, report, out / "wanda")["edit_fraction"]
-    edits["drop_safety_layers"] = baselines.drop_layers(ft, report["safety_layers"],
+    stages.next(f"MSCP ({pc.score}): patching the fine-tuned adapter on the localisation prompts")
+    report = patch_on_localisation(org, ft, pc, out / "mscp").report
+    stages.next("MSCP with the paper's score (wanda, q 0.3, p 0.3)")
+    paper = patch_on_localisation(org, ft, pc.replace(**PAPER), out / "mscp_paper").report
+    stages.next("baselines: Safe LoRA, Wanda zeroing, dropping the window")
+    edits = {"aligned": None, "finetuned": 0.0, "mscp": report["edit_fraction"], "mscp_paper": paper["edit_fraction"]}
+    edits["wanda_zero"] = baselines.wanda_prune(ft, paper, out / "wanda_zero")["edit_fraction"]
+    edits["drop_safety_layers"] = baselines.drop_layers(ft, paper["safety_layers"],
                                                         out / "drop_safety_layers")["edit_fraction"]
     sl = baselines.safe_lora(org.base, org.aligned, ft, out / "safe_lora", tau=safe_lora_tau)
     edits["safe_lora"] = sl["edit_fraction"]
-    adapters = {"aligned": None, "finetuned": ft, "mscp": out / "mscp", "safe_lora": out / "safe_lora",
-                "wanda": out / "wanda", "drop_safety_layers": out / "drop_safety_layers"}
-    methods = list(METHODS)
-    if extra_safe_lora:
-        k = max(1, round(0.1 * len(sl["cosines"])))
-        edits["safe_lora_10pct"] = baselines.safe_lora(org.base, org.aligned, ft,
-                                                       out / "safe_lora_10pct", tau=None, k=k)["edit_fraction"]
-        adapters["safe_lora_10pct"] = out / "safe_lora_10pct"
-        methods.append("safe_lora_10pct")
+    k = max(1, round(0.1 * len(sl["cosines"])))
+    edits["safe_lora_10pct"] = baselines.safe_lora(org.base, org.aligned, ft, out / "safe_lora_10pct", tau=None,
+                                                   k=k)["edit_fraction"]
+    adapters = {"aligned": None, "finetuned": ft, **{m: out / m for m in METHODS[2:]}}
     try:
-        from mscp.harness.judges import get_judge
-
         judge_obj = get_judge(judge)
     except MSCPError as e:
         print(f"judge {judge!r} unavailable ({e}); judge_refusal_rate = keyword judge", flush=True)
         judge_obj = "keyword"
-    results, rows = {}, {}
-    for name in methods:
-        print(f"evaluating {name} ...", flush=True)
+    results = {}
+    n_prompts = sum(len((sp / f).read_text().splitlines()) for f in ("harmful_eval.txt", "benign_eval.txt",
+                                                                     "task_eval.jsonl"))
+    for i, name in enumerate(METHODS):
+        stages.next(f"evaluating {name} on {n_prompts} held-out prompts", prompts_left=n_prompts * (len(METHODS) - i))
+        clock = time.time()
         r = evaluate(org.aligned, adapters[name], harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
-                     task=sp / "task_eval.jsonl", judge=judge_obj, max_new_tokens=max_new_tokens, progress=progress)
+                     task=sp / "task_eval.jsonl", judge=judge_obj, max_new_tokens=max_new_tokens, progress=progress,
+                     cache=responses_cache)
+        if time.time() - clock > 5:  # a cached answer set says nothing about the speed
+            stages.per_prompt.append((time.time() - clock) / n_prompts)
         (out / "responses").mkdir(exist_ok=True)
         (out / "responses" / f"{name}.json").write_text(json.dumps(r, indent=2) + "\n")
-        results[name] = {k: r[k] for k in ("keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy")}
-        results[name]["edit_fraction"] = edits[name]
-        results[name]["judge"] = r.get("judge")
-        results[name]["n"] = r["n"]
-        rows[name] = results[name]
+        results[name] = {k: r[k] for k in ("keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy",
+                                           "empty_responses")}
+        results[name].update(edit_fraction=edits[name], judge=r.get("judge"), n=r["n"])
+    stages.next("figures")
     print()
-    table = print_table(rows, extra=("edit_fraction",))
+    table = print_table(results, extra=("edit_fraction",))
     (out / "table.txt").write_text(table + "\n")
     figs = plot_figures(report, out)
-    summary = {"methods": results, "organism": str(org.root), "safety_layers": report["safety_layers"],
-               "mscp_config": report["config"], "safe_lora": {"tau": safe_lora_tau, "n_modules": sl["n_modules"]},
+    summary = {"methods": results, "finetune": finetune, "organism": str(org.root),
+               "safety_layers": report["safety_layers"], "mscp_config": report["config"],
+               "mscp_paper_config": paper["config"], "safe_lora": {"tau": safe_lora_tau, "n_modules": sl["n_modules"]},
                "max_new_tokens": max_new_tokens, "figures": [f.name for f in figs],
+               "seconds": time.time() - stages.start,
                "organism_checks": org.record().get("checks", {}).get("targets_met")}
-    summary.update({name: results[name] for name in methods})  # flat access: summary["mscp"]["keyword_asr"]
+    summary.update(results)  # flat access: summary["mscp"]["keyword_asr"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {out}/summary.json, table.txt, {', '.join(f.name for f in figs)}")
+    print(f"wrote {out}/summary.json, table.txt, {', '.join(f.name for f in figs)} "
+          f"({(time.time() - stages.start) / 60:.1f} min)")
     return summary

@@ -253,3 +253,47 @@ def plot_pareto(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def choose_defaults(results: list[dict], max_task_drop: float = 0.03, min_erosion: float = 0.10) -> dict:
+    """The package defaults from several Pareto runs (one per fine-tune), on localisation prompts only.
+
+    For each MSCP configuration (score and its params) in every run, on each fine-tune that erodes
+    (fine-tuned ASR at least `min_erosion` above the aligned model's, localisation prompts): the
+    share of the lost refusals it wins back, (ASR_finetuned - ASR) / (ASR_finetuned - ASR_aligned),
+    and whether its task accuracy stays within `max_task_drop` of the fine-tuned adapter's. The
+    default is the configuration that keeps the task on every fine-tune and has the highest worst
+    case share; ties: the higher mean share, then the smaller mean edit fraction. Returns it with
+    every candidate's figures."""
+    eroding = []
+    for r in results:
+        ft, al = r["finetuned"]["localisation"], r["aligned"]["localisation"]
+        if ft["keyword_asr"] - al["keyword_asr"] >= min_erosion:
+            eroding.append(r)
+    candidates: dict[str, dict] = {}
+    for r in eroding:
+        ft, al = r["finetuned"]["localisation"], r["aligned"]["localisation"]
+        lost = ft["keyword_asr"] - al["keyword_asr"]
+        for p in r["points"]:
+            if not p["method"].startswith("mscp:"):
+                continue
+            key = json.dumps([p["method"], p["params"]], sort_keys=True)
+            c = candidates.setdefault(key, {"method": p["method"], "params": p["params"], "per_finetune": {}})
+            loc = p["localisation"]
+            c["per_finetune"][r["finetune"]] = {
+                "won_back": (ft["keyword_asr"] - loc["keyword_asr"]) / lost,
+                "task_kept": loc["task_accuracy"] >= ft["task_accuracy"] - max_task_drop - 1e-12,
+                "edit_fraction": p["edit_fraction"]}
+    names = [r["finetune"] for r in eroding]
+    ranked = []
+    for c in candidates.values():
+        per = c["per_finetune"]
+        if set(per) != set(names) or not all(v["task_kept"] for v in per.values()):
+            continue
+        c["worst_won_back"] = min(v["won_back"] for v in per.values())
+        c["mean_won_back"] = sum(v["won_back"] for v in per.values()) / len(per)
+        c["mean_edit_fraction"] = sum(v["edit_fraction"] for v in per.values()) / len(per)
+        ranked.append(c)
+    ranked.sort(key=lambda c: (-c["worst_won_back"], -c["mean_won_back"], c["mean_edit_fraction"]))
+    return {"finetunes": names, "rule": choose_defaults.__doc__.split("\n\n")[1].strip(),
+            "chosen": ranked[0] if ranked else None, "ranked": ranked}
