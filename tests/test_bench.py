@@ -50,3 +50,23 @@ def test_bench_times_both_fine_tuned_passes_and_its_figure_is_the_default_one(fi
     assert figures["multi_adapter_s"] == figures["multi_adapter_s_by_pass"]["after_window"]
     assert figures["full_s"] == figures["full_s_by_pass"]["with_calibration"]
     assert all(t > 0 for t in [*figures["multi_adapter_s_by_pass"].values(), *figures["full_s_by_pass"].values()])
+
+
+def test_bench_records_the_state_each_projection_figure_was_measured_in(figures):
+    warm, cold = figures["state_projection"], figures["state_projection_cold"]
+    assert warm["page_cache_residency"] == pytest.approx(1.0) and cold["page_cache_residency"] == 0.0
+    for state in (warm, cold, figures["state_start"]):
+        assert state["torch_threads"] >= 1 and state["load_average_1m"] >= 0
+    assert figures["io_floor_ratio_projection_cold"] == pytest.approx(figures["projection_cold_s"]
+                                                                      / figures["io_floor_projection_cold_s"])
+
+
+def test_page_cache_residency_sees_an_eviction(tmp_path):
+    from mscp.harness.bench import evict, page_cache_residency
+
+    f = tmp_path / "data.bin"
+    f.write_bytes(b"x" * (1 << 20))
+    f.read_bytes()
+    assert page_cache_residency([f]) == pytest.approx(1.0)
+    evict([f])
+    assert page_cache_residency([f]) < 0.1
