@@ -146,6 +146,11 @@ def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     assert set(r["chosen"]) == set(grid) and r["finetuned"]["edit_fraction"] == 0.0
     assert r["windows"]["all"] == list(range(4)) and set(r["windows"]["sigma"]) <= set(range(4))
     assert (tmp_path / "pa" / "pareto.png").stat().st_size > 1000
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "pa" / "scores").iterdir()) == ["attribution", "wanda"]
+    again = run_pareto(tmp_path / "pa", cache=org.root.parent / "cache", grid=grid, max_new_tokens=2, judge="keyword",
+                       progress=False, organism_cfg=OrganismConfig(**TINY), base_dir=base, finetune="benign",
+                       config=PatchConfig(progress=False, batch_size=4, target_tokens=2, hash_inputs=False))
+    assert [p["keyword_asr"] for p in again["points"]] == [p["keyword_asr"] for p in r["points"]]  # scores reused
 
 
 def test_choose_respects_the_task_budget():

@@ -143,8 +143,9 @@ def _file_digest(path: str, size: int, mtime: int) -> str:
     return sha256_file(Path(path))
 
 
-def _folder_digest(folder) -> str:
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".safetensors", ".json"))
+def folder_digest(folder, suffixes=(".safetensors", ".json")) -> str:
+    """A digest of a model or adapter folder's weight and config files (the reports beside them left out)."""
+    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in suffixes)
     parts = [f"{p.name}:{_file_digest(str(p), p.stat().st_size, p.stat().st_mtime_ns)}" for p in files
              if p.name not in ("finetune.json", "organism.json", "responses_eval.json", "baseline_report.json",
                                "mscp_report.json")]
@@ -162,8 +163,8 @@ def generate_cached(model, adapter, prompts: list[str], *, max_new_tokens: int, 
         return []
     key = None
     if cache is not None and generator is None:
-        key = hashlib.sha256(json.dumps([GENERATION_VERSION, _folder_digest(model),
-                                         _folder_digest(adapter) if adapter else None, dtype, max_new_tokens,
+        key = hashlib.sha256(json.dumps([GENERATION_VERSION, folder_digest(model),
+                                         folder_digest(adapter) if adapter else None, dtype, max_new_tokens,
                                          prompts]).encode()).hexdigest()[:32]
         hit = Path(cache) / f"{key}.json"
         if hit.is_file():

@@ -16,12 +16,13 @@ task accuracy, marker size = edit fraction).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import time
 from pathlib import Path
 
-from mscp.harness.organism import DEFAULT_FINETUNE
+from mscp.harness.organism import DEFAULT_FINETUNE, pick_threads
 
 WINDOWS = ("sigma", "all")  # the window the criterion chooses; every decoder layer
 GRID: dict[str, list[dict]] = {
@@ -47,6 +48,43 @@ def choose(points: list[dict], reference: dict, max_task_drop: float = 0.03, key
     return min(ok, key=lambda r: (r[key]["keyword_asr"], r["edit_fraction"])) if ok else None
 
 
+class _Scored:
+    """What a scoring pass left that the points need: the report and the per-row scores."""
+
+    def __init__(self, report: dict, scores: dict):
+        self.report, self.scores = report, scores
+
+
+def _scores(out: Path, org, adapter: Path, config) -> _Scored:
+    """patch_on_localisation's report and scores, kept in OUT/scores/ under a key of the inputs and
+    the config, so a rerun (more grid points, an interrupted run) does not score again."""
+    from safetensors.torch import load_file, save_file
+
+    from mscp.harness.demo import patch_on_localisation
+    from mscp.harness.evaluate import folder_digest
+
+    key = hashlib.sha256(json.dumps([folder_digest(org.base), folder_digest(org.aligned), folder_digest(adapter),
+                                     folder_digest(org.splits, (".txt", ".jsonl")), config.to_dict()], sort_keys=True,
+                                    default=str).encode()).hexdigest()[:16]
+    folder = out / "scores" / f"{config.score}-{key}"
+    if (folder / "report.json").is_file():
+        flat = load_file(str(folder / "scores.safetensors"))
+        scores: dict = {}
+        for name, t in flat.items():
+            kind, _, k = name.partition("::")
+            scores.setdefault(k, {})[kind] = t
+        return _Scored(json.loads((folder / "report.json").read_text()), scores)
+    print(f"scoring rows: {config.score} ...", flush=True)
+    clock = time.time()
+    res = patch_on_localisation(org, adapter, config, None)
+    res.report["timings_s"]["wall"] = time.time() - clock
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({f"{kind}::{k}": t.contiguous() for k, sc in res.scores.items() for kind, t in sc.items()},
+              str(folder / "scores.safetensors"))
+    (folder / "report.json").write_text(json.dumps(res.report, indent=1) + "\n")
+    return _Scored(res.report, res.scores)
+
+
 def _point_name(method: str, params: dict) -> str:
     text = method + "_" + "_".join(f"{k}{v}" for k, v in params.items())
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text)
@@ -66,7 +104,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     from mscp.core.scoring import global_safety_rows, safety_rows, top_rows, weight_safety_mass
     from mscp.errors import MSCPError
     from mscp.harness import baselines
-    from mscp.harness.demo import organism_for, patch_on_localisation
+    from mscp.harness.demo import organism_for
     from mscp.harness.evaluate import evaluate
     from mscp.harness.judges import get_judge
 
@@ -80,14 +118,10 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     # one streamed pass per score family: every row of every layer scored, then each point selects
     scored = {}
     if any(m in grid for m in ("mscp:wanda", "mscp:wanda_weight", "wanda_zero", "drop_safety_layers")):
-        print("scoring rows: wanda (every layer) ...", flush=True)
-        scored["wanda"] = patch_on_localisation(org, ft, base_config.replace(score="wanda"), None)
+        scored["wanda"] = _scores(out, org, ft, base_config.replace(score="wanda"))
     if "mscp:attribution" in grid:
-        print("scoring rows: attribution (every layer) ...", flush=True)
-        clock = time.time()
-        scored["attribution"] = patch_on_localisation(
-            org, ft, base_config.replace(score="attribution", layers=(0, n_layers - 1)), None)
-        scored["attribution"].report["timings_s"]["wall"] = time.time() - clock
+        scored["attribution"] = _scores(out, org, ft, base_config.replace(score="attribution",
+                                                                          layers=(0, n_layers - 1)))
     sigma = next(iter(scored.values())).report["safety_layers"] if scored else None
     if "mscp:attribution" in grid and "wanda" not in scored:  # the criterion's window from the curves
         from mscp.core.localize import safety_layers
@@ -129,6 +163,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
         judge_obj = "keyword"
 
     def measure(adapter) -> dict:
+        pick_threads()  # other jobs come and go on a shared machine: 1 thread is faster under load
         kw = dict(max_new_tokens=max_new_tokens, progress=progress, keep_responses=False, cache=responses)
         loc = evaluate(org.aligned, adapter, harmful=sp / "harmful_localize.txt", benign=sp / "benign_localize.txt",
                        task=sp / "task_localize.jsonl", judge=None, **kw)
