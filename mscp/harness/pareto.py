@@ -26,13 +26,13 @@ from mscp.harness.organism import DEFAULT_FINETUNE, pick_threads
 
 WINDOWS = ("sigma", "all")  # the window the criterion chooses; every decoder layer
 GRID: dict[str, list[dict]] = {
-    "mscp:wanda": [dict(q=q, p=p, window="sigma") for q, p in ((0.3, 0.3), (0.3, 0.0), (0.8, 0.3), (0.8, 0.0))]
+    "mscp:wanda": [dict(q=q, p=p, window="sigma") for q, p in ((0.3, 0.3), (0.3, 0.0), (0.8, 0.0))]
     + [dict(q=0.3, p=0.0, window="all")],
-    "mscp:wanda_weight": [dict(q=q, p=p, window="sigma") for q, p in ((0.3, 0.3), (0.3, 0.0), (0.8, 0.3), (0.8, 0.0))]
+    "mscp:wanda_weight": [dict(q=q, p=p, window="sigma") for q, p in ((0.3, 0.3), (0.3, 0.0))]
     + [dict(q=0.3, p=0.0, window="all")],
-    "mscp:attribution": [dict(q=q, p=0.0, window=w) for w in WINDOWS for q in (0.0025, 0.005, 0.01, 0.02, 0.05, 0.1)]
-    + [dict(q=q, p=0.02, window="all") for q in (0.02, 0.05)] + [dict(q=0.2, p=0.0, window="all")],
-    "safe_lora": [dict(tau=t) for t in (0.2, 0.35, 0.5, 0.6)] + [dict(modules=f) for f in (0.05, 0.1, 0.25)],
+    "mscp:attribution": [dict(q=q, p=0.0, window="all") for q in (0.0025, 0.005, 0.01, 0.02, 0.05)]
+    + [dict(q=q, p=0.0, window="sigma") for q in (0.01, 0.05)] + [dict(q=0.02, p=0.02, window="all")],
+    "safe_lora": [dict(tau=t) for t in (0.35, 0.5, 0.6)] + [dict(modules=0.1)],
     "drop_safety_layers": [dict(window="sigma")],
     "wanda_zero": [dict(q=0.3, p=0.3, window="sigma")],
 }
