@@ -236,9 +236,8 @@ def write_seeds() -> None:
 def fuzz_one(target: str, seconds: int, work: Path, extra: list[str]) -> None:
     """Runs in its own process: libFuzzer exits when its time is up."""
     import atheris
-
-    import torch  # noqa: F401 - imported before instrumenting, so only mscp is instrumented
     import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401 - imported before instrumenting, so only mscp is instrumented
     import transformers  # noqa: F401
 
     with atheris.instrument_imports(include=["mscp"]):

@@ -64,9 +64,9 @@ from mscp.core.report import (
     prompt_sources,
     save_tensors,
 )
-from mscp.core.textfiles import json_type, read_json_object
 from mscp.core.scoring import safety_rows
 from mscp.core.streaming import ModelShell
+from mscp.core.textfiles import json_type, read_json_object
 from mscp.errors import MSCPError
 from mscp.kernels import record_backends
 
@@ -307,6 +307,7 @@ def load_state(state_dir) -> dict:
     problem = _state_problem(state)
     if problem:
         raise MSCPError(f"corrupt continual state: {f} ({problem})")
+    config_from_mapping(state["config"], where=f"{f}: config")  # field names only; add checks the values
     return state
 
 

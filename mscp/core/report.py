@@ -76,7 +76,7 @@ def input_checksums(files: dict[str, list[Path]]) -> dict[str, dict[str, str]]:
 
 
 def check_out_dir(out: Path, overwrite: bool, inputs: list[Path], *, parents: bool = False) -> None:
-    """Fail before any work when OUT cannot be written; then remove what dead runs left beside it.
+    """Fail before any work when OUT cannot be written; remove what dead runs left beside it.
 
     OUT may not be an input, lie inside one, or hold one. Folders are compared by identity (device
     and inode), not by their path strings, so a bind mount, a symbolic link or `..` in a path does
@@ -95,6 +95,7 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[Path], *, parents: bo
         p_id = _identity(p)
         if p_id is not None and (p_id in out_chain or (out_id is not None and out_id in _identities(p))):
             raise MSCPError(f"output folder {out} overlaps input {p}; inputs are never modified")
+    remove_stale(out)  # first: it may rename back an OUT that a killed swap had moved aside
     if out.exists() and not overwrite:
         raise MSCPError(f"output folder {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
@@ -102,7 +103,6 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[Path], *, parents: bo
     if not out.parent.exists() and not parents:
         raise MSCPError(f"parent folder of the output does not exist: {out.parent}")
     check_writable(out)
-    remove_stale(out)
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -137,8 +137,8 @@ def safetensors_write_errors(path: Path):
     try:
         yield
     except SafetensorError as e:
-        code = re.search(r"code: (\d+)", str(e))
-        err = int(code[1]) if code else errno.EIO
+        code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # "... (os error 28)" or "Os { code: 28, ..."
+        err = int(code[1] or code[2]) if code else errno.EIO
         raise OSError(err, os.strerror(err), str(path)) from None
 
 
