@@ -244,7 +244,6 @@ def fuzz_one(target: str, seconds: int, work: Path, extra: list[str]) -> None:
         import mscp.core.adapter  # noqa: F401
         import mscp.core.checkpoint  # noqa: F401
         import mscp.core.prompts  # noqa: F401
-        import mscp.core.textfiles  # noqa: F401
 
     scratch = Path(tempfile.mkdtemp(prefix=f"mscp-fuzz-{target}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     run = getattr(Targets(scratch), target)

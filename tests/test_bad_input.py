@@ -948,3 +948,11 @@ def test_the_sample_is_seeded_and_keeps_file_order():
     assert first == sorted(first, key=lambda p: int(p[1:]))
     assert info == {"available": 50_000, "used": 1024, "seed": 0}
     assert sample_prompts(prompts[:1024], 1024, "task") == (prompts[:1024], None)
+
+
+def test_an_error_naming_a_line_break_stays_on_one_line(capsys, tmp_path, trio):
+    """Errors quote user data (paths, tensor names) verbatim; a line break in it is escaped."""
+    path = tmp_path / "two\nlines.txt"
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", "--harmful", str(path)), list(trio.values()),
+                      tmp_path / "out")
+    assert err.endswith("two\\nlines.txt") and "prompt file not found" in err
