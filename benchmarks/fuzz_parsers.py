@@ -39,7 +39,8 @@ DICTIONARY = ['"dtype"', '"shape"', '"data_offsets"', '"__metadata__"', '"F32"',
               '"BOOL"', '"F8_E4M3"', '"weight_map"', '"metadata"', '"model-00001-of-00002.safetensors"',
               '"../model.safetensors"', '"peft_type"', '"LORA"', '"lora_alpha"', '"alpha_pattern"', '"rank_pattern"',
               '"use_rslora"', '"use_dora"', '"lora_bias"', '"prompt"', '"goal"', 'prompt,goal', 'NaN', 'Infinity',
-              '"\\u0000"', 'null', 'true', '[', ']', '{', '}', '"\\ud800"', '\xef\xbb\xbf', '\xff\xfe']
+              '"\\u0000"', '9223372036854775808', '4611686018427387904', '18446744073709551616',
+              'null', 'true', '[', ']', '{', '}', '"\\ud800"', '\xef\xbb\xbf', '\xff\xfe']
 
 
 # -- the files around each target ----------------------------------------------------------------
@@ -168,6 +169,8 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "nan-shape": b"\x01" + b'{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 8]}}' + SPLIT + bytes(8),
         "deep-nesting": b"\x01" + b"[" * 5000 + SPLIT,
         "metadata-not-strings": _raw_header({"__metadata__": {"a": 1}, "w": entry}, f32x8),
+        "shape-overflows-int64": _raw_header({"w": {"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [0, 0]}},
+                                             b""),
     }
     shards = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
     index = {

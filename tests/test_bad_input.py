@@ -649,6 +649,12 @@ def _unknown_dtype(header):
     header[_tensors_of(header)[0]]["dtype"] = "F4_E2M1"
 
 
+def _zero_sized_giant(header):
+    """Zero bytes, but dimensions whose product overflows int64 (torch cannot even make it empty)."""
+    at = header[_tensors_of(header)[-1]]["data_offsets"][1]
+    header["giant"] = {"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [at, at]}
+
+
 SHARD_BASE = lambda trio: trio["base"] / SHARD_2  # noqa: E731
 
 
@@ -671,6 +677,8 @@ SHARD_BASE = lambda trio: trio["base"] / SHARD_2  # noqa: E731
                  r"declares a header of 209715200 bytes \(at most 104857600\)", id="header-size-over-the-bound"),
     pytest.param(lambda t: rewrite_header(SHARD_BASE(t), text=b"[" * 50_000), r"corrupt safetensors header: .*nested too deeply",
                  id="header-nested-too-deeply"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), _zero_sized_giant), r"the shape of 'giant' overflows 64-bit sizes",
+                 id="zero-sized-shape-over-int64"),
 ])
 def test_safetensors_headers_the_format_forbids_are_refused(capsys, tmp_path, trio, breaker, message):
     breaker(trio)

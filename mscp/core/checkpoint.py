@@ -93,9 +93,12 @@ class SafetensorsFile:
         if len(shape) > MAX_DIMS:
             raise MSCPError(f"corrupt safetensors header: {name!r} has {len(shape)} dimensions in {self.path}")
         begin, end = offsets
-        numel = 1
+        numel, extent = 1, dtype.itemsize
         for s in shape:
             numel *= s
+            extent *= max(s, 1)
+        if extent >= 2**63:  # torch (and the format) compute sizes in int64, zero dimensions or not
+            raise MSCPError(f"corrupt safetensors header: the shape of {name!r} overflows 64-bit sizes in {self.path}")
         if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * dtype.itemsize:
             raise MSCPError(f"corrupt safetensors header: the byte range of {name!r} does not match its shape in {self.path}")
         return dtype, tuple(shape), begin, end
