@@ -438,11 +438,20 @@ def test_unknown_choices_are_argparse_errors(capsys, tmp_path, trio, options):
 
 
 # -- failures while writing ------------------------------------------------------------------------
-@pytest.mark.parametrize("existing_out", [False, True], ids=["new-out", "overwrite-existing-out"])
-def test_failure_while_writing_leaves_nothing_behind(capsys, tmp_path, trio, monkeypatch, existing_out):
-    def disk_full(*args, **kwargs):
-        raise OSError(28, "No space left on device")
+def _os_error(*args, **kwargs):
+    raise OSError(28, "No space left on device")
 
+
+def _safetensors_error(*args, **kwargs):
+    from safetensors import SafetensorError
+
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+@pytest.mark.parametrize("disk_full", [_os_error, _safetensors_error], ids=["OSError", "SafetensorError"])
+@pytest.mark.parametrize("existing_out", [False, True], ids=["new-out", "overwrite-existing-out"])
+def test_failure_while_writing_leaves_nothing_behind(capsys, tmp_path, trio, monkeypatch, existing_out, disk_full):
+    """A full disk simulated where the writer meets it (tests/test_interrupts.py fills a real tmpfs)."""
     monkeypatch.setattr(mscp.core.report, "save_file", disk_full)
     out = tmp_path / "out"
     if existing_out:
@@ -456,9 +465,502 @@ def test_failure_while_writing_leaves_nothing_behind(capsys, tmp_path, trio, mon
         assert e.errno == 28
         rc = None
     assert rc != 0
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and re.match(r"mscp: error: cannot write .*out: No space left on device", err), err
     if existing_out:
         assert os.listdir(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "previous run"
     else:
         assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == listing
     assert tree_digest(*trio.values()) == before
+
+
+# == hostile input (issue 13) ======================================================================
+# -- prompt files that are not UTF-8 text, or not what their format promises ----------------------
+@pytest.mark.parametrize("name, content, message", [
+    pytest.param("h.txt", "café crème\n".encode("latin-1"), r"h\.txt is not UTF-8 text \(byte 0xe9", id="latin-1"),
+    pytest.param("h.txt", bytes(range(256)) * 4, r"h\.txt is not UTF-8 text", id="binary"),
+    pytest.param("h.txt", "two\nlines\n".encode("utf-16"), r"h\.txt is UTF-16 text; save it as UTF-8", id="utf-16"),
+    pytest.param("h.txt", "two\nlines\n".encode("utf-16-le"), r"h\.txt holds NUL bytes", id="utf-16-without-bom"),
+    pytest.param("h.csv", b'prompt\n"' + b"x" * (200 * 1024) + b'"\n', r"h\.csv:\d+: not CSV .*field larger",
+                 id="csv-field-over-128KiB"),
+    pytest.param("h.jsonl", b'{"prompt": "fine"}\n{"prompt": null}\n', r"h\.jsonl:2: 'prompt' must be a string, got null",
+                 id="jsonl-prompt-null"),
+    pytest.param("h.jsonl", b'{"prompt": ["a"]}\n', r"h\.jsonl:1: 'prompt' must be a string, got array",
+                 id="jsonl-prompt-list"),
+    pytest.param("h.jsonl", b'{"prompt": "a", "prompt": "b"}\n', r"h\.jsonl:1: not a JSON line \(duplicate key",
+                 id="jsonl-duplicate-key"),
+    pytest.param("h.jsonl", b"[" * 100_000 + b"\n", r"h\.jsonl:1: not a JSON line \(nested too deeply\)",
+                 id="jsonl-nested-too-deeply"),
+])
+@pytest.mark.parametrize("option", ["--harmful", "--benign", "--task"])
+def test_prompt_files_that_are_not_text_are_refused(capsys, tmp_path, trio, name, content, message, option):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    path = prompts / name
+    path.write_bytes(content)
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", option, str(path)),
+                      [*trio.values(), prompts], tmp_path / "out")
+    assert re.search(message, err), err
+
+
+# -- adapter_config.json that is not what peft writes ------------------------------------------------
+def _write_config(text: bytes):
+    return lambda trio: (trio["adapter"] / "adapter_config.json").write_bytes(text)
+
+
+def _rank_zero(trio):
+    def edit(t):
+        t[LORA_A_L2_UP] = t[LORA_A_L2_UP][:0].contiguous()
+        t[LORA_B_L2_UP] = t[LORA_B_L2_UP][:, :0].contiguous()
+        return t
+    edit_adapter(trio["adapter"], edit)
+
+
+@pytest.mark.parametrize("breaker, message", [
+    pytest.param(_write_config(b"[1, 2]"), r"corrupt adapter config: .*adapter_config\.json \(a JSON array, not an object\)",
+                 id="config-a-list"),
+    pytest.param(_write_config(b"16"), r"corrupt adapter config: .* \(a JSON number, not an object\)", id="config-a-number"),
+    pytest.param(_write_config(b'{"peft_type": "LORA", "lora_alpha": 8, "note": "\xe9"}'),
+                 r"adapter config .*adapter_config\.json is not UTF-8 text", id="config-not-utf8"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], lora_alpha="16"),
+                 r"lora_alpha in .* must be a finite number, got string '16'", id="lora_alpha-a-string"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], lora_alpha=None),
+                 r"lora_alpha in .* must be a finite number, got null", id="lora_alpha-null"),
+    pytest.param(_write_config(b'{"peft_type": "LORA", "lora_alpha": NaN}'), r"corrupt adapter config: .*NaN is not JSON",
+                 id="lora_alpha-NaN"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], alpha_pattern={"up_proj(": 8}),
+                 r"alpha_pattern in .*: 'up_proj\(' is not a regular expression", id="alpha_pattern-invalid-regex"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], alpha_pattern={"up_proj": "8"}),
+                 r"alpha_pattern\['up_proj'\] in .* must be a finite number", id="alpha_pattern-value-a-string"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], peft_type=["LORA"]),
+                 r"peft_type in .* must be a string, got array", id="peft_type-a-list"),
+    pytest.param(_rank_zero, r"layers\.2\.mlp\.up_proj has rank 0", id="lora-rank-0"),
+])
+def test_adapter_config_of_the_wrong_shape_is_refused(capsys, tmp_path, trio, breaker, message):
+    breaker(trio)
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out"), list(trio.values()), tmp_path / "out")
+    assert re.search(message, err), err
+
+
+# -- shard indexes -----------------------------------------------------------------------------------
+def _write_index(role: str, text: bytes):
+    return lambda trio: (trio[role] / "model.safetensors.index.json").write_bytes(text)
+
+
+def _edit_index(role: str, edit):
+    def breaker(trio):
+        path = trio[role] / "model.safetensors.index.json"
+        data = json.loads(path.read_text())
+        edit(data["weight_map"])
+        path.write_text(json.dumps(data))
+    return breaker
+
+
+@pytest.mark.parametrize("breaker, message", [
+    pytest.param(_write_index("base", b'[{"weight_map": {}}]'), r"corrupt shard index: .*base/model\.safetensors\.index"
+                 r"\.json \(a JSON array", id="index-a-list"),
+    pytest.param(_edit_index("aligned", lambda m: m.update({"model.norm.weight": 3})),
+                 r"corrupt shard index: .*aligned/.* maps 'model\.norm\.weight' to a JSON number", id="weight_map-value-a-number"),
+    pytest.param(_write_index("base", b'{"weight_map": {"model.norm.weight": "model-00001-of-00004.safetensors\xff"}}'),
+                 r"shard index .*base/model\.safetensors\.index\.json is not UTF-8 text", id="index-not-utf8"),
+    pytest.param(_edit_index("aligned", lambda m: m.update({k: "../base/" + v for k, v in m.items()})),
+                 r"shard index .*aligned/.* names '\.\./base/model-0000\d-of-00004\.safetensors', which is not a file "
+                 r"inside the model folder", id="shard-outside-the-folder"),
+    pytest.param(_edit_index("base", lambda m: m.update({"model.norm.weight": "/etc/hostname"})),
+                 r"names '/etc/hostname', which is not a file inside", id="shard-absolute-path"),
+    pytest.param(_edit_index("base", lambda m: m.update({"model.norm.weight": "config.json"})),
+                 r"names 'config\.json', which is not a \.safetensors file", id="shard-not-safetensors"),
+    pytest.param(_write_index("base", b'{"weight_map": {}, "weight_map": {}}'), r"corrupt shard index: .*duplicate key",
+                 id="index-duplicate-key"),
+])
+def test_shard_index_of_the_wrong_shape_is_refused(capsys, tmp_path, trio, breaker, message):
+    breaker(trio)
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out"), list(trio.values()), tmp_path / "out")
+    assert re.search(message, err), err
+
+
+def test_a_shard_outside_the_folder_is_never_opened(capsys, tmp_path, trio, monkeypatch):
+    _edit_index("aligned", lambda m: m.update({k: "../base/" + v for k, v in m.items()}))(trio)
+    opened = []
+    real_open = mscp.core.checkpoint.SafetensorsFile.__init__
+
+    def spy(self, path):
+        opened.append(Path(path))
+        real_open(self, path)
+
+    monkeypatch.setattr(mscp.core.checkpoint.SafetensorsFile, "__init__", spy)
+    run_refused(capsys, patch_argv(trio, tmp_path / "out"), list(trio.values()), tmp_path / "out")
+    assert not [p for p in opened if trio["aligned"] in p.parents and p.parent != trio["aligned"]]
+    assert not [p for p in opened if ".." in p.parts]
+
+
+# -- safetensors headers that the format forbids -----------------------------------------------------
+def rewrite_header(path: Path, edit=None, *, text: bytes | None = None, data_edit=None) -> None:
+    """Rewrite a safetensors file's header (as a dict through `edit`, or as raw JSON `text`)."""
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    if edit is not None:
+        edit(header)
+    if data_edit is not None:
+        data = data_edit(data)
+    body = text if text is not None else json.dumps(header).encode()
+    path.write_bytes(len(body).to_bytes(8, "little") + body + data)
+
+
+def _tensors_of(header: dict) -> list[str]:
+    return sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+
+
+def _overlapping(header):
+    first, second = _tensors_of(header)[:2]
+    begin = header[first]["data_offsets"][0]
+    size = header[second]["data_offsets"][1] - header[second]["data_offsets"][0]
+    header[second]["data_offsets"] = [begin, begin + size]  # second now reads the first's bytes
+
+
+def _duplicate_name(path: Path):
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name, other = _tensors_of(header)[:2]
+    entry = json.dumps(header[other])  # the name now also stands for another tensor's bytes
+    text = json.dumps(header).encode()[:-1] + f', "{name}": {entry}}}'.encode()
+    rewrite_header(path, text=text)
+
+
+def _gap(header):
+    last = _tensors_of(header)[-1]
+    begin, end = header[last]["data_offsets"]
+    header[last]["data_offsets"] = [begin + 4, end + 4]
+
+
+def _metadata_not_strings(header):
+    header["__metadata__"] = {"format": ["pt"]}
+
+
+def _shape_of_floats(header):
+    name = _tensors_of(header)[0]
+    header[name]["shape"] = [float(s) for s in header[name]["shape"]]
+
+
+def _unknown_dtype(header):
+    header[_tensors_of(header)[0]]["dtype"] = "F4_E2M1"
+
+
+def _zero_sized_giant(header):
+    """Zero bytes, but dimensions whose product overflows int64 (torch cannot even make it empty)."""
+    at = header[_tensors_of(header)[-1]]["data_offsets"][1]
+    header["giant"] = {"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [at, at]}
+
+
+SHARD_BASE = lambda trio: trio["base"] / SHARD_2  # noqa: E731
+
+
+@pytest.mark.parametrize("breaker, message", [
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), _overlapping), r"byte range of '.*' overlaps '.*' in .*base/",
+                 id="overlapping-data_offsets"),
+    pytest.param(lambda t: _duplicate_name(SHARD_BASE(t)), r"corrupt safetensors header: .*base/.* \(duplicate key",
+                 id="duplicate-tensor-names"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), _gap, data_edit=lambda d: d + bytes(4)),
+                 r"byte range of '.*' leaves a gap before it", id="gap-between-tensors"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), data_edit=lambda d: d + bytes(8)),
+                 r"corrupt safetensors file: .*base/.* has 8 bytes after its last tensor", id="bytes-after-the-last-tensor"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), _metadata_not_strings),
+                 r"__metadata__ of .*base/.* is not an object of strings", id="metadata-not-strings"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), _shape_of_floats), r"corrupt safetensors header entry",
+                 id="shape-of-floats"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), _unknown_dtype), r"unsupported dtype 'F4_E2M1'",
+                 id="unknown-dtype"),
+    pytest.param(lambda t: SHARD_BASE(t).write_bytes((200 << 20).to_bytes(8, "little") + b"{}" * 64),
+                 r"declares a header of 209715200 bytes \(at most 104857600\)", id="header-size-over-the-bound"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), text=b"[" * 50_000), r"corrupt safetensors header: .*nested too deeply",
+                 id="header-nested-too-deeply"),
+    pytest.param(lambda t: rewrite_header(SHARD_BASE(t), _zero_sized_giant), r"the shape of 'giant' overflows 64-bit sizes",
+                 id="zero-sized-shape-over-int64"),
+])
+def test_safetensors_headers_the_format_forbids_are_refused(capsys, tmp_path, trio, breaker, message):
+    breaker(trio)
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out"), list(trio.values()), tmp_path / "out")
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("breaker", [_overlapping, "duplicate"], ids=["overlapping", "duplicate-names"])
+def test_the_safetensors_library_refuses_the_headers_mscp_refuses(tmp_path, llama_trio, breaker):
+    """The strict check is the format's own rule, not a stricter invention: the reference reader agrees."""
+    from safetensors import safe_open
+
+    path = tmp_path / "shard.safetensors"
+    shutil.copy(llama_trio["base"] / SHARD_2, path)
+    if breaker == "duplicate":
+        _duplicate_name(path)
+    else:
+        rewrite_header(path, breaker)
+    with pytest.raises(Exception):
+        with safe_open(str(path), framework="pt") as f:
+            [f.get_tensor(k) for k in f.keys()]
+
+
+# -- options that cannot work ----------------------------------------------------------------------
+@pytest.mark.parametrize("options, message", [
+    pytest.param(["--alpha", "nan"], r"alpha must be a finite number, got nan", id="alpha-nan"),
+    pytest.param(["--alpha", "inf"], r"alpha must be a finite number, got inf", id="alpha-inf"),
+    pytest.param(["--alpha", "1e308"], r"alpha must be in \[-16, 16\]", id="alpha-1e308"),
+    pytest.param(["--device", "bogus"], r"device must be cpu, cuda or cuda:N, got 'bogus'", id="device-bogus"),
+    pytest.param(["--device", "meta"], r"device must be cpu, cuda or cuda:N, got 'meta'", id="device-meta"),
+    pytest.param(["--dtype", "bogus"], r"patch: argument --dtype: invalid choice: 'bogus'", id="dtype-bogus"),
+    pytest.param(["--max-prompts", "0"], r"max_prompts must be positive", id="max-prompts-0"),
+    pytest.param(["--tokenizer", ""], r"--tokenizer is empty", id="tokenizer-empty"),
+    pytest.param(["--harmful", ""], r"--harmful is empty", id="harmful-empty"),
+])
+def test_options_that_cannot_work_are_refused(capsys, tmp_path, trio, options, message):
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", *options), list(trio.values()), tmp_path / "out")
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("option", ["--out", "--out-dir"])
+@pytest.mark.parametrize("overwrite", [False, True], ids=["", "with-overwrite"])
+def test_an_empty_output_path_is_refused(capsys, tmp_path, trio, monkeypatch, option, overwrite):
+    """'' would mean the current folder: with --overwrite, the folder the user stands in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "keep.txt").write_text("the user's work")
+    argv = [a for a in patch_argv(trio, Path("unused")) if a not in ("--out", "unused")]
+    argv += [option, "", *(["--overwrite"] if overwrite else [])]
+    before = tree_digest(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"mscp: error: {option} is empty: give a path\n"
+    assert tree_digest(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["in", "keep.txt"]
+
+
+# -- OUT against the inputs, by identity -------------------------------------------------------------
+def _mount(*args: str) -> bool:
+    """Run `mount ARGS` (root only); False where this machine does not allow it."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        return False
+    return subprocess.run(["mount", *args], capture_output=True).returncode == 0
+
+
+def _umount(path: Path) -> None:
+    import subprocess
+
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+@pytest.fixture
+def bind_mount(tmp_path):
+    """bind(src) -> a second path to the folder src (a bind mount); unmounted afterwards."""
+    mounted = []
+
+    def bind(src: Path) -> Path:
+        dst = tmp_path / f"bind-{len(mounted)}"
+        dst.mkdir()
+        if not _mount("--bind", str(src), str(dst)):
+            dst.rmdir()
+            pytest.skip("bind mounts need root and a kernel that allows them here")
+        mounted.append(dst)
+        return dst
+
+    yield bind
+    for dst in mounted:
+        _umount(dst)
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["", "with-overwrite"])
+@pytest.mark.parametrize("where", [
+    pytest.param(lambda trio, bind: bind(trio["adapter"]), id="out-is-the-adapter-through-a-bind-mount"),
+    pytest.param(lambda trio, bind: bind(trio["base"]) / "patched", id="out-inside-base-through-a-bind-mount"),
+    pytest.param(lambda trio, bind: bind(trio["base"].parent), id="out-holds-the-inputs-through-a-bind-mount"),
+])
+def test_out_that_is_an_input_under_another_path_is_refused(capsys, tmp_path, trio, bind_mount, where, overwrite):
+    (trio["adapter"] / "README.md").write_text("the adapter's card")
+    out = where(trio, bind_mount)
+    err = run_refused(capsys, patch_argv(trio, out, *(["--overwrite"] if overwrite else [])), list(trio.values()), out)
+    assert "overlaps input" in err
+    assert (trio["adapter"] / "README.md").read_text() == "the adapter's card"
+
+
+@pytest.mark.parametrize("where", [
+    pytest.param(lambda trio, link: link / "adapter", id="out-is-the-adapter-through-a-linked-folder"),
+    pytest.param(lambda trio, link: link / "base" / "x" / ".." / "patched", id="out-inside-base-with-dot-dot"),
+])
+def test_out_that_is_an_input_through_a_symbolic_link_is_refused(capsys, tmp_path, trio, where):
+    link = tmp_path / "link"
+    link.symlink_to(trio["base"].parent, target_is_directory=True)
+    (trio["base"] / "x").mkdir()
+    out = where(trio, link)
+    err = run_refused(capsys, patch_argv(trio, out, "--overwrite"), list(trio.values()), out)
+    assert "overlaps input" in err
+
+
+@pytest.mark.parametrize("target", ["nothing", "folder"], ids=["dangling-symlink", "symlink-to-a-folder"])
+def test_out_that_is_a_symbolic_link_is_refused(capsys, tmp_path, trio, target):
+    out = tmp_path / "out"
+    aim = tmp_path / "elsewhere"
+    if target == "folder":
+        aim.mkdir()
+    out.symlink_to(aim, target_is_directory=True)
+    err = run_refused(capsys, patch_argv(trio, out, "--overwrite"), list(trio.values()), out)
+    assert re.search(r"output path .*out is a symbolic link", err), err
+    assert out.is_symlink() and (aim.exists() == (target == "folder"))
+    assert not aim.exists() or os.listdir(aim) == []
+
+
+def test_refused_run_creates_no_out_dir(capsys, tmp_path, trio):
+    """--out-dir is made only when an output is written: a refusal leaves no empty folder."""
+    edit_adapter_config(trio["adapter"], use_dora=True)
+    before = tree_digest(*trio.values())
+    for out_dir in (trio["adapter"] / "outs", tmp_path / "newp" / "sub"):
+        argv = [a for a in patch_argv(trio, Path("unused")) if a not in ("--out", "unused")] + ["--out-dir", str(out_dir)]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("mscp: error: ") and err.count("\n") == 1
+        assert not out_dir.exists() and not (tmp_path / "newp").exists()
+    assert tree_digest(*trio.values()) == before
+
+
+def test_out_dir_inside_an_input_is_refused_before_it_is_created(capsys, tmp_path, trio):
+    out_dir = trio["adapter"] / "outs"
+    argv = [a for a in patch_argv(trio, Path("unused")) if a not in ("--out", "unused")] + ["--out-dir", str(out_dir)]
+    before = tree_digest(*trio.values())
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "overlaps input" in err and err.count("\n") == 1
+    assert not out_dir.exists() and tree_digest(*trio.values()) == before
+
+
+def test_out_dir_with_missing_parents_is_created_when_written(capsys, tmp_path, trio):
+    out_dir = tmp_path / "newp" / "sub"
+    argv = [a for a in patch_argv(trio, Path("unused")) if a not in ("--out", "unused")] + ["--out-dir", str(out_dir)]
+    assert main(argv) == 0
+    assert set(os.listdir(out_dir / "adapter")) == OUTPUT_FILES
+
+
+@pytest.fixture
+def read_only_folder(tmp_path):
+    """A folder nothing can be created in: chmod for a user, a read-only tmpfs for root."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if not _mount("-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)):
+            pytest.skip("root ignores file modes and tmpfs cannot be mounted here")
+        yield folder
+        _umount(folder)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def test_out_whose_parent_is_read_only_is_refused_before_any_model_is_read(capsys, tmp_path, trio, read_only_folder,
+                                                                             monkeypatch):
+    def no_reading(*a, **k):
+        raise AssertionError("a model was read before OUT was checked")
+
+    monkeypatch.setattr(mscp.core.checkpoint.Checkpoint, "__init__", no_reading)
+    out = read_only_folder / "out"
+    err = run_refused(capsys, patch_argv(trio, out), list(trio.values()), out)
+    assert re.search(r"cannot create the output folder .*ro/out in .*ro: Read-only file system|Permission denied", err), err
+
+
+def test_out_whose_parent_is_a_file_is_refused(capsys, tmp_path, trio):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "out"
+    before = tree_digest(*trio.values())
+    assert main(patch_argv(trio, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mscp: error: ") and err.count("\n") == 1 and "afile" in err
+    assert (tmp_path / "afile").read_text() == "x" and tree_digest(*trio.values()) == before
+
+
+# -- nothing non-finite is written -----------------------------------------------------------------
+def test_a_projection_that_overflows_is_refused_not_written():
+    from mscp.core.adapter import Adapter
+    from mscp.core.project import project_adapter
+    from mscp.errors import MSCPError
+
+    key_a, key_b = "base_model.model.model.layers.0.mlp.up_proj.lora_A.weight", LORA_B_L2_UP.replace("2", "0", 1)
+    adapter = Adapter.from_state_dict({key_a: torch.ones(2, 4, dtype=torch.float16),
+                                       key_b: torch.full((4, 2), 100.0, dtype=torch.float16)})
+    weight = "model.layers.0.mlp.up_proj.weight"
+    base = {weight: torch.zeros(4, 4, dtype=torch.float16)}
+    aligned = {weight: torch.full((4, 4), 30000.0, dtype=torch.float16)}  # C B ~ 1e7: past float16's 65504
+    with pytest.raises(MSCPError, match=r"the projection of .*up_proj\.lora_B\.weight gives NaN or Inf"):
+        project_adapter(adapter, base, aligned, {key_b: [0, 2]}, alpha=1.0, backend="torch")
+
+
+def test_the_writer_refuses_non_finite_tensors(tmp_path):
+    from mscp.core.report import write_adapter_atomically
+    from mscp.errors import MSCPError
+
+    with pytest.raises(MSCPError, match="contains NaN or Inf"):
+        write_adapter_atomically(tmp_path / "out", {}, {"w": torch.tensor([1.0, float("inf")])}, {}, False)
+    assert os.listdir(tmp_path) == []
+
+
+# -- progress bars and the error line --------------------------------------------------------------
+def _fail_in_projection(monkeypatch):
+    from mscp.errors import MSCPError
+
+    def boom(*a, **k):
+        raise MSCPError("projection failed on purpose")
+
+    monkeypatch.setattr(mscp.core.project, "lowrank_project", boom)
+
+
+@pytest.mark.parametrize("breaker, message", [
+    pytest.param(lambda trio, mp: _inf_in_aligned(trio), r"aligned tensor .* contains NaN or Inf", id="while-streaming"),
+    pytest.param(lambda trio, mp: _fail_in_projection(mp), r"projection failed on purpose", id="while-projecting"),
+])
+def test_an_error_mid_run_stands_alone_on_its_line_after_the_progress_bars(capsys, tmp_path, trio, monkeypatch,
+                                                                          breaker, message):
+    import mscp.core.project  # noqa: F401
+
+    breaker(trio, monkeypatch)
+    argv = [a for a in patch_argv(trio, tmp_path / "out") if a != "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "layers:" in err, "the run had no progress bar to test against"
+    assert err.endswith("\n") and err.count("mscp: error:") == 1
+    before, line = err[:-1].rsplit("\n", 1)
+    assert line.startswith("mscp: error: ") and re.search(message, line) and "\r" not in line, repr(err[-300:])
+    assert not (tmp_path / "out").exists()
+
+
+# -- large prompt files are sampled ------------------------------------------------------------------
+def test_a_prompt_set_over_max_prompts_is_sampled_with_a_warning_and_recorded(capsys, tmp_path, trio):
+    prompts = tmp_path / "many.txt"
+    prompts.write_text("".join(f"How do I make thing number {i}?\n" for i in range(500)))
+    out = tmp_path / "out"
+    assert main(patch_argv(trio, out, "--harmful", str(prompts), "--max-prompts", "30")) == 0
+    err = capsys.readouterr().err
+    assert err == ("mscp: warning: the harmful prompts number 500; using a sample of 30 (seed 0; --max-prompts "
+                   "sets the limit)\n")
+    report = json.loads((out / "mscp_report.json").read_text())
+    assert report["prompts_sampled"] == {"harmful": {"available": 500, "used": 30, "seed": 0}}
+    assert report["prompts"]["harmful"] == 30 and report["config"]["max_prompts"] == 30
+
+
+def test_the_sample_is_seeded_and_keeps_file_order():
+    from mscp.core.prompts import sample_prompts
+
+    prompts = [f"p{i}" for i in range(50_000)]
+    with pytest.warns(UserWarning, match="50000; using a sample of 1024"):
+        first, info = sample_prompts(prompts, 1024, "task")
+    with pytest.warns(UserWarning):
+        again, _ = sample_prompts(prompts, 1024, "task")
+    assert first == again and len(first) == 1024 and len(set(first)) == 1024
+    assert first == sorted(first, key=lambda p: int(p[1:]))
+    assert info == {"available": 50_000, "used": 1024, "seed": 0}
+    assert sample_prompts(prompts[:1024], 1024, "task") == (prompts[:1024], None)
+
+
+def test_an_error_naming_a_line_break_stays_on_one_line(capsys, tmp_path, trio):
+    """Errors quote user data (paths, tensor names) verbatim; a line break in it is escaped."""
+    path = tmp_path / "two\nlines.txt"
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", "--harmful", str(path)), list(trio.values()),
+                      tmp_path / "out")
+    assert err.endswith("two\\nlines.txt") and "prompt file not found" in err

@@ -225,6 +225,12 @@ EIGHT_FLOATS = torch.arange(8, dtype=torch.float32).numpy().tobytes()
     pytest.param({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 16]}}, id="byte-range-smaller-than-shape"),
     pytest.param({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [32, 0]}}, id="reversed-offsets"),
     pytest.param({"w": {"dtype": "Q4", "shape": [2, 4], "data_offsets": [0, 32]}}, id="unknown-dtype"),
+    pytest.param({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
+                  "z": {"dtype": "F32", "shape": [2**64, 0], "data_offsets": [32, 32]}}, id="dimension-over-uint64"),
+    pytest.param({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
+                  "z": {"dtype": "F32", "shape": [2**62, 2**62, 0], "data_offsets": [32, 32]}}, id="zero-size-over-int64"),
+    pytest.param({"w": {"dtype": "F32", "shape": [2, 4], "data_offsets": [0, 32]},
+                  "z": {"dtype": "F32", "shape": [0] * 65, "data_offsets": [32, 32]}}, id="65-dimensions"),
 ])
 def test_structurally_corrupt_header_raises_mscp_error(tmp_path, header):
     """Valid JSON that is not a valid safetensors header is bad input, never a silent or raw-Python failure."""

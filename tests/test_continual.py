@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import re
 import shutil
 
 import pytest
@@ -352,3 +354,105 @@ def test_cluster_order_puts_similar_items_next_to_each_other():
     pos = {x: i for i, x in enumerate(order)}
     assert abs(pos[0] - pos[2]) == 1 and abs(pos[1] - pos[3]) == 1
     assert merges[0][:2] == (0, 2) and merges[0][2] == pytest.approx(0.1) and merges[-1][3] == 4
+
+
+# -- hostile input (issue 13) ------------------------------------------------------------------------
+def _state_edit(edit):
+    def breaker(state_dir):
+        f = state_dir / "state.json"
+        data = json.loads(f.read_text())
+        f.write_text(json.dumps(edit(data)))
+    return breaker
+
+
+def _drop(key):
+    return _state_edit(lambda d: {k: v for k, v in d.items() if k != key})
+
+
+@pytest.mark.parametrize("breaker, message", [
+    pytest.param(lambda s: (s / "state.json").write_text("[1, 2]"), r"corrupt continual state: .*state\.json \(a JSON array",
+                 id="state-a-list"),
+    pytest.param(_drop("dimensions"), r"corrupt continual state: .*state\.json \(no 'dimensions'\)", id="no-dimensions"),
+    pytest.param(_drop("config"), r"corrupt continual state: .*\(no 'config'\)", id="no-config"),
+    pytest.param(_state_edit(lambda d: {**d, "union": {"ghost.lora_B.weight": [1]}}), r"'union' names rows of unknown",
+                 id="union-of-unknown-module"),
+    pytest.param(_state_edit(lambda d: {**d, "modules": {k: {**m, "rank": "4"} for k, m in d["modules"].items()}}),
+                 r"module .*: 'rank' is a JSON string", id="module-rank-a-string"),
+    pytest.param(_state_edit(lambda d: {**d, "config": {**d["config"], "bogus_field": 1}}),
+                 r"config: unknown field 'bogus_field'", id="config-unknown-field"),
+    pytest.param(lambda s: (s / "state.json").write_bytes(b'{"format": 1, "config": "\xff"}'), r"is not UTF-8 text",
+                 id="state-not-utf8"),
+])
+@pytest.mark.parametrize("command", ["status", "add"])
+def test_a_corrupt_state_json_is_one_line_exit_2(llama_state, prompt_dir, tmp_path, capsys, breaker, message, command):
+    _, state, _ = llama_state
+    s = _copy(state, tmp_path / "S")
+    breaker(s)
+    before = tree_digest(s)
+    capsys.readouterr()
+    argv = ["continual", command, str(s)] + (["--name", "extra", "--harmful", str(prompt_dir / "cyber.txt"), "--quiet"]
+                                            if command == "add" else [])
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("mscp: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err), err
+    assert tree_digest(s) == before and sorted(p.name for p in tmp_path.iterdir()) == ["S"]
+
+
+@pytest.mark.parametrize("content, message", [
+    pytest.param("café\n".encode("latin-1"), r"is not UTF-8 text", id="latin-1"),
+    pytest.param("two\nlines\n".encode("utf-16"), r"is UTF-16 text", id="utf-16"),
+    pytest.param(bytes(range(256)), r"is not UTF-8 text", id="binary"),
+])
+def test_continual_add_refuses_prompt_files_that_are_not_utf8(llama_state, tmp_path, capsys, content, message):
+    _, state, _ = llama_state
+    s = _copy(state, tmp_path / "S")
+    before = tree_digest(s)
+    (tmp_path / "h.txt").write_bytes(content)
+    capsys.readouterr()
+    assert main(["continual", "add", str(s), "--name", "x", "--harmful", str(tmp_path / "h.txt"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert tree_digest(s) == before
+
+
+@pytest.mark.parametrize("options, message", [
+    pytest.param(["--alpha", "nan"], r"alpha must be a finite number, got nan", id="alpha-nan"),
+    pytest.param(["--alpha", "inf"], r"alpha must be a finite number, got inf", id="alpha-inf"),
+    pytest.param(["--alpha", "1e308"], r"alpha must be in \[-16, 16\]", id="alpha-1e308"),
+    pytest.param(["--device", "meta"], r"device must be cpu, cuda or cuda:N", id="device-meta"),
+])
+def test_continual_init_refuses_options_that_cannot_work(llama_state, tmp_path, capsys, options, message):
+    trio, _, _ = llama_state
+    capsys.readouterr()
+    assert main(["continual", "init", "--base", str(trio["base"]), "--aligned", str(trio["aligned"]), "--adapter",
+                 str(trio["adapter"]), "--out", str(tmp_path / "S"), "--quiet", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "S").exists() and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("device", ["bogus", "meta"])
+def test_continual_add_refuses_an_impossible_device(llama_state, prompt_dir, tmp_path, capsys, device):
+    _, state, _ = llama_state
+    s = _copy(state, tmp_path / "S")
+    before = tree_digest(s)
+    capsys.readouterr()
+    assert main(["continual", "add", str(s), "--name", "x", "--harmful", str(prompt_dir / "cyber.txt"), "--device",
+                 device, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"device must be cpu, cuda or cuda:N, got '{device}'" in err, err
+    assert tree_digest(s) == before
+
+
+def test_continual_add_samples_a_large_dimension_and_records_it(llama_state, tmp_path):
+    _, state, _ = llama_state
+    s = _copy(state, tmp_path / "S")
+    _state_edit(lambda d: {**d, "config": {**d["config"], "max_prompts": 20}})(s)  # as if init had --max-prompts 20
+    many = tmp_path / "many.txt"
+    many.write_text("\n".join(f"{HARMFUL[i % len(HARMFUL)]} (variant {i})" for i in range(200)) + "\n")
+    with pytest.warns(UserWarning, match="dimension big prompts number 200; using a sample of 20"):
+        entry = continual.add(s, "big", harmful=[many], progress=False, figures=False)
+    assert entry["prompts"] == 20 and entry["prompts_sampled"] == {"available": 200, "used": 20, "seed": 0}
+    dimension = json.loads((s / "state.json").read_text())["dimensions"][-1]
+    assert dimension["prompts_sampled"] == entry["prompts_sampled"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from mscp.cli.options import add_config_options, add_prompt_options, config_from_args
+from mscp.cli.options import add_config_options, add_prompt_options, check_paths_given, config_from_args
 from mscp.core.config import BACKEND_CHOICES
 from mscp.errors import MSCPError
 
@@ -48,6 +48,7 @@ def _init_args(p) -> None:
 def run(args) -> int:
     from mscp.continual import add, format_status, init, status
 
+    check_paths_given(args, ("base", "aligned", "adapter", "out", "harmful", "benign", "task", "tokenizer", "state"))
     if args.continual_command == "init":
         config = config_from_args(args)
         state = init(args.base, args.aligned, args.adapter, args.out, harmful=args.harmful, benign=args.benign,

@@ -8,6 +8,7 @@ import dataclasses
 import typing
 
 from mscp.core.config import PatchConfig, config_from_mapping, read_config_file
+from mscp.errors import MSCPError
 
 _UNSET = None  # flags default to None: only the ones given override the config file
 
@@ -60,3 +61,12 @@ def config_from_args(args, **fixed) -> PatchConfig:
             values[f.name] = given
     values.update(fixed)
     return PatchConfig(**config_from_mapping(values))
+
+
+def check_paths_given(args, names) -> None:
+    """An empty path ('') would mean the current folder: refuse it (`--out ''` must not replace it)."""
+    for name in names:
+        value = getattr(args, name, None)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and not str(v).strip():
+                raise MSCPError(f"--{name.replace('_', '-')} is empty: give a path")

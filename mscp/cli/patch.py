@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mscp.cli.options import add_config_options, add_prompt_options, config_from_args
+from mscp.cli.options import add_config_options, add_prompt_options, check_paths_given, config_from_args
 from mscp.errors import MSCPError
 
 HELP = "repair a LoRA adapter with MSCP"
@@ -25,6 +25,7 @@ def run(args) -> int:
     from mscp.core.pipeline import patch_many
 
     config = config_from_args(args)
+    check_paths_given(args, ("base", "aligned", "adapter", "out", "out_dir", "harmful", "benign", "task", "tokenizer"))
     if (args.out is None) == (args.out_dir is None):
         raise MSCPError("give exactly one of --out (one adapter) or --out-dir")
     if args.out is not None and len(args.adapter) > 1:
@@ -32,11 +33,11 @@ def run(args) -> int:
     names = [Path(a).resolve().name for a in args.adapter]
     if args.out_dir is not None and len(set(names)) != len(names):
         names = [f"{k:02d}-{name}" for k, name in enumerate(names)]
-    outs = [Path(args.out)] if args.out else [Path(args.out_dir) / name for name in names]
-    if args.out_dir is not None:
-        Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    outs = [Path(args.out)] if args.out is not None else [Path(args.out_dir) / name for name in names]
+    # --out-dir and its missing parents are created only when the first output is written
     results = patch_many(args.base, args.aligned, args.adapter, outs, harmful=args.harmful, benign=args.benign,
-                         task=args.task, tokenizer=args.tokenizer, config=config, overwrite=args.overwrite)
+                         task=args.task, tokenizer=args.tokenizer, config=config, overwrite=args.overwrite,
+                         parents=args.out_dir is not None)
     for result, out in zip(results, outs):
         if len(results) > 1:
             print(f"-- {result.report['paths']['adapter']}")

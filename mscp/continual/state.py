@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from mscp.continual.analytics import (
     analytics,
@@ -49,14 +49,23 @@ from mscp.continual.analytics import (
     write_figures,
 )
 from mscp.core.adapter import Adapter, LoraModule
-from mscp.core.atomic import link_tree, write_atomically
+from mscp.core.atomic import check_writable, link_tree, write_atomically
 from mscp.core.checkpoint import config_files, sha256_file
-from mscp.core.config import PatchConfig
+from mscp.core.config import PatchConfig, config_from_mapping
 from mscp.core.pipeline import as_paths, harmful_scores, localize, modules_by_layer, progress_bar, select_rows
 from mscp.core.project import project_adapter
-from mscp.core.prompts import load_tokenizer, read_prompts
-from mscp.core.report import REPORT_NAME, build_report, check_out_dir, input_checksums, package_versions, prompt_sources
+from mscp.core.prompts import load_tokenizer, read_prompts, sample_prompts
+from mscp.core.report import (
+    REPORT_NAME,
+    build_report,
+    check_out_dir,
+    input_checksums,
+    package_versions,
+    prompt_sources,
+    save_tensors,
+)
 from mscp.core.streaming import ModelShell
+from mscp.core.textfiles import json_type, read_json_object
 from mscp.errors import MSCPError
 from mscp.kernels import record_backends
 
@@ -125,6 +134,7 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
         "adapter_config": lora.config,
         "prompts": {name: len(p) for name, p in loc.sets.items()},
         "prompts_sha256": {name: _prompts_sha256(p) for name, p in loc.sets.items()},
+        **({"prompts_sampled": loc.sampled} if loc.sampled else {}),
         "prompt_sources": prompt_sources(loc.sets, loc.prompt_files),
         "backends": dict(sorted(backends.items())),
         "compute_dtype": str(loc.base_model.dtype).removeprefix("torch."),
@@ -145,8 +155,8 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
         (tmp / "b0").mkdir()
         _copy_adapter(lora, tmp / "b0")
         (tmp / "cache").mkdir()
-        save_file(tensors_scores, str(tmp / "cache" / "scores.safetensors"), metadata={"format": "pt"})
-        save_file(projected_b, str(tmp / "cache" / "projected.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors_scores, tmp / "cache" / "scores.safetensors", finite=False)
+        save_tensors(projected_b, tmp / "cache" / "projected.safetensors")
         (tmp / "dims").mkdir()
         (tmp / "adapter").mkdir()
         for name in ADAPTER_FILES:
@@ -185,18 +195,20 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
     with _locked(state_dir):
         state = load_state(state_dir)
         started = time.perf_counter()
-        config = PatchConfig(**{**state["config"], "layers": _tuple(state["config"]["layers"])})
+        config = PatchConfig(**config_from_mapping(state["config"], where=f"{state_dir / STATE_FILE}: config"))
         changes = {k: v for k, v in dict(q=q, p=p, device=device, backend=backend, progress=progress).items()
                    if v is not None}
         config = replace(config, **changes)
         if config.device.startswith("cuda") and not torch.cuda.is_available():
             raise MSCPError("--device cuda requested but CUDA is not available")
+        check_writable(state_dir)
+        texts, sampled = sample_prompts(texts, config.max_prompts, f"dimension {name}")
         digest = _prompts_sha256(texts)
         file_sums = {str(f): sha256_file(f) for f in files}
         existing = {d["name"]: d for d in state["dimensions"]}
         step = len(state["history"])
         entry = {"step": step, "op": "add", "name": name, "time": _now(), "prompts": len(texts),
-                 "prompts_sha256": digest, "q": config.q, "p": config.p}
+                 "prompts_sha256": digest, "q": config.q, "p": config.p, **({"prompts_sampled": sampled} if sampled else {})}
         if name in existing:
             old = existing[name]
             if old["prompts_sha256"] != digest or old["q"] != config.q or old["p"] != config.p:
@@ -263,7 +275,7 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
                      cumulative_edit_fraction=edit_fraction(state, union))
         dim = {"name": name, "step": step, "harmful_files": [str(f) for f in files] or "in-memory",
                "harmful_sha256": file_sums, "prompts_sha256": digest, "prompts": len(texts), "q": config.q,
-               "p": config.p, "mask_rows": mask_rows, "mask_parameters": edited_parameters(state, mask),
+               "p": config.p, **({"prompts_sampled": sampled} if sampled else {}), "mask_rows": mask_rows, "mask_parameters": edited_parameters(state, mask),
                "mask_edit_fraction": edited_parameters(state, mask) / state["lora_parameters"],
                "new_rows": entry["new_rows"], "new_parameters": n_new_params,
                "incremental_edit_fraction": entry["incremental_edit_fraction"],
@@ -275,12 +287,11 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
 
         def write(tmp: Path):
             write_clock = time.perf_counter()
-            save_file(dim_scores, str(tmp / "dims" / f"{name}.safetensors"), metadata={"format": "pt"})
+            save_tensors(dim_scores, tmp / "dims" / f"{name}.safetensors", finite=False)
             if tensors is not None:
                 (tmp / "adapter").mkdir()
                 link_tree(state_dir / "b0" / "adapter_config.json", tmp / "adapter" / "adapter_config.json")
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter" / "adapter_model.safetensors"),
-                          metadata={"format": "pt"})
+                save_tensors(tensors, tmp / "adapter" / "adapter_model.safetensors")
                 (tmp / "adapter" / REPORT_NAME).write_text(json.dumps(_adapter_report(state, union), indent=2) + "\n")
             timings["write"] = time.perf_counter() - write_clock
             if figures:  # without figures the old PNGs (of an earlier step) are dropped, not kept stale
@@ -303,13 +314,73 @@ def load_state(state_dir) -> dict:
         if not state_dir.exists() and list(state_dir.parent.glob(f".{state_dir.name}.old-*")):
             hint = f" (an interrupted update left {next(state_dir.parent.glob(f'.{state_dir.name}.old-*'))}: rename it back)"
         raise MSCPError(f"{state_dir} is not a continual state (no {STATE_FILE}; create one with `mscp continual init`){hint}")
-    try:
-        state = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        raise MSCPError(f"corrupt continual state: {f}") from None
+    state = read_json_object(f, "continual state", allow_nan=True)  # curves may hold NaN, as json.dumps writes it
     if state.get("format") != STATE_FORMAT:
         raise MSCPError(f"{f} has state format {state.get('format')!r}; this mscp reads format {STATE_FORMAT}")
+    problem = _state_problem(state)
+    if problem:
+        raise MSCPError(f"corrupt continual state: {f} ({problem})")
+    config_from_mapping(state["config"], where=f"{f}: config")  # field names only; add checks the values
     return state
+
+
+_INT, _NUM, _STR, _BOOL = "integer", "number", "string", "boolean"
+_TOP = {"config": dict, "paths": dict, "n_layers": _INT, "safety_layers": list, "layer_curves": list, "modules": dict,
+        "lora_parameters": _INT, "dimensions": list, "union": dict, "history": list}
+_MODULE = {"module": _STR, "layer": _INT, "name": _STR, "d_out": _INT, "rank": _INT, "safety_layer": _BOOL}
+_DIMENSION = {"name": _STR, "step": _INT, "prompts": _INT, "prompts_sha256": _STR, "q": _NUM, "p": _NUM,
+              "mask_rows": _INT, "mask_edit_fraction": _NUM, "new_rows": _INT, "new_parameters": _INT,
+              "incremental_edit_fraction": _NUM, "cumulative_edit_fraction": _NUM, "rows": dict,
+              "harmful_sha256": dict}
+
+
+def _is(value, kind) -> bool:
+    if kind == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, {_STR: str, _BOOL: bool}.get(kind, kind))
+
+
+def _missing(record, spec: dict) -> str | None:
+    """The first field of `spec` that `record` lacks or holds with another type."""
+    if not isinstance(record, dict):
+        return f"a JSON {json_type(record)} where an object belongs"
+    for key, kind in spec.items():
+        if key not in record:
+            return f"no '{key}'"
+        if not _is(record[key], kind):
+            return f"'{key}' is a JSON {json_type(record[key])}"
+    return None
+
+
+def _rows_ok(rows_by_module, modules: dict) -> bool:
+    return isinstance(rows_by_module, dict) and all(
+        k in modules and isinstance(rows, list) and all(_is(r, _INT) for r in rows) for k, rows in rows_by_module.items())
+
+
+def _state_problem(state: dict) -> str | None:
+    """What `add` and `status` read, checked: the fields, their types and the modules they name."""
+    problem = _missing(state, _TOP)
+    if problem:
+        return problem
+    if not isinstance(state["paths"].get("aligned"), str):
+        return "no 'paths.aligned'"
+    if not state["safety_layers"] or not all(_is(i, _INT) for i in state["safety_layers"]):
+        return "'safety_layers' is not a list of layer indices"
+    for key, m in state["modules"].items():
+        problem = _missing(m, _MODULE)
+        if problem:
+            return f"module {key}: {problem}"
+    if not _rows_ok(state["union"], state["modules"]):
+        return "'union' names rows of unknown modules"
+    for n, d in enumerate(state["dimensions"]):
+        problem = _missing(d, _DIMENSION) or (None if _rows_ok(d["rows"], state["modules"]) else "rows of unknown modules")
+        if problem:
+            return f"dimension {n}: {problem}"
+    if not all(isinstance(h, dict) for h in state["history"]):
+        return "'history' holds a non-object"
+    return None
 
 
 def status(state_dir) -> dict:
@@ -329,10 +400,6 @@ def _shell(path, label: str, config: PatchConfig) -> ModelShell:
 
 def _prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(list(prompts), ensure_ascii=False).encode()).hexdigest()
-
-
-def _tuple(x):
-    return tuple(x) if x is not None else None
 
 
 def _now() -> str:
@@ -379,8 +446,7 @@ def _copy_adapter(lora: Adapter, folder: Path) -> None:
     if len(weights) == 1 and weights[0].suffix == ".safetensors":
         shutil.copyfile(weights[0], folder / "adapter_model.safetensors")
     else:
-        save_file({k: v.contiguous() for k, v in lora.tensors.items()}, str(folder / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        save_tensors(lora.tensors, folder / "adapter_model.safetensors")
 
 
 def _write_json(path: Path, data: dict) -> None:

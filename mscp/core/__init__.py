@@ -10,5 +10,7 @@
     scoring    level 2: per-row scores (Wanda and the others) and the row selection
     project    the masked low-rank projection (fast_project)
     pipeline   patch() / patch_many(): the passes, selection, projection, report
-    report     the report, checksums, versions, atomic output folders
+    report     the report, checksums, versions, OUT checked against the inputs, atomic output folders
+    atomic     the one atomic folder writer: temporary siblings, swaps, stale ones removed, signals held
+    textfiles  strict UTF-8 and JSON reading of prompt files, configs, shard indexes and state.json
 """

@@ -6,7 +6,6 @@ regex `target_modules`, biases or any ordering of the file work alike.
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from pathlib import Path
 import torch
 
 from mscp.core.checkpoint import Checkpoint, check_finite
+from mscp.core.textfiles import json_type, read_json_object
 from mscp.errors import MSCPError
 
 PEFT_PREFIX = "base_model.model."
@@ -53,10 +53,7 @@ class Adapter:
         config_path = path / "adapter_config.json"
         if not config_path.is_file():
             raise MSCPError(f"adapter folder {path} has no adapter_config.json")
-        try:
-            config = json.loads(config_path.read_text())
-        except json.JSONDecodeError:
-            raise MSCPError(f"corrupt adapter config: {config_path}") from None
+        config = read_json_object(config_path, "adapter config")
         check_lora_config(config, str(config_path))
         ckpt = Checkpoint(path, allow_pickle=allow_pickle, label="adapter", stem="adapter_model")
         tensors = {name: ckpt.get(name) for name in ckpt.keys()}
@@ -64,6 +61,8 @@ class Adapter:
 
     @classmethod
     def from_state_dict(cls, tensors: dict[str, torch.Tensor], config: dict | None = None) -> "Adapter":
+        if config is not None and not isinstance(config, dict):
+            raise MSCPError(f"the adapter config must be a dict, got {type(config).__name__}")
         config = dict(config or {"peft_type": "LORA"})
         check_lora_config(config, "adapter config")
         for name, t in tensors.items():
@@ -78,13 +77,38 @@ class Adapter:
 
 
 def check_lora_config(config: dict, where: str) -> None:
-    peft_type = str(config.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise MSCPError(f"unsupported adapter type {peft_type} in {where}: mscp projects LoRA adapters only")
+    """The fields mscp reads must have the types peft writes; a wrong one is one line, not a traceback."""
+    peft_type = config.get("peft_type", "LORA")
+    if not isinstance(peft_type, str):
+        raise MSCPError(f"peft_type in {where} must be a string, got {json_type(peft_type)}")
+    if peft_type.upper() != "LORA":
+        raise MSCPError(f"unsupported adapter type {peft_type.upper()} in {where}: mscp projects LoRA adapters only")
     if config.get("use_dora"):
         raise MSCPError(f"DoRA adapters are not supported ({where} has use_dora=true)")
     if config.get("lora_bias"):
         raise MSCPError(f"LoRA adapters with a trained bias are not supported ({where} has lora_bias=true)")
+    if "lora_alpha" in config:
+        _check_number(config["lora_alpha"], f"lora_alpha in {where}")
+    if not isinstance(config.get("use_rslora", False), bool):
+        raise MSCPError(f"use_rslora in {where} must be true or false, got {json_type(config['use_rslora'])}")
+    for name, what in (("alpha_pattern", "lora_alpha"), ("rank_pattern", "rank")):
+        patterns = config.get(name)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise MSCPError(f"{name} in {where} must be an object of regex -> {what}, got {json_type(patterns)}")
+        for pattern, value in patterns.items():
+            try:
+                re.compile(_pattern_regex(pattern))
+            except (re.error, RecursionError, OverflowError) as e:
+                raise MSCPError(f"{name} in {where}: {pattern!r} is not a regular expression ({e})") from None
+            _check_number(value, f"{name}[{pattern!r}] in {where}")
+
+
+def _check_number(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        shown = f" {value!r:.60}" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+        raise MSCPError(f"{what} must be a finite number, got {json_type(value)}{shown}")
 
 
 def _pair_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
@@ -111,6 +135,10 @@ def _pair_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, L
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise MSCPError(f"adapter module {module}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not form a LoRA pair")
         rank = a.shape[0]
+        if rank == 0:
+            raise MSCPError(f"adapter module {module} has rank 0 (lora_A {tuple(a.shape)}): nothing to project")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise MSCPError(f"adapter module {module}: lora_A and lora_B must be floating point, got {a.dtype} and {b.dtype}")
         modules[module] = LoraModule(module, keys["A"], keys["B"], rank, _scale(config, module, rank))
     return modules
 
@@ -118,9 +146,13 @@ def _pair_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, L
 def _pattern_value(patterns: dict, module: str, default):
     """peft's rank/alpha patterns: a key matches a module path ending in it (as a regex)."""
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
+        if re.match(_pattern_regex(pattern), module):
             return value
     return default
+
+
+def _pattern_regex(pattern: str) -> str:
+    return rf"(.*\.)?({pattern})$"
 
 
 def _scale(config: dict, module: str, rank: int) -> float:

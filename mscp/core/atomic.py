@@ -3,16 +3,24 @@ to disk, then swapped in, so a reader sees the old folder or the new one, never 
 
 Temporary siblings are named `.NAME.tmp-HOST-PID-START` (and `.NAME.old-...` during a two-rename
 swap), so a later run to the same place can tell which were left by a process that no longer runs
-(killed, power lost) and removes them first.
+(killed, power lost) and removes them first; an `.old` left where NAME is missing (killed between
+the two renames) is the previous NAME and is renamed back instead.
+
+SIGINT and SIGTERM arriving while a temporary folder is created, swapped in or removed are held
+until that step ends, so an interrupt never leaves one behind; a write that fails (disk full,
+read-only file system) is one line, MSCPError, and leaves NAME as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 from pathlib import Path
 
 from mscp.errors import MSCPError
@@ -66,10 +74,68 @@ def stale_siblings(out: Path) -> list[Path]:
 
 
 def remove_stale(out: Path) -> list[Path]:
-    removed = stale_siblings(out)
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return removed
+    """Remove the temporary siblings of `out` left by dead processes; returns them.
+
+    An `.old` sibling where `out` itself is missing holds the previous `out` (the run died between
+    the two renames of a swap): it is renamed back, so `out` is the old folder, never a mix."""
+    out = Path(out)
+    found = stale_siblings(out)
+    with signals_deferred():
+        for p in sorted(found, key=lambda p: _NAME_RE.match(p.name)["kind"] != "old"):
+            if _NAME_RE.match(p.name)["kind"] == "old" and not os.path.lexists(out):
+                os.rename(p, out)
+            else:
+                shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
+def check_writable(out: Path) -> None:
+    """Fail now, not after the work, when `out` cannot be created: a probe folder named like the
+    writer's temporary sibling is made and removed beside it (in the nearest existing folder
+    above it when parents are missing)."""
+    out = Path(os.path.abspath(out))
+    here = out
+    while not here.parent.exists() and here.parent != here:
+        here = here.parent
+    if not here.parent.is_dir():
+        raise MSCPError(f"cannot create the output folder {out}: {here.parent} is not a folder")
+    probe = sibling(here, "tmp")
+    try:
+        with signals_deferred():
+            probe.mkdir()
+            probe.rmdir()
+    except OSError as e:
+        raise MSCPError(f"cannot create the output folder {out} in {here.parent}: {e.strerror or e}") from None
+
+
+class _Deferred:
+    def __init__(self):
+        self.pending: list[int] = []
+
+    def __call__(self, signum, frame):
+        self.pending.append(signum)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT and SIGTERM arriving inside the block are delivered when it ends (main thread only;
+    elsewhere Python runs no signal handlers anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hold = _Deferred()
+    saved = {}
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(signum)
+        if previous is not None:  # None: installed outside Python, cannot be restored
+            saved[signum] = signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        for signum, previous in saved.items():
+            signal.signal(signum, previous)
+        for signum in hold.pending:
+            signal.raise_signal(signum)
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -117,38 +183,85 @@ def exchange(a: Path, b: Path) -> bool:
     raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
 
 
-def write_atomically(out, fill, *, overwrite: bool = False, keep: tuple = (), mode: int = 0o755) -> Path:
+written: list[Path] = []  # every folder swapped in by this process, in order (what an interrupt leaves)
+
+
+def write_atomically(out, fill, *, overwrite: bool = False, keep: tuple = (), mode: int = 0o755,
+                     parents: bool = False) -> Path:
     """Build `out` with `fill(tmp_folder)` and swap it in; returns `out`.
 
     keep: paths inside an existing `out` carried into the new one as hard links (unchanged parts
-    of a state). An existing `out` is replaced only with `overwrite`. On any error or interrupt the
-    temporary folder is removed and `out` is as it was.
+    of a state). An existing `out` is replaced only with `overwrite`. parents: create missing
+    parent folders (removed again if the write fails). On any error or interrupt the temporary
+    folder is removed and `out` is as it was; an OSError (disk full...) becomes an MSCPError.
     """
     out = Path(out)
     if out.is_symlink():
         raise MSCPError(f"output folder {out} is a symbolic link; give the real path")
+    created = _make_parents(out) if parents else []
     out = out.parent.resolve() / out.name
-    remove_stale(out)
     tmp = sibling(out, "tmp")
-    tmp.mkdir()
+    garbage = None  # the previous contents once swapped out
     try:
+        remove_stale(out)
+        with signals_deferred():
+            tmp.mkdir()
         for rel in keep:
             link_tree(out / rel, tmp / rel)
         fill(tmp)
         _fsync_tree(tmp)
         os.chmod(tmp, mode)
-        if not out.exists():
-            os.rename(tmp, out)
-        elif not overwrite:
-            raise MSCPError(f"output folder {out} already exists (pass --overwrite to replace it)")
-        elif exchange(tmp, out):  # tmp now holds the previous contents
+        with signals_deferred():  # the swap and its record happen together or not at all
+            if not out.exists():
+                os.rename(tmp, out)
+            elif not overwrite:
+                raise MSCPError(f"output folder {out} already exists (pass --overwrite to replace it)")
+            elif exchange(tmp, out):
+                garbage = tmp  # tmp now holds the previous contents
+            else:
+                garbage = sibling(out, "old")
+                os.rename(out, garbage)
+                os.rename(tmp, out)
+            written.append(out)
+        if garbage is not None:
+            with signals_deferred():
+                shutil.rmtree(garbage, ignore_errors=True)
+    except BaseException as e:
+        with signals_deferred():
             shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            old = sibling(out, "old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+            if garbage is not None:
+                shutil.rmtree(garbage, ignore_errors=True)
+            if not out.exists():
+                _remove_empty(created)
+        if isinstance(e, OSError):
+            raise MSCPError(f"cannot write {out}: {_reason(e)}; nothing was written") from None
         raise
     return out
+
+
+def _reason(e: OSError) -> str:
+    return f"{e.strerror} ({e.filename})" if e.strerror and e.filename else (e.strerror or str(e))
+
+
+def _make_parents(out: Path) -> list[Path]:
+    """Create the missing parents of `out`; returns them, deepest first."""
+    missing = []
+    here = Path(os.path.abspath(out)).parent
+    while not here.exists():
+        missing.append(here)
+        here = here.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except OSError as e:
+            _remove_empty(missing)
+            raise MSCPError(f"cannot create folder {folder}: {_reason(e)}") from None
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass

@@ -13,7 +13,6 @@ Pickle checkpoints (`.bin`, `.pt`) are refused unless allowed, and are then load
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import struct
 import warnings
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from mscp.core.textfiles import json_type, parse_json, read_json_object
 from mscp.errors import MSCPError
 
 SAFETENSORS_DTYPES = {
@@ -34,8 +34,18 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
+
+
 class SafetensorsFile:
-    """Header of one .safetensors file, with offsets checked against the file's size."""
+    """Header of one .safetensors file, validated in full before any tensor is read.
+
+    The checks are those of the safetensors format itself (the library refuses such files too):
+    a header of at most MAX_HEADER_BYTES of UTF-8 JSON, an object without duplicate names; each
+    entry a known dtype, a shape of non-negative integers and data_offsets [begin, end] with
+    end - begin = product(shape) x item size; the byte ranges, ordered, start at 0, follow each
+    other without gap or overlap and end exactly where the file does.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -47,39 +57,65 @@ class SafetensorsFile:
             if len(raw) < 8:
                 raise MSCPError(f"truncated safetensors file (no header): {self.path}")
             (header_len,) = struct.unpack("<Q", raw)
-            if header_len > min(MAX_HEADER_BYTES, size - 8):
+            if header_len > MAX_HEADER_BYTES:
+                raise MSCPError(f"corrupt safetensors header: {self.path} declares a header of {header_len} bytes "
+                                f"(at most {MAX_HEADER_BYTES})")
+            if header_len > size - 8:
                 raise MSCPError(f"truncated or corrupt safetensors header: {self.path}")
-            try:
-                header = json.loads(f.read(header_len))
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                raise MSCPError(f"corrupt safetensors header: {self.path}") from None
+            text = f.read(header_len)
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            raise MSCPError(f"corrupt safetensors header: {self.path} (not UTF-8)") from None
+        header = parse_json(text, f"corrupt safetensors header: {self.path}")
         if not isinstance(header, dict):
             raise MSCPError(f"corrupt safetensors header (not a JSON object): {self.path}")
-        self.metadata = header.pop("__metadata__", None) or {}
+        metadata = header.pop("__metadata__", None)
+        if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+            raise MSCPError(f"corrupt safetensors header: __metadata__ of {self.path} is not an object of strings")
+        self.metadata = metadata or {}
         self.data_start = 8 + header_len
         self.bytes_read = 0
         self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
         for name, info in header.items():
-            self.entries[name] = self._entry(name, info, size)
+            self.entries[name] = self._entry(name, info)
+        self._check_layout(size - self.data_start)
 
-    def _entry(self, name, info, size) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    def _entry(self, name, info) -> tuple[torch.dtype, tuple[int, ...], int, int]:
         """One header entry, checked: known dtype, integer shape, a byte range of exactly its size."""
-        try:
-            dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-            shape = tuple(int(s) for s in info["shape"])
-            begin, end = (int(o) for o in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise MSCPError(f"corrupt safetensors header entry {name!r} in {self.path}") from None
+        shape, offsets = (info.get("shape"), info.get("data_offsets")) if isinstance(info, dict) else (None, None)
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and _ints(shape) and _ints(offsets)
+                and len(offsets) == 2):
+            raise MSCPError(f"corrupt safetensors header entry {name!r} in {self.path}")
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
         if dtype is None:
-            raise MSCPError(f"unsupported dtype {info['dtype']!r} for {name} in {self.path}")
-        numel = 1
+            raise MSCPError(f"unsupported dtype {info['dtype'][:40]!r} for {name!r} in {self.path}")
+        if len(shape) > MAX_DIMS:
+            raise MSCPError(f"corrupt safetensors header: {name!r} has {len(shape)} dimensions in {self.path}")
+        begin, end = offsets
+        numel, extent = 1, dtype.itemsize
         for s in shape:
             numel *= s
+            extent *= max(s, 1)
+        if extent >= 2**63:  # torch (and the format) compute sizes in int64, zero dimensions or not
+            raise MSCPError(f"corrupt safetensors header: the shape of {name!r} overflows 64-bit sizes in {self.path}")
         if min(shape, default=0) < 0 or begin < 0 or end - begin != numel * dtype.itemsize:
-            raise MSCPError(f"corrupt safetensors header: the byte range of {name} does not match its shape in {self.path}")
-        if self.data_start + end > size:
-            raise MSCPError(f"truncated safetensors file: {self.path} ends before tensor {name}")
-        return dtype, shape, begin, end
+            raise MSCPError(f"corrupt safetensors header: the byte range of {name!r} does not match its shape in {self.path}")
+        return dtype, tuple(shape), begin, end
+
+    def _check_layout(self, data_bytes: int) -> None:
+        """The tensors' byte ranges tile the data section: no overlap (two tensors sharing bytes), no
+        gap, nothing after the last one; a range past the end is a truncated file."""
+        at, previous = 0, None
+        for name, (_dtype, _shape, begin, end) in sorted(self.entries.items(), key=lambda e: e[1][2:]):
+            if begin != at:
+                what = f"overlaps {previous!r}" if begin < at else "leaves a gap before it"
+                raise MSCPError(f"corrupt safetensors header: the byte range of {name!r} {what} in {self.path}")
+            if end > data_bytes:
+                raise MSCPError(f"truncated safetensors file: {self.path} ends before tensor {name!r}")
+            at, previous = end, name
+        if at != data_bytes:
+            raise MSCPError(f"corrupt safetensors file: {self.path} has {data_bytes - at} bytes after its last tensor")
 
     def read(self, name: str, rows: torch.Tensor | None = None, pin: bool = False) -> torch.Tensor:
         """The tensor `name`, or only the given rows (sorted, unique) of a 2-D tensor.
@@ -123,6 +159,10 @@ class SafetensorsFile:
         return t.view(shape)  # the tensor holds the mapping; it is unmapped when the tensor is freed
 
 
+def _ints(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
 def _readinto(f, offset: int, out: torch.Tensor) -> None:
     view = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
     f.seek(offset)
@@ -143,6 +183,31 @@ def _runs(rows: list[int]):
             stop += 1
         yield rows[at], rows[stop], at
         at = stop + 1
+
+
+def read_shard_index(index: Path) -> dict[str, str]:
+    """The weight_map of `model.safetensors.index.json`: tensor name -> shard file name.
+
+    Shards are plain file names inside the index's folder, so a checkpoint never reads a file
+    outside its own folder (a name like ../base/model.safetensors is refused). Symbolic links
+    inside the folder are followed, as the hub's cache lays out snapshots that way.
+    """
+    data = read_json_object(index, "shard index")
+    weight_map = data.get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise MSCPError(f"corrupt shard index: {index} (no 'weight_map' object)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise MSCPError(f"corrupt shard index: {index} maps {name!r} to a JSON {json_type(shard)}, not a file name")
+        if not _plain_file_name(shard):
+            raise MSCPError(f"shard index {index} names {shard[:200]!r}, which is not a file inside the model folder")
+        if not shard.endswith(".safetensors"):
+            raise MSCPError(f"shard index {index} names {shard[:200]!r}, which is not a .safetensors file")
+    return weight_map
+
+
+def _plain_file_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and not any(c in name for c in "/\\\0") and Path(name).name == name
 
 
 class Checkpoint:
@@ -169,16 +234,13 @@ class Checkpoint:
         index = d / f"{stem}.safetensors.index.json"
         single = d / f"{stem}.safetensors"
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError):
-                raise MSCPError(f"corrupt shard index: {index}") from None
+            weight_map = read_shard_index(index)
             self.files.append(index)
             for shard in sorted(set(weight_map.values())):
                 self._open_safetensors(d / shard)
-            missing = set(weight_map) - set(self._where)
+            missing = sorted(name for name, shard in weight_map.items() if self._where.get(name) != d / shard)
             if missing:
-                raise MSCPError(f"shard index {index} lists tensors absent from the shards, e.g. {sorted(missing)[0]}")
+                raise MSCPError(f"shard index {index} lists tensors absent from the shards, e.g. {missing[0]}")
             return
         if single.is_file():
             self._open_safetensors(single)
@@ -217,6 +279,9 @@ class Checkpoint:
         self._st[path] = st
         self.files.append(path)
         for name in st.entries:
+            if name in self._where:  # which copy a reader gets would depend on the order files are opened
+                raise MSCPError(f"{self.label} checkpoint {self.path}: tensor {name!r} is in both "
+                                f"{self._where[name].name} and {path.name}")
             self._where[name] = path
 
     # -- reading -------------------------------------------------------------------------

@@ -78,6 +78,9 @@ class PatchConfig:
     exact_rank: int = option(64, "rank of Q for the 'exact' projector")
 
     # Calibration
+    max_prompts: int = option(1024, "prompts used of each set (harmful, benign, task) at most: a larger set is "
+                              "sampled (seed 0, file order kept; the report's prompts_sampled records it) with a "
+                              "warning. Calibration needs hundreds of prompts; a 50,000-line file would take an hour")
     max_length: int = option(256, "prompts longer than this many tokens (after the chat template) are truncated")
     batch_size: int = option(16, "prompts per forward call through a decoder layer")
     chat_template: bool = option(True, "tokenise prompts as plain text, without the tokenizer's chat template",
@@ -119,12 +122,13 @@ class PatchConfig:
             first, last = parse_layer_range(self.layers)
             check(0 <= first <= last, f"layers must be a range A-B with 0 <= A <= B, got {first}-{last}")
             object.__setattr__(self, "layers", (first, last))
-        for name in ("batch_size", "max_length", "exact_rank", "target_tokens"):
+        for name in ("batch_size", "max_length", "exact_rank", "target_tokens", "max_prompts"):
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   f"{name} must be an integer, got {getattr(self, name)!r}")
         check(self.batch_size >= 1 and self.max_length >= 1, "batch_size and max_length must be positive")
         check(self.exact_rank >= 1, f"exact_rank must be positive, got {self.exact_rank}")
         check(self.target_tokens >= 1, f"target_tokens must be positive, got {self.target_tokens}")
+        check(self.max_prompts >= 1, f"max_prompts must be positive, got {self.max_prompts}")
         check(isinstance(self.device, str) and _valid_device(self.device),
               f"device must be cpu, cuda or cuda:N, got {self.device!r}")
         check(isinstance(self.extra, dict), "extra must be a dict")

@@ -33,6 +33,7 @@ from mscp.core.prompts import (
     load_tokenizer,
     make_batches,
     read_prompts,
+    sample_prompts,
 )
 from mscp.core.report import (
     build_report,
@@ -96,6 +97,7 @@ class Localization:
     sets: dict[str, list[str]]  # prompt sets by name
     prompt_files: dict[str, list[Path]]
     timings: dict
+    sampled: dict[str, dict] = field(default_factory=dict)  # prompt sets over config.max_prompts, sampled
 
 
 def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
@@ -113,7 +115,7 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     progress = progress_bar(config)
     base_model, aligned_model = open_models(base, aligned, config)
     runs = [_AdapterRun(Path(a), *_open_adapter(Path(a), aligned_model, config)) for a in adapters]
-    sets, prompt_files = prompt_sets(harmful, benign, task, prompts)
+    sets, prompt_files, sampled = prompt_sets(harmful, benign, task, prompts, config.max_prompts)
     tok = load_tokenizer(tokenizer or aligned)
     calib = encode_batches(tok, [(sets["harmful"], HARMFUL), (sets["benign"], BENIGN)], config)
     task_batches = encode_batches(tok, [(sets["task"], TASK)], config)
@@ -165,7 +167,7 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
                 run.scores = scores_by_key(run, harmful_scores, run.task_scores, layers=window if after_window else None)
         else:
             attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings)
-    return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings)
+    return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings, sampled)
 
 
 def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: list[_AdapterRun], sets: dict, tok,
@@ -289,12 +291,12 @@ def scores_by_key(run: _AdapterRun, harmful: WandaScores, task: WandaScores, lay
 
 def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
                prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
-               **overrides) -> list[PatchResult]:
+               parents: bool = False, **overrides) -> list[PatchResult]:
     """`patch` for several adapters of the same aligned model, reading base and aligned once.
 
     The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
     its own fine-tuned stream, task scores, masks and output. Each result equals patching that
-    adapter alone.
+    adapter alone. parents: create the outputs' missing parent folders (only when writing them).
     """
     config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
     if not adapters:
@@ -308,7 +310,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
         if len({Path(o).resolve() for o in outs}) != len(outs):
             raise MSCPError("two adapters would be written to the same output folder")
         for out in outs:
-            check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])
+            check_out_dir(out, overwrite, [p for p in inputs if p.exists()], parents=parents)
 
     with record_backends() as backends:
         loc = localize(base, aligned, adapters, harmful=harmful, benign=benign, task=task, prompts=prompts,
@@ -343,9 +345,10 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             adapter={"target_modules": lora.config.get("target_modules"), "modules": len(lora.modules),
                      "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha")},
             adapters_in_pass=len(runs), **({"score_details": run.details} if run.details else {}),
+            **({"prompts_sampled": loc.sampled} if loc.sampled else {}),
             bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read})
         if outs is not None:
-            write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite)
+            write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite, parents=parents)
         results.append(PatchResult(report, tensors, run.scores))
     return results
 
@@ -441,19 +444,29 @@ def as_paths(x) -> list[Path]:
     return [Path(x)] if isinstance(x, (str, Path)) else [Path(f) for f in x]
 
 
-def prompt_sets(harmful, benign, task, prompts) -> tuple[dict[str, list[str]], dict[str, list[Path]]]:
+def prompt_sets(harmful, benign, task, prompts, max_prompts: int | None = None
+                ) -> tuple[dict[str, list[str]], dict[str, list[Path]], dict[str, dict]]:
+    """The harmful, benign and task prompts; sets over max_prompts are sampled (prompts.sample_prompts).
+    Returns (sets, files by role, what was sampled by set)."""
     prompts = dict(prompts or {})
     files = {"harmful": as_paths(harmful), "benign": as_paths(benign), "task": as_paths(task)}
     sets: dict[str, list[str]] = {}
+    sampled: dict[str, dict] = {}
     for name in ("harmful", "benign", "task"):
         if files[name]:
             sets[name] = [p for f in files[name] for p in read_prompts(f)]
         elif prompts.get(name) is not None:
+            if isinstance(prompts[name], str) or not all(isinstance(p, str) for p in prompts[name]):
+                raise MSCPError(f"the {name} prompts must be a list of strings")
             sets[name] = [p.strip() for p in prompts[name] if p and p.strip()]
             if not sets[name]:
                 raise MSCPError(f"the {name} prompt list is empty")
         elif name in ("harmful", "benign"):
             sets[name] = default_prompts(name)
+        if name in sets and max_prompts is not None:
+            sets[name], info = sample_prompts(sets[name], max_prompts, name)
+            if info:
+                sampled[name] = info
     if "task" not in sets:
         sets["task"] = sets["benign"]
-    return sets, {f"prompts:{k}": v for k, v in files.items() if v}
+    return sets, {f"prompts:{k}": v for k, v in files.items() if v}, sampled

@@ -96,7 +96,9 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
             tensors, edits = results[k]
             edits[key_b] = ModuleEdit(m.module, rows.tolist(), norm_v, m.rank, B.shape[0], skipped)
             if rows.numel() and not skipped:
-                tensors[key_b] = B_new.to(device="cpu", dtype=B.dtype)
+                B_new = B_new.to(device="cpu", dtype=B.dtype)
+                _check_projected(B_new[rows], key_b, alpha)
+                tensors[key_b] = B_new
         del W_a, W_b
     return results
 
@@ -127,6 +129,13 @@ def _name_non_finite(W_a, W_b, aligned, base, key: str) -> None:
     check_finite(W_a, aligned.label, key)
     check_finite(W_b, base.label, key)
     raise MSCPError(f"||W_aligned - W_base|| of {key} overflows")
+
+
+def _check_projected(rows: torch.Tensor, key: str, alpha) -> None:
+    """Nothing non-finite is ever written: e.g. an alpha or a V so large that B' overflows its dtype."""
+    if rows.is_floating_point() and rows.numel() and not bool(torch.isfinite(rows).all()):
+        raise MSCPError(f"the projection of {key} gives NaN or Inf (alpha {alpha}, dtype "
+                        f"{str(rows.dtype).removeprefix('torch.')}); nothing was written")
 
 
 def _rows_tensor(rows, d_out: int, key: str) -> torch.Tensor:

@@ -9,49 +9,65 @@ from __future__ import annotations
 
 import csv
 import io
-import json
+import random
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 
-from mscp.errors import MSCPError
+from mscp.core.textfiles import json_type, parse_json, read_text
+from mscp.errors import MSCPError, MSCPWarning
 
 DEFAULT_SETS = {"harmful": "harmful_default.txt", "benign": "benign_default.txt"}
+SAMPLE_SEED = 0  # the seed of `sample_prompts`, recorded with every sample
 
 
 def read_prompts(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.is_file():
         raise MSCPError(f"prompt file not found: {path}")
-    text = path.read_text(encoding="utf-8-sig")  # -sig: a BOM (as spreadsheets write) is not text
+    text = read_text(path, "prompt file")
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         prompts = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                raise MSCPError(f"{path}:{n}: not a JSON line") from None
+            record = parse_json(line, f"{path}:{n}: not a JSON line")
             if not isinstance(record, dict) or "prompt" not in record:
                 raise MSCPError(f"{path}:{n}: no 'prompt' field")
-            prompts.append(str(record["prompt"]))
+            if not isinstance(record["prompt"], str):  # null must not become the prompt "None"
+                raise MSCPError(f"{path}:{n}: 'prompt' must be a string, got {json_type(record['prompt'])}")
+            prompts.append(record["prompt"])
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted fields
-        columns = {c.strip().lower(): c for c in reader.fieldnames or []}
-        column = columns.get("prompt") or columns.get("goal")  # AdvBench/JBB call it Goal
-        if column is None:
-            raise MSCPError(f"{path}: no 'prompt' or 'goal' column")
-        prompts = [row[column] or "" for row in reader]
+        try:
+            columns = {c.strip().lower(): c for c in reader.fieldnames or []}
+            column = columns.get("prompt") or columns.get("goal")  # AdvBench/JBB call it Goal
+            if column is None:
+                raise MSCPError(f"{path}: no 'prompt' or 'goal' column")
+            prompts = [row[column] or "" for row in reader]
+        except csv.Error as e:  # e.g. a field over the csv module's limit (128 KiB)
+            raise MSCPError(f"{path}:{reader.line_num}: not CSV the csv module reads: {e}") from None
     else:
         prompts = text.splitlines()
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise MSCPError(f"prompt file is empty: {path}")
     return prompts
+
+
+def sample_prompts(prompts: list[str], limit: int, what: str) -> tuple[list[str], dict | None]:
+    """At most `limit` prompts: above it, a seeded random subset kept in the file's order, with a
+    warning; returns (prompts, None) or (subset, what was sampled, for the report)."""
+    if len(prompts) <= limit:
+        return prompts, None
+    keep = sorted(random.Random(SAMPLE_SEED).sample(range(len(prompts)), limit))
+    warnings.warn(MSCPWarning(f"the {what} prompts number {len(prompts)}; using a sample of {limit} "
+                              f"(seed {SAMPLE_SEED}; --max-prompts sets the limit)"), stacklevel=2)
+    return [prompts[i] for i in keep], {"available": len(prompts), "used": limit, "seed": SAMPLE_SEED}
 
 
 def default_prompts(kind: str) -> list[str]:

@@ -5,16 +5,21 @@ so a failed run leaves no half-written OUT, and an existing OUT is replaced only
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import os
 import platform
+import re
 from importlib import metadata
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from mscp.core.atomic import write_atomically
-from mscp.core.checkpoint import sha256_file
+from mscp.core.atomic import check_writable, remove_stale, write_atomically
+from mscp.core.checkpoint import check_finite, sha256_file
 from mscp.errors import MSCPError
 
 REPORT_NAME = "mscp_report.json"
@@ -70,28 +75,92 @@ def input_checksums(files: dict[str, list[Path]]) -> dict[str, dict[str, str]]:
     return {role: {str(p): sha256_file(p) for p in paths} for role, paths in files.items()}
 
 
-def check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
-    """Fail before any work when OUT cannot be written."""
-    out = Path(out).resolve()
+def check_out_dir(out: Path, overwrite: bool, inputs: list[Path], *, parents: bool = False) -> None:
+    """Fail before any work when OUT cannot be written; remove what dead runs left beside it.
+
+    OUT may not be an input, lie inside one, or hold one. Folders are compared by identity (device
+    and inode), not by their path strings, so a bind mount, a symbolic link or `..` in a path does
+    not hide an overlap. OUT itself may not be a symbolic link (dangling or not: the write would
+    land at its target). parents: missing parent folders will be created (`--out-dir`)."""
+    if not str(out).strip():
+        raise MSCPError("the output path is empty")
+    out = Path(os.path.abspath(out))
+    if out.is_symlink():
+        raise MSCPError(f"output path {out} is a symbolic link{'' if out.exists() else ' to nothing'}; "
+                        "give the real path")
+    out_chain = _identities(out)  # OUT and every folder above it
+    out_id = _identity(out)
     for p in inputs:
-        p = Path(p).resolve()
-        if out == p or p in out.parents or out in p.parents:
+        p = Path(os.path.abspath(p))
+        p_id = _identity(p)
+        if p_id is not None and (p_id in out_chain or (out_id is not None and out_id in _identities(p))):
             raise MSCPError(f"output folder {out} overlaps input {p}; inputs are never modified")
+    remove_stale(out)  # first: it may rename back an OUT that a killed swap had moved aside
     if out.exists() and not overwrite:
         raise MSCPError(f"output folder {out} already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
         raise MSCPError(f"output path {out} exists and is not a folder")
-    if not out.parent.exists():
+    if not out.parent.exists() and not parents:
         raise MSCPError(f"parent folder of the output does not exist: {out.parent}")
+    check_writable(out)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _identities(path: Path) -> set[tuple[int, int]]:
+    """(device, inode) of `path` and of each folder above it, along the path as written and along
+    its resolved form (a symbolic link's target has other ancestors than the link)."""
+    found = set()
+    for chain in (path, Path(os.path.realpath(path))):
+        for q in (chain, *chain.parents):
+            ident = _identity(q)
+            if ident is not None:
+                found.add(ident)
+    return found
+
+
+def check_all_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Nothing non-finite is ever written."""
+    for name, t in tensors.items():
+        check_finite(t, what, name)
+
+
+@contextlib.contextmanager
+def safetensors_write_errors(path: Path):
+    """safetensors reports a failed write (disk full...) as SafetensorError: make it the OSError it is."""
+    try:
+        yield
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)|code: (\d+)", str(e))  # "... (os error 28)" or "Os { code: 28, ..."
+        err = int(code[1] or code[2]) if code else errno.EIO
+        raise OSError(err, os.strerror(err), str(path)) from None
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None, *,
+                 finite: bool = True) -> None:
+    """`safetensors.torch.save_file` (of finite tensors unless finite=False), write errors as OSError."""
+    if finite:
+        check_all_finite(tensors, f"output {Path(path).name}")
+    with safetensors_write_errors(path):
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
 
 
 def write_adapter_atomically(out: Path, adapter_config: dict, tensors: dict[str, torch.Tensor], report: dict,
-                             overwrite: bool) -> None:
+                             overwrite: bool, *, parents: bool = False) -> None:
     """OUT = adapter_config.json, adapter_model.safetensors and the report, swapped in at once."""
+    check_all_finite(tensors, "patched adapter")
+
     def fill(tmp: Path):
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
-                  metadata={"format": "pt"})
+        with safetensors_write_errors(tmp / "adapter_model.safetensors"):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
+                      metadata={"format": "pt"})
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
 
-    write_atomically(out, fill, overwrite=overwrite)
+    write_atomically(out, fill, overwrite=overwrite, parents=parents)

@@ -74,21 +74,23 @@ def sweep(steps: list[Step], visit: Callable[[Step, nn.Module], None], *, progre
     bar = progress(total=len(indices), desc=desc, unit=unit) if progress else None
     seen: set[int] = set()
     mark = time.perf_counter()
-    for step, layer in read_ahead(steps, lambda s: s.model.load_layer(s.index)):
-        wait = time.perf_counter() - mark  # the read not hidden behind the previous step
-        visit(step, layer)
-        for stream in step.release:
-            stream.release()
-        del layer  # before the next read completes: two layers in memory at most
-        now = time.perf_counter()
-        times.steps.append(now - mark)
-        times.waits.append(wait)
-        mark = now
-        if bar is not None and step.index not in seen:
-            seen.add(step.index)
-            bar.update()
-    if bar is not None:
-        bar.close()
+    try:
+        for step, layer in read_ahead(steps, lambda s: s.model.load_layer(s.index)):
+            wait = time.perf_counter() - mark  # the read not hidden behind the previous step
+            visit(step, layer)
+            for stream in step.release:
+                stream.release()
+            del layer  # before the next read completes: two layers in memory at most
+            now = time.perf_counter()
+            times.steps.append(now - mark)
+            times.waits.append(wait)
+            mark = now
+            if bar is not None and step.index not in seen:
+                seen.add(step.index)
+                bar.update()
+    finally:  # also on an error: an open bar would be drawn again after the error line
+        if bar is not None:
+            bar.close()
     times.total = time.perf_counter() - start
     return times
 
