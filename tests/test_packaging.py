@@ -69,10 +69,12 @@ def test_without_matplotlib_figures_are_skipped_with_one_line(no_matplotlib, cap
     assert not list(tmp_path.iterdir())
 
 
-def test_without_ray_the_ray_executor_is_one_line(monkeypatch):
-    from mscp.errors import MSCPError
-    from mscp.executors.ray_executor import run_on_ray
+def test_without_ray_the_ray_executor_is_one_line_before_any_work(monkeypatch, llama_trio, tmp_path, capsys):
+    from mscp.cli import main
 
-    monkeypatch.setitem(sys.modules, "ray", None)
-    with pytest.raises(MSCPError, match=r"^--executor ray needs Ray: pip install 'mscp\[ray\]'$"):
-        run_on_ray([], None, address=None, retries=0, cpus_per_task=1, on_done=print, task=print)
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    argv = ["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]), "--adapter",
+            str(llama_trio["adapter"]), "--out-dir", str(tmp_path / "outs"), "--executor", "ray", "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "mscp: error: --executor ray needs Ray: pip install 'mscp[ray]'\n"
+    assert not (tmp_path / "outs").exists()

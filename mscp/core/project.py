@@ -122,7 +122,13 @@ def fast_project(adapter, base, aligned=None, masks: dict[str, object] | None = 
     saves it. Every returned tensor is new: none shares memory with the inputs, which are never
     modified. Bad input of any kind raises `MSCPError` with a one-line reason.
     """
-    from mscp.core.peft_interop import adapter_of_peft_model, adapter_state_dict, aligned_of_peft_model, fresh, is_peft_model
+    from mscp.core.peft_interop import (
+        adapter_of_peft_model,
+        adapter_state_dict,
+        aligned_of_peft_model,
+        fresh,
+        is_peft_model,
+    )
 
     check_projection_options(alpha=alpha, projector=projector, device=device, backend=backend)
     if masks is None or not isinstance(masks, Mapping):
@@ -139,7 +145,8 @@ def fast_project(adapter, base, aligned=None, masks: dict[str, object] | None = 
     elif isinstance(adapter, (str, Path)):
         lora = Adapter.load(adapter, allow_pickle=allow_pickle, revision=revision)
     else:
-        raise MSCPError(f"adapter must be a folder, a hub id, a PeftModel or a state dict, got {type(adapter).__name__}")
+        raise MSCPError("adapter must be a folder, a hub id, a PeftModel or a state dict, got "
+                        f"{type(adapter).__name__}")
     for label, source in (("base", base), ("aligned", aligned)):
         if not isinstance(source, (str, Path, Mapping)) and not hasattr(source, "get"):
             raise MSCPError(f"{label} must be a model folder, a hub id, a safetensors file or a state dict, "
@@ -194,7 +201,8 @@ def mask_keys(adapter: Adapter, masks: Mapping) -> dict[str, object]:
                 found = adapter.modules[module].key_b
         if found is None:
             example = next(iter(by_b), "?")
-            raise MSCPError(f"mask key {key} is not a lora_B tensor of the adapter (its lora_B keys look like {example})")
+            raise MSCPError(f"mask key {key} is not a lora_B tensor of the adapter (its lora_B keys look like "
+                            f"{example})")
         if found in out:
             raise MSCPError(f"two mask keys name the same lora_B tensor {found}")
         out[found] = rows

@@ -122,8 +122,8 @@ def _header(report: dict) -> str:
     adapter = report.get("paths", {}).get("adapter", "")
     return (f"<header><h1>mscp report <span class=\"badge\" id=\"status\" data-status=\"{escape(status)}\" "
             f"style=\"background:{colour}\">{escape(status)}</span></h1>"
-            f'<p class="sub">adapter <code>{escape(str(adapter))}</code> · mscp {escape(str(report.get("mscp_version")))}'
-            f'</p><div class="facts">{fact_html}</div>{warn_html}</header>')
+            f'<p class="sub">adapter <code>{escape(str(adapter))}</code> · mscp '
+            f'{escape(str(report.get("mscp_version")))}</p><div class="facts">{fact_html}</div>{warn_html}</header>')
 
 
 # -- figures (inline SVG) ---------------------------------------------------------------------------

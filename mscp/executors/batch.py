@@ -19,6 +19,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -205,6 +206,11 @@ def run_local(groups: list[list[Job]], spec: BatchSpec, *, retries: int, on_done
 
 
 # -- the batch --------------------------------------------------------------------------------------------
+def _absolute(path):
+    """A local path made absolute; a hub id (or None) as it is."""
+    return str(Path(path).absolute()) if path is not None and Path(path).exists() else path
+
+
 def chunks(items: list, size: int) -> list[list]:
     return [items[k:k + size] for k in range(0, len(items), size)]
 
@@ -224,8 +230,14 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
         raise MSCPError("no adapter given")
     started, clock = time.time(), time.perf_counter()
     out_dir = Path(out_dir).absolute()
+    # absolute local paths: a Ray worker does not run in this process's working directory
+    spec = dataclasses.replace(spec, base=_absolute(spec.base), aligned=_absolute(spec.aligned),
+                               harmful=[_absolute(f) for f in spec.harmful] if spec.harmful else spec.harmful,
+                               benign=_absolute(spec.benign), task=_absolute(spec.task),
+                               tokenizer=_absolute(spec.tokenizer))
+    adapters = [_absolute(a) for a in adapters]
     config = spec.patch_config()
-    from mscp.core.pipeline import prompt_sets, safety_window
+    from mscp.core.pipeline import prompt_sets
 
     prompt_sets(spec.harmful, spec.benign, spec.task, None)  # bad prompt files stop the run before any work
     common = common_identity(spec)
@@ -247,7 +259,21 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
                         f"{f' (and {len(clash) - 1} more)' if len(clash) > 1 else ''}; pass --overwrite to replace")
     if not out_dir.parent.is_dir():
         raise MSCPError(f"parent folder of --out-dir does not exist: {out_dir.parent}")
-    out_dir.mkdir(exist_ok=True)
+    if executor == "ray" and todo:
+        from mscp.executors.ray_executor import ray_session
+
+        session = ray_session(ray_address, cpus_per_task)  # no Ray, no cluster: one line before any work
+    else:
+        session = contextlib.nullcontext({"kind": "local"} if executor == "local" else {"kind": "ray"})
+    with session as info:
+        return _run(spec, adapters, out_dir, config, records, todo, executor, per_task, retries, cpus_per_task,
+                    progress, task, info, started, clock)
+
+
+def _run(spec, adapters, out_dir, config, records, todo, executor, per_task, retries, cpus_per_task, progress, task,
+         info, started, clock) -> dict:
+    """run_batch after its checks: the window, then the groups, then the summary."""
+    from mscp.core.pipeline import safety_window
 
     window, note = None, "not needed: every output was complete"
     task_config = dataclasses.replace(config, progress=False)
@@ -261,6 +287,7 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
     elif config.layers is not None:
         window, note = list(range(config.layers[0], config.layers[1] + 1)), "given (--layers)"
     task_spec = dataclasses.replace(spec, config=task_config.to_dict())
+    out_dir.mkdir(exist_ok=True)
 
     size = per_task or (len(todo) if executor == "local" else DEFAULT_RAY_PER_TASK)
     groups = chunks(todo, max(size, 1))
@@ -278,17 +305,17 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
             bar.update(len(outcomes))
             bar.set_postfix(failed=sum(r["status"] == "failed" for r in records.values()), refresh=False)
 
-    info: dict = {"kind": executor}
     try:
         if not groups:
             pass
         elif executor == "local":
-            info = run_local(groups, task_spec, retries=retries, on_done=on_done, task=task, window_note=note)
+            info = {**info, **run_local(groups, task_spec, retries=retries, on_done=on_done, task=task,
+                                        window_note=note)}
         else:
             from mscp.executors.ray_executor import run_on_ray
 
-            info = run_on_ray(groups, task_spec, address=ray_address, retries=retries, cpus_per_task=cpus_per_task,
-                              on_done=on_done, task=task, window_note=note)
+            info = {**info, **run_on_ray(groups, task_spec, retries=retries, cpus_per_task=cpus_per_task,
+                                         on_done=on_done, task=task, window_note=note)}
     finally:
         if bar is not None:
             bar.close()
@@ -305,7 +332,8 @@ def summarize(adapters, records, out_dir, spec, config, window, note, info, size
 
     entries = [records.get(a) or {"adapter": a, "out": None, "status": "not_run", "error": "interrupted",
                                   "seconds": None, "report_status": None} for a in adapters]
-    counts = {status: sum(e["status"] == status for e in entries) for status in ("done", "skipped", "failed", "not_run")}
+    counts = {status: sum(e["status"] == status for e in entries)
+              for status in ("done", "skipped", "failed", "not_run")}
     return {
         "mscp_version": __version__,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),

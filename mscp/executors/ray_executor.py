@@ -12,15 +12,17 @@ for the run and stops it after; a cluster this process is already connected to i
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from mscp.errors import MSCPError
 from mscp.executors.jobs import BatchSpec, Job, line, outcome
 
 
-def run_on_ray(groups: list[list[Job]], spec: BatchSpec, *, address: str | None, retries: int, cpus_per_task: int,
-               on_done, task, window_note: str = "") -> dict:
-    """Run `task(spec, group, window_note)` for every group on Ray; `on_done(outcomes)` as each ends."""
+@contextlib.contextmanager
+def ray_session(address: str | None, cpus_per_task: int):
+    """Ray for the run: the cluster at `address` (or RAY_ADDRESS), a local one started for the run
+    (and stopped after), or the one this process is connected to already. Yields its description."""
     try:
         import ray
     except ImportError:
@@ -36,21 +38,30 @@ def run_on_ray(groups: list[list[Job]], spec: BatchSpec, *, address: str | None,
         cluster_cpus = ray.cluster_resources().get("CPU", 0)
         if cpus_per_task > cluster_cpus:
             raise MSCPError(f"--cpus-per-task {cpus_per_task} is more than the Ray cluster has ({cluster_cpus:g} CPUs)")
-        remote = ray.remote(task).options(num_cpus=cpus_per_task, max_retries=retries, retry_exceptions=True)
-        spec_ref = ray.put(dataclasses.replace(spec, threads=cpus_per_task))
-        refs = {remote.remote(spec_ref, group, window_note): group for group in groups}
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            group = refs[ready[0]]
-            try:
-                outcomes = ray.get(ready[0])
-            except Exception as e:  # noqa: BLE001 - the task failed after its retries
-                cause = getattr(e, "cause", None) or e
-                outcomes = [outcome(j, "failed", error=f"{line(cause)} (after {retries + 1} attempts)") for j in group]
-            on_done(outcomes)
-        return {"kind": "ray", "address": (address or "local cluster") if started_here else "connected before the run",
-                "cluster_cpus": cluster_cpus, "cpus_per_task": cpus_per_task, "tasks": len(groups)}
+        yield {"kind": "ray", "address": (address or "local cluster") if started_here else "connected before the run",
+               "cluster_cpus": cluster_cpus, "cpus_per_task": cpus_per_task}
     finally:
         if started_here:
             ray.shutdown()
+
+
+def run_on_ray(groups: list[list[Job]], spec: BatchSpec, *, retries: int, cpus_per_task: int, on_done, task,
+               window_note: str = "") -> dict:
+    """Run `task(spec, group, window_note)` for every group as a Ray task (inside `ray_session`);
+    `on_done(outcomes)` as each ends."""
+    import ray
+
+    remote = ray.remote(task).options(num_cpus=cpus_per_task, max_retries=retries, retry_exceptions=True)
+    spec_ref = ray.put(dataclasses.replace(spec, threads=cpus_per_task))
+    refs = {remote.remote(spec_ref, group, window_note): group for group in groups}
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        group = refs[ready[0]]
+        try:
+            outcomes = ray.get(ready[0])
+        except Exception as e:  # noqa: BLE001 - the task failed after its retries
+            cause = getattr(e, "cause", None) or e
+            outcomes = [outcome(j, "failed", error=f"{line(cause)} (after {retries + 1} attempts)") for j in group]
+        on_done(outcomes)
+    return {"tasks": len(groups)}
