@@ -220,9 +220,10 @@ def _rows_per_layer(report: dict) -> str:
     kinds = sorted(counts)
     width, height, left, right, top, bottom = 1100, 220, 56, 10, 12, 34
     totals = [sum(counts[k].get(i, 0) for k in kinds) for i in range(n_layers)]
-    top_value = max(totals, default=0) or 1
+    step = max(1, math.ceil((max(totals, default=0) or 1) / 4))  # whole rows on the axis
+    ticks = list(range(0, step * 5, step))
     sx = _scale(-0.5, max(n_layers, 1) - 0.5, left, width - right)
-    sy = _scale(0, top_value * 1.05, height - bottom, top)
+    sy = _scale(0, ticks[-1] * 1.02, height - bottom, top)
     bar = max(1.0, (sx(1) - sx(0)) * 0.8)
     out = [f'<svg id="rows-per-layer" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img">',
            "<title>projected lora_B rows per decoder layer</title>",
@@ -244,9 +245,8 @@ def _rows_per_layer(report: dict) -> str:
             out.append(f'<rect class="bar" data-layer="{i}" data-kind="{escape(kind)}" x="{sx(i) - bar / 2:.1f}" '
                        f'y="{y:.1f}" width="{bar:.1f}" height="{h:.1f}" fill="{PALETTE[k % len(PALETTE)]}">'
                        f"<title>layer {i}, {escape(kind)}: {v} rows</title></rect>")
-    for k in range(5):
-        v = top_value * 1.05 * k / 4
-        out.append(f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
+    for v in ticks:
+        out.append(f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v}</text>')
     step = max(1, math.ceil(n_layers / 40))
     for i in range(0, n_layers, step):
         out.append(f'<text x="{sx(i):.1f}" y="{height - bottom + 14}" text-anchor="middle">{i}</text>')
@@ -271,7 +271,7 @@ def _row_positions(report: dict) -> str:
     for layer in sorted(by_layer):
         items = sorted(by_layer[layer], key=lambda km: km[1].get("module", km[0]))
         height = row_h * len(items) + 6
-        width = label_w + strip + 90
+        width = label_w + strip + 240
         out = [f'<svg class="positions" data-layer="{layer}" width="{width}" height="{height}" '
                f'viewBox="0 0 {width} {height}" role="img"><title>layer {layer}: projected rows</title>']
         for k, (key, m) in enumerate(items):
