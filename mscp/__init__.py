@@ -3,11 +3,13 @@
     from mscp import patch, fast_project, PatchConfig
 
 `patch` runs the whole pipeline (safety layers, safety neurons, masked projection) streamed one
-decoder layer at a time; `fast_project` applies the projection when the row masks are known.
+decoder layer at a time; `patch_many` does it for several adapters of one model; `patch_peft_model`
+repairs an adapter of a live peft `PeftModel`; `fast_project` applies the projection when the row
+masks are known.
 """
 __version__ = "0.1.0"
 
-__all__ = ["PatchConfig", "MSCPError", "fast_project", "patch", "__version__"]
+__all__ = ["PatchConfig", "MSCPError", "fast_project", "patch", "patch_many", "patch_peft_model", "__version__"]
 
 
 def __getattr__(name):  # lazy, so `import mscp.kernels` stays light
@@ -23,4 +25,10 @@ def __getattr__(name):  # lazy, so `import mscp.kernels` stays light
     if name == "patch":
         from mscp.core.pipeline import patch
         return patch
+    if name == "patch_many":
+        from mscp.core.pipeline import patch_many
+        return patch_many
+    if name == "patch_peft_model":
+        from mscp.core.peft_patch import patch_peft_model
+        return patch_peft_model
     raise AttributeError(name)

@@ -9,8 +9,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # lower layers never import higher ones
-RANKS = {"mscp.errors": 0, "mscp.kernels": 1, "mscp.core": 2, "mscp": 3, "mscp.continual": 4, "mscp.harness": 5,
-         "mscp.cli": 6, "mscp.__main__": 7}
+RANKS = {"mscp.errors": 0, "mscp.kernels": 1, "mscp.core": 2, "mscp": 3, "mscp.executors": 4, "mscp.continual": 5,
+         "mscp.harness": 6, "mscp.cli": 7, "mscp.__main__": 8}
 
 
 def module_files() -> dict[str, Path]:
@@ -105,11 +105,14 @@ def loaded_after(code: str) -> set[str]:
 
 
 @pytest.mark.parametrize("code", ["from mscp import patch, fast_project, PatchConfig\npatch, fast_project",
+                                  "from mscp import patch_peft_model, patch_many\npatch_peft_model, patch_many",
                                   "import mscp.core.pipeline"])
 def test_the_patcher_loads_nothing_of_the_harness(code):
+    """Nor the optional extras: no Ray, matplotlib or Triton for a patch (the executors load Ray)."""
     mods = loaded_after(code)
     assert "mscp.core.pipeline" in mods or "patch" not in code
-    leaked = sorted(m for m in mods if m.startswith(("mscp.harness", "mscp.cli", "matplotlib")))
+    leaked = sorted(m for m in mods if m.startswith(("mscp.harness", "mscp.cli", "mscp.executors", "matplotlib",
+                                                      "ray", "triton")))
     assert not leaked, leaked
 
 

@@ -25,7 +25,7 @@ import mscp.core.report
 from mscp.cli import main
 
 FAST = ["--quiet", "--no-hash", "--backend", "torch"]
-OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json"}
+OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json", "report.html", "README.md"}
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -40,7 +40,8 @@ def cli_run(llama_trio, prompt_files, tmp_path_factory):
 def test_patch_writes_the_adapter_config_weights_and_report(cli_run):
     rc, out, _, _ = cli_run
     assert rc == 0
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "mscp_report.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "mscp_report.json", "report.html"]
 
 
 def test_inputs_are_byte_identical_after_a_patch(cli_run, llama_trio, prompt_files):

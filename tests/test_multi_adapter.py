@@ -100,7 +100,7 @@ def test_cli_out_dir_writes_one_folder_per_adapter(llama_trio, adapters, tmp_pat
     for a in adapters:
         argv += ["--adapter", str(a)]
     assert main(argv) == 0
-    folders = sorted(p.name for p in out_dir.iterdir())
+    folders = sorted(p.name for p in out_dir.iterdir() if p.is_dir())
     assert folders == sorted(a.name for a in adapters)
     for a in adapters:
         report = json.loads((out_dir / a.name / "mscp_report.json").read_text())

@@ -66,6 +66,8 @@ def write_figures(state: dict, folder: Path) -> list[Path]:
     """PNGs of the state: layer curves, per-dimension sizes, clustered overlap, layer distribution."""
     from mscp.continual import figures as fg
 
+    if not fg.plots_available():
+        return []
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     a = analytics(state)

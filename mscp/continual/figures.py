@@ -3,12 +3,33 @@
 Nothing here knows about MSCP's data structures: each helper takes plain lists / nested lists
 and a path, writes one PNG and returns the path. Also `cluster_order`, an average-linkage
 (UPGMA) ordering of a similarity matrix that needs neither scipy nor numpy.
+
+matplotlib is the optional extra `mscp[plots]`: without it, callers ask `plots_available()` first
+and skip their figures with one line saying so (the data they plot is written either way).
 """
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
+
+NO_PLOTS = "figures skipped: matplotlib is not installed (pip install 'mscp[plots]')"
+_said = False
+
+
+def plots_available() -> bool:
+    """True when matplotlib can be imported; else says once, on stderr, that figures are skipped."""
+    global _said
+    try:
+        found = sys.modules.get("matplotlib", True) is not None and importlib.util.find_spec("matplotlib") is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found and not _said:
+        print(f"mscp: note: {NO_PLOTS}", file=sys.stderr)
+        _said = True
+    return found
 
 
 def _pyplot():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from mscp.core.checkpoint import Checkpoint, check_finite
+from mscp.core.checkpoint import Checkpoint, check_finite, resolve_model_path
 from mscp.core.textfiles import json_type, read_json_object
 from mscp.errors import MSCPError
 
@@ -48,8 +48,11 @@ class Adapter:
         self.modules = _pair_modules(config, tensors)
 
     @classmethod
-    def load(cls, path: str | Path, *, allow_pickle: bool = False) -> "Adapter":
-        path = Path(path)
+    def load(cls, path: str | Path, *, allow_pickle: bool = False, revision: str | None = None) -> "Adapter":
+        """A peft adapter folder, or a hub id ('org/name', 'org/name@rev', or with `revision`)."""
+        from mscp.core.hub import ADAPTER_FILES
+
+        path = resolve_model_path(path, "adapter", revision=revision, patterns=ADAPTER_FILES).absolute()
         config_path = path / "adapter_config.json"
         if not config_path.is_file():
             raise MSCPError(f"adapter folder {path} has no adapter_config.json")

@@ -347,21 +347,11 @@ def check_finite(t: torch.Tensor, label: str, name: str) -> None:
             raise MSCPError(f"{label} tensor {name} contains NaN or Inf")
 
 
-def resolve_model_path(path: str | Path, label: str) -> Path:
-    """A local folder or file; a hub id ('org/name') is fetched where the hub can be reached."""
-    p = Path(path)
-    if p.exists():
-        return p
-    text = str(path)
-    if text.count("/") == 1 and not text.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
+def resolve_model_path(path: str | Path, label: str, *, revision: str | None = None, patterns=None) -> Path:
+    """A local folder or file; a hub id ('org/name', 'org/name@rev') through the Hugging Face cache."""
+    from mscp.core.hub import resolve
 
-            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.jinja"]))
-        except Exception as e:  # noqa: BLE001 - offline, unknown id, gated...
-            raise MSCPError(f"{label} {text!r} is not a local path and could not be fetched from the hub: "
-                            f"{type(e).__name__}") from None
-    raise MSCPError(f"{label} path does not exist: {p}")
+    return resolve(path, label, revision=revision, patterns=patterns)
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:

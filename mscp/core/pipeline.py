@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model
 from mscp.core.attribution import attribution_scores, greedy_answers
-from mscp.core.checkpoint import config_files
+from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
 from mscp.core.project import project_adapters
@@ -70,10 +70,12 @@ class _AdapterRun:
 
 
 def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=None, prompts=None,
-          tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False, **overrides) -> PatchResult:
+          tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False, revision: str | None = None,
+          **overrides) -> PatchResult:
     """Repair a LoRA adapter with MSCP.
 
-    base, aligned: model folders (safetensors, sharded or single); adapter: a peft LoRA folder.
+    base, aligned: model folders (safetensors, sharded or single) or hub ids; adapter: a peft LoRA
+    folder or hub id ('org/name', 'org/name@rev'; `revision` pins an adapter id given without one).
     harmful (one or more files), benign, task: prompt files (.txt/.jsonl/.csv); the built-in sets
     are used when harmful/benign are absent, and benign stands in for task. `prompts` may give
     the sets as lists instead ({"harmful": [...], ...}). tokenizer: a folder (default: aligned).
@@ -82,7 +84,7 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
     """
     return patch_many(base, aligned, [adapter], None if out is None else [out], harmful=harmful, benign=benign,
                       task=task, prompts=prompts, tokenizer=tokenizer, config=config, overwrite=overwrite,
-                      **overrides)[0]
+                      revision=revision, **overrides)[0]
 
 
 @dataclass
@@ -101,7 +103,7 @@ class Localization:
 
 
 def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
-             config: PatchConfig) -> Localization:
+             config: PatchConfig, revision: str | None = None) -> Localization:
     """Levels 1 and 2: the layer curves, the safety layers, and each adapter's row scores (harmful
     and task) of its LoRA modules, by config.score. Nothing is projected.
 
@@ -109,17 +111,18 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     (one pass) in every layer, or those up to the last of config.layers when it is given; with
     'after_window' (a second pass for the fine-tuned streams), in the safety layers only. The
     attribution score needs the window first: it runs after the curves (core/attribution.py).
+    With no adapter, only the curves and the window are computed (`safety_window`).
     """
     timings: dict = {"score": config.score}
     clock = time.perf_counter()
     progress = progress_bar(config)
     base_model, aligned_model = open_models(base, aligned, config)
-    runs = [_AdapterRun(Path(a), *_open_adapter(Path(a), aligned_model, config)) for a in adapters]
+    runs = [open_run(a, aligned_model, config, revision) for a in adapters]
     sets, prompt_files, sampled = prompt_sets(harmful, benign, task, prompts, config.max_prompts)
-    tok = load_tokenizer(tokenizer or aligned)
+    tok = load_tokenizer(tokenizer_path(tokenizer, aligned_model))
     calib = encode_batches(tok, [(sets["harmful"], HARMFUL), (sets["benign"], BENIGN)], config)
     task_batches = encode_batches(tok, [(sets["task"], TASK)], config)
-    wanda = config.score in ("wanda", "wanda_weight")
+    wanda = config.score in ("wanda", "wanda_weight") and bool(runs)
     after_window = wanda and finetuned_pass(config, len(runs)) == "after_window"
     timings["finetuned_pass"] = "after_window" if after_window else "with_calibration" if wanda else "none"
     timings["load"] = time.perf_counter() - clock
@@ -165,9 +168,18 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
         if wanda:
             for run in runs:
                 run.scores = scores_by_key(run, harmful_scores, run.task_scores, layers=window if after_window else None)
-        else:
+        elif runs:
             attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings)
     return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings, sampled)
+
+
+def safety_window(base, aligned, *, harmful=None, benign=None, prompts=None, tokenizer=None,
+                  config: PatchConfig) -> tuple[list[int], list[dict]]:
+    """Level 1 alone: (the safety layers, the layer curves) of base and aligned, no adapter needed.
+    The same window `patch` chooses for any adapter on these prompts (the curves see no LoRA)."""
+    loc = localize(base, aligned, [], harmful=harmful, benign=benign, prompts=prompts, tokenizer=tokenizer,
+                   config=config)
+    return loc.safety_layers, loc.layer_curves
 
 
 def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: list[_AdapterRun], sets: dict, tok,
@@ -291,22 +303,23 @@ def scores_by_key(run: _AdapterRun, harmful: WandaScores, task: WandaScores, lay
 
 def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
                prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
-               parents: bool = False, **overrides) -> list[PatchResult]:
+               revision: str | None = None, report_extra: list[dict] | None = None, parents: bool = False,
+               **overrides) -> list[PatchResult]:
     """`patch` for several adapters of the same aligned model, reading base and aligned once.
 
     The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
     its own fine-tuned stream, task scores, masks and output. Each result equals patching that
-    adapter alone. parents: create the outputs' missing parent folders (only when writing them).
+    adapter alone. report_extra: per adapter, more keys for its report (the batch runner's). parents:
+    create the outputs' missing parent folders (only when writing them).
     """
     config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
     if not adapters:
         raise MSCPError("no adapter given")
     if outs is not None and len(outs) != len(adapters):
         raise MSCPError("one output folder per adapter is needed")
-    paths = {"base": Path(base), "aligned": Path(aligned)}
     if outs is not None:
-        inputs = [*paths.values(), *as_paths(adapters), *as_paths(harmful), *as_paths(benign),
-                  *as_paths(task), *as_paths(tokenizer)]
+        inputs = [*as_paths([x for x in (base, aligned, *adapters, tokenizer) if isinstance(x, (str, Path))]),
+                  *as_paths(harmful), *as_paths(benign), *as_paths(task)]
         if len({Path(o).resolve() for o in outs}) != len(outs):
             raise MSCPError("two adapters would be written to the same output folder")
         for out in outs:
@@ -314,7 +327,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
 
     with record_backends() as backends:
         loc = localize(base, aligned, adapters, harmful=harmful, benign=benign, task=task, prompts=prompts,
-                       tokenizer=tokenizer, config=config)
+                       tokenizer=tokenizer, config=config, revision=revision)
         timings, chosen, runs = dict(loc.timings), loc.safety_layers, loc.runs
         base_model, aligned_model = loc.base_model, loc.aligned_model
         masks = [select_masks(run, chosen, config, aligned_model.ckpt) for run in runs]
@@ -326,8 +339,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             timings["project"] = time.perf_counter() - clock
 
     sets, prompt_files = loc.sets, loc.prompt_files
-    shared_files = {"base": base_model.ckpt.files + config_files(base_model.ckpt.path),
-                    "aligned": aligned_model.ckpt.files + config_files(aligned_model.ckpt.path), **prompt_files}
+    shared_files = {"base": model_files(base_model), "aligned": model_files(aligned_model), **prompt_files}
     shared_sums = input_checksums(shared_files) if config.hash_inputs else None
     versions = package_versions()
     results = []
@@ -341,14 +353,18 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             timings=timings, versions=versions,
             inputs_sha256=({**shared_sums, **input_checksums({"adapter": lora.files})} if config.hash_inputs
                            else "not computed (hash_inputs=False)"),
-            paths={**{name: str(p) for name, p in paths.items()}, "adapter": str(run.path)},
+            paths=report_paths(base_model, aligned_model, run, adapters[k], tokenizer),
             adapter={"target_modules": lora.config.get("target_modules"), "modules": len(lora.modules),
                      "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha")},
-            adapters_in_pass=len(runs), **({"score_details": run.details} if run.details else {}),
+            passed_through=passed_through(lora),
+            adapters_in_pass=len(runs), torch_threads=torch.get_num_threads(),
+            **({"score_details": run.details} if run.details else {}),
             **({"prompts_sampled": loc.sampled} if loc.sampled else {}),
+            **(report_extra[k] if report_extra else {}),
             bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read})
         if outs is not None:
-            write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite, parents=parents)
+            write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite, model_card(lora),
+                                     parents=parents)
         results.append(PatchResult(report, tensors, run.scores))
     return results
 
@@ -420,10 +436,60 @@ def modules_by_layer(lora: Adapter, aligned_model: ModelShell) -> dict[int, dict
     return by_layer
 
 
-def _open_adapter(path: Path, aligned_model: ModelShell, config: PatchConfig):
-    lora = Adapter.load(path, allow_pickle=config.allow_pickle)
+def _open_adapter(path, aligned_model: ModelShell, config: PatchConfig, revision: str | None = None):
+    """(Adapter, its modules by layer), checked against the model: from a folder, a hub id or an
+    `Adapter` already in memory (the peft API)."""
+    lora = path if isinstance(path, Adapter) else Adapter.load(path, allow_pickle=config.allow_pickle, revision=revision)
     check_against_model(lora, aligned_model.weight_shapes().get)
     return lora, modules_by_layer(lora, aligned_model)
+
+
+def open_run(adapter, aligned_model: ModelShell, config: PatchConfig, revision: str | None = None) -> _AdapterRun:
+    lora, by_layer = _open_adapter(adapter, aligned_model, config, revision)
+    return _AdapterRun(lora.path, lora, by_layer)
+
+
+def tokenizer_path(tokenizer, aligned_model: ModelShell):
+    """The tokenizer's folder: `tokenizer` (a folder or hub id), else the aligned model's folder."""
+    if tokenizer is not None:
+        return resolve_model_path(tokenizer, "tokenizer")
+    if aligned_model.ckpt.path is None:
+        raise MSCPError("the aligned model is in memory: give the tokenizer (a folder or hub id)")
+    return aligned_model.ckpt.path
+
+
+def model_files(model: ModelShell) -> list[Path]:
+    """A model's checkpoint and config files, for the report's checksums (none when in memory)."""
+    path = model.ckpt.path
+    return model.ckpt.files + (config_files(path) if path is not None else [])
+
+
+def report_paths(base_model: ModelShell, aligned_model: ModelShell, run: _AdapterRun, given, tokenizer) -> dict:
+    """The report's `paths`: absolute, or what an in-memory input is; a hub id beside its snapshot."""
+    def where(path, memory: str):
+        return str(Path(path).absolute()) if path is not None else memory
+
+    out = {"base": where(base_model.ckpt.path, "in memory"),
+           "aligned": where(aligned_model.ckpt.path, getattr(aligned_model, "description", "in memory")),
+           "adapter": where(run.path, "in memory")}
+    if isinstance(given, (str, Path)) and not Path(given).exists():
+        out["adapter_hub_id"] = str(given)
+    if tokenizer is not None:
+        out["tokenizer"] = str(tokenizer) if not Path(tokenizer).exists() else str(Path(tokenizer).absolute())
+    return out
+
+
+def passed_through(lora: Adapter) -> dict:
+    """What the adapter carries besides LoRA pairs (modules_to_save copies...), copied unchanged."""
+    lora_keys = {k for m in lora.modules.values() for k in (m.key_a, m.key_b)}
+    return {"modules_to_save": list(lora.config.get("modules_to_save") or []),
+            "tensors": sorted(set(lora.tensors) - lora_keys)}
+
+
+def model_card(lora: Adapter) -> str | None:
+    """The input adapter's model card (README.md), if it has one."""
+    card = lora.path / "README.md" if lora.path is not None else None
+    return card.read_text(encoding="utf-8", errors="replace") if card is not None and card.is_file() else None
 
 
 def check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:

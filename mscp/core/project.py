@@ -7,11 +7,13 @@ C and B A are never built; rows outside S are untouched bit for bit; A is unchan
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from mscp.core.adapter import Adapter, LoraModule
+from mscp.core.adapter import _LORA_KEY, PEFT_PREFIX, Adapter, LoraModule
 from mscp.core.checkpoint import check_finite, open_source
 from mscp.core.streaming import read_ahead
 from mscp.errors import MSCPError
@@ -103,19 +105,110 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
     return results
 
 
-def fast_project(adapter, base, aligned, masks: dict[str, object], *, alpha: float = 1.0, device=None,
-                 projector: str = "safelora", backend: str = "auto", allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+def fast_project(adapter, base, aligned=None, masks: dict[str, object] | None = None, *, alpha: float = 1.0,
+                 device=None, projector: str = "safelora", backend: str = "auto", allow_pickle: bool = False,
+                 adapter_name: str | None = None, revision: str | None = None) -> dict[str, torch.Tensor]:
     """Project known row masks of a LoRA adapter onto the safety direction; returns the new state dict.
 
-    adapter: an adapter folder or a state dict (peft key names); base, aligned: model folders,
-    safetensors files or state dicts (checkpoint key names); masks: lora_B key -> row indices.
-    Inputs are never modified.
+    adapter: an adapter folder or hub id (`revision` pins one), a peft `PeftModel` (then `aligned`
+    may be None: its own base weights are the aligned model), or a peft state dict in either key
+    style: as saved (`...lora_B.weight`) or as `PeftModel.state_dict()` holds it
+    (`...lora_B.default.weight`, base weights beside; `adapter_name` picks one of several).
+    base, aligned: model folders, hub ids, safetensors files or state dicts (checkpoint key names).
+    masks: lora_B tensor -> rows, keyed by the adapter's lora_B key in either key style or by the
+    module's name (`model.layers.3.mlp.up_proj`); rows are integer indices (any iterable: list,
+    set, range, tensor, array) or a boolean mask of the module's d_out rows.
+
+    Returns the adapter's tensors under the input's key names (for a `PeftModel.state_dict()`,
+    only the chosen adapter's tensors, not the base weights); for a PeftModel, its adapter as peft
+    saves it. Every returned tensor is new: none shares memory with the inputs, which are never
+    modified. Bad input of any kind raises `MSCPError` with a one-line reason.
     """
-    adapter = adapter if isinstance(adapter, Adapter) else (
-        Adapter.from_state_dict(adapter) if isinstance(adapter, dict) else Adapter.load(adapter, allow_pickle=allow_pickle))
-    tensors, _ = project_adapter(adapter, base, aligned, masks, alpha=alpha, projector=projector,
-                                 device=device, backend=backend, allow_pickle=allow_pickle)
-    return tensors
+    from mscp.core.peft_interop import (
+        adapter_of_peft_model,
+        adapter_state_dict,
+        aligned_of_peft_model,
+        fresh,
+        is_peft_model,
+    )
+
+    check_projection_options(alpha=alpha, projector=projector, device=device, backend=backend)
+    if masks is None or not isinstance(masks, Mapping):
+        raise MSCPError(f"masks must be a mapping of lora_B tensor names to rows, got {type(masks).__name__}")
+    if is_peft_model(adapter):
+        name = adapter_name or "default"
+        lora = adapter_of_peft_model(adapter, name)
+        if aligned is None:
+            aligned = aligned_of_peft_model(adapter).tensors
+    elif isinstance(adapter, Adapter):
+        lora = adapter
+    elif isinstance(adapter, Mapping):
+        lora = Adapter.from_state_dict(adapter_state_dict(dict(adapter), adapter_name))
+    elif isinstance(adapter, (str, Path)):
+        lora = Adapter.load(adapter, allow_pickle=allow_pickle, revision=revision)
+    else:
+        raise MSCPError("adapter must be a folder, a hub id, a PeftModel or a state dict, got "
+                        f"{type(adapter).__name__}")
+    for label, source in (("base", base), ("aligned", aligned)):
+        if not isinstance(source, (str, Path, Mapping)) and not hasattr(source, "get"):
+            raise MSCPError(f"{label} must be a model folder, a hub id, a safetensors file or a state dict, "
+                            f"got {type(source).__name__}")
+    base = dict(base) if isinstance(base, Mapping) else base
+    aligned = dict(aligned) if isinstance(aligned, Mapping) else aligned
+    masks = mask_keys(lora, masks)
+    tensors, _ = project_adapter(lora, base, aligned, masks, alpha=float(alpha), projector=projector,
+                                 device=str(device) if device is not None else None, backend=backend,
+                                 allow_pickle=allow_pickle)
+    inputs = list(lora.tensors.values())
+    for source in (base, aligned):
+        if isinstance(source, dict):
+            inputs += [t for t in source.values() if isinstance(t, torch.Tensor)]
+    return fresh(tensors, inputs)
+
+
+def check_projection_options(*, alpha, projector: str, device, backend: str) -> None:
+    """The projection's options, checked as PatchConfig checks them, plus a CUDA device that exists."""
+    from mscp.core.config import PatchConfig
+
+    if isinstance(device, torch.device):
+        device = str(device)
+    PatchConfig(alpha=alpha, projector=projector, device="cpu" if device is None else device, backend=backend)
+    check_device(device)
+
+
+def check_device(device) -> None:
+    if device is not None and str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MSCPError(f"device {device} requested but CUDA is not available (this torch is "
+                            f"{torch.__version__})")
+        index = torch.device(device).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise MSCPError(f"device {device} requested but only {torch.cuda.device_count()} CUDA device(s) exist")
+
+
+def mask_keys(adapter: Adapter, masks: Mapping) -> dict[str, object]:
+    """masks re-keyed by the adapter's own lora_B keys; a mask may name its module in either peft
+    key style (with or without the adapter name) or by the module's checkpoint name."""
+    by_b = adapter.by_b_key()
+    out: dict[str, object] = {}
+    for key, rows in masks.items():
+        if not isinstance(key, str):
+            raise MSCPError(f"mask keys must be lora_B tensor names, got {key!r}")
+        found = key if key in by_b else None
+        if found is None:
+            m = _LORA_KEY.match(key)
+            module = m["module"].removeprefix(PEFT_PREFIX) if m and m["which"] == "B" else \
+                key.removeprefix(PEFT_PREFIX).removesuffix(".weight")
+            if (m is None or m["which"] == "B") and module in adapter.modules:
+                found = adapter.modules[module].key_b
+        if found is None:
+            example = next(iter(by_b), "?")
+            raise MSCPError(f"mask key {key} is not a lora_B tensor of the adapter (its lora_B keys look like "
+                            f"{example})")
+        if found in out:
+            raise MSCPError(f"two mask keys name the same lora_B tensor {found}")
+        out[found] = rows
+    return out
 
 
 def edit_fraction(adapter: Adapter, edits: dict[str, ModuleEdit]) -> float:
@@ -139,10 +232,41 @@ def _check_projected(rows: torch.Tensor, key: str, alpha) -> None:
 
 
 def _rows_tensor(rows, d_out: int, key: str) -> torch.Tensor:
-    t = torch.as_tensor(rows if not isinstance(rows, torch.Tensor) else rows.cpu(), dtype=torch.int64).reshape(-1)
+    """Row indices (any iterable of integers) or a boolean mask of d_out rows -> sorted unique int64."""
+    if isinstance(rows, (str, bytes)) or not hasattr(rows, "__iter__"):
+        raise MSCPError(f"mask for {key} must be row indices or a boolean mask, got {type(rows).__name__}")
+    if isinstance(rows, torch.Tensor):
+        t = rows.detach().cpu().reshape(-1)
+    else:
+        items = list(rows)
+        bad = next((r for r in items if isinstance(r, (str, bytes)) or not _is_number(r)), None)
+        if bad is not None:
+            raise MSCPError(f"mask for {key} holds {bad!r}: rows must be integer indices or booleans")
+        try:
+            t = torch.as_tensor([_item(r) for r in items]).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise MSCPError(f"mask for {key} must be a flat list of row indices or booleans") from None
+    if not t.numel() and t.dtype != torch.bool:
+        return torch.empty(0, dtype=torch.int64)
+    if t.dtype == torch.bool:
+        if t.numel() != d_out:
+            raise MSCPError(f"boolean mask for {key} has {t.numel()} entries, the module has {d_out} rows")
+        return torch.nonzero(t).reshape(-1)
+    if t.is_floating_point() or t.is_complex():
+        raise MSCPError(f"mask for {key} holds non-integer rows (e.g. {t[0].item()!r}); rows are integer indices "
+                        "or booleans")
+    t = t.to(torch.int64)
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= d_out):
         raise MSCPError(f"mask for {key} has a row index outside 0..{d_out - 1}")
     return torch.unique(t)  # sorted, no duplicates
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (bool, int, float)) or (hasattr(x, "dtype") and hasattr(x, "item"))
+
+
+def _item(x):
+    return x.item() if hasattr(x, "item") and not isinstance(x, (bool, int, float)) else x
 
 
 def _exact_projection(W_a, W_b, B, rows, alpha, rank):

@@ -2,6 +2,8 @@
 
 OUT is written by mscp.core.atomic: assembled in a temporary sibling folder and swapped into place,
 so a failed run leaves no half-written OUT, and an existing OUT is replaced only with --overwrite.
+Beside the weights it holds the JSON report, its HTML rendering (report_html.py) and the input's
+model card with an mscp section added.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import json
 import os
 import platform
 import re
+import stat
 from importlib import metadata
 from pathlib import Path
 
@@ -23,11 +26,16 @@ from mscp.core.checkpoint import check_finite, sha256_file
 from mscp.errors import MSCPError
 
 REPORT_NAME = "mscp_report.json"
+HTML_NAME = "report.html"
+CARD_NAME = "README.md"
+# Fewer calibration or task prompts than this: the curves and row scores rest on too little data.
+MIN_PROMPTS = 8
+STATUSES = ("ok", "warnings", "noop")
 
 
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for name in ("mscp", "torch", "transformers", "peft", "safetensors", "triton", "numpy"):
+    for name in ("mscp", "torch", "transformers", "peft", "safetensors", "triton", "numpy", "ray"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -38,21 +46,31 @@ def package_versions() -> dict[str, str]:
 def build_report(*, config: dict, safety_layers: list[int], n_layers: int, layer_curves: list[dict],
                  modules: dict[str, dict], lora_parameters: int, prompts: dict[str, int], prompt_sources: dict,
                  backends: dict[str, str], compute_dtype: str, timings: dict, inputs_sha256, paths: dict,
-                 versions: dict | None = None, **extra) -> dict:
+                 versions: dict | None = None, passed_through: dict | None = None, **extra) -> dict:
     """The report of a patched adapter (mscp_report.json): the one builder, for `patch` and for a
-    continual state's adapter alike. `modules`: lora_B key -> ModuleEdit.to_dict()."""
+    continual state's adapter alike. `modules`: lora_B key -> ModuleEdit.to_dict().
+
+    A skipped module (e.g. V is zero) keeps its selection as `selected_rows`; its `rows`, the rows
+    edited, are empty. `status` is 'noop' when no parameter was edited, 'warnings' when `warnings`
+    says why the result deserves a look, else 'ok'."""
     versions = versions or package_versions()
-    edited = sum(m["n_rows"] * m["rank"] for m in modules.values() if not m["skipped"])
+    modules = {key: _module_entry(m) for key, m in sorted(modules.items())}
+    edited = sum(m["n_rows"] * m["rank"] for m in modules.values())
+    status, warnings = assess(modules, prompts, safety_layers, config, edited)
     return {
         "mscp_version": versions["mscp"],
+        "status": status,
+        "warnings": warnings,
         "safety_layers": safety_layers,
         "n_layers": n_layers,
         "layer_curves": layer_curves,
-        "modules": dict(sorted(modules.items())),
+        "modules": modules,
         "edit_fraction": edited / lora_parameters if lora_parameters else 0.0,
         "edited_parameters": edited,
         "lora_parameters": lora_parameters,
-        "skipped_modules": sorted(key for key, m in modules.items() if m["skipped"]),
+        "projected_modules": [key for key, m in modules.items() if m["n_rows"]],
+        "skipped_modules": {key: m["skipped"] for key, m in modules.items() if m["skipped"]},
+        "passed_through": passed_through or {"modules_to_save": [], "tensors": []},
         "prompts": prompts,
         "prompt_sources": prompt_sources,
         "config": config,
@@ -66,13 +84,55 @@ def build_report(*, config: dict, safety_layers: list[int], n_layers: int, layer
     }
 
 
+def _module_entry(m: dict) -> dict:
+    """A module's report entry; a skipped module's selection moves to `selected_rows`."""
+    m = dict(m)
+    if m.get("skipped"):
+        m["selected_rows"] = m.get("selected_rows", m["rows"])
+        m["rows"], m["n_rows"] = [], 0
+    return m
+
+
+def assess(modules: dict[str, dict], prompts: dict[str, int], safety_layers: list[int], config: dict,
+           edited: int) -> tuple[str, list[str]]:
+    """(status, warnings): what makes a patch edit nothing or almost nothing, in words."""
+    warnings = []
+    window = f"{safety_layers[0]}-{safety_layers[-1]}" if safety_layers else "(none)"
+    skipped = {k: m["skipped"] for k, m in modules.items() if m["skipped"]}
+    active = [m for k, m in modules.items() if k not in skipped]
+    empty = [m for m in active if not m["n_rows"]]
+    if not modules:
+        warnings.append(f"the adapter has no LoRA module in the safety layers {window}: nothing to project")
+    elif len(skipped) == len(modules):
+        reasons = sorted(set(skipped.values()))
+        warnings.append(f"every module in the safety layers {window} was skipped ({'; '.join(reasons)}): "
+                        "base and aligned weights do not differ there")
+    elif skipped:
+        warnings.append(f"{len(skipped)} of {len(modules)} modules in the safety layers were skipped "
+                        f"({'; '.join(sorted(set(skipped.values())))})")
+    if active and len(empty) == len(active):
+        warnings.append(f"the row selection is empty in every module: top_q(I^H) \\ top_p(I^T) kept no row "
+                        f"(q={config.get('q')}, p={config.get('p')}, score {config.get('score')})")
+    elif active and 2 * len(empty) >= len(active):
+        warnings.append(f"the row selection is empty in {len(empty)} of {len(active)} modules "
+                        f"(q={config.get('q')}, p={config.get('p')})")
+    for name in ("harmful", "benign", "task"):
+        n = prompts.get(name)
+        if n is not None and n < MIN_PROMPTS:
+            warnings.append(f"only {n} {name} prompt{'s' if n != 1 else ''} (fewer than {MIN_PROMPTS}): the layer "
+                            "curves and row scores rest on too little data")
+    status = "noop" if edited == 0 else "warnings" if warnings else "ok"
+    return status, warnings
+
+
 def prompt_sources(sets: dict[str, list[str]], files: dict[str, list[Path]]) -> dict:
-    return {name: [str(f) for f in files.get(f"prompts:{name}", [])] or "built-in or in-memory" for name in sets}
+    return {name: [str(Path(f).resolve()) for f in files.get(f"prompts:{name}", [])] or "built-in or in-memory"
+            for name in sets}
 
 
 def input_checksums(files: dict[str, list[Path]]) -> dict[str, dict[str, str]]:
-    """{role: {path: sha256}} for every input file."""
-    return {role: {str(p): sha256_file(p) for p in paths} for role, paths in files.items()}
+    """{role: {absolute path: sha256}} for every input file."""
+    return {role: {str(Path(p).resolve()): sha256_file(p) for p in paths} for role, paths in files.items()}
 
 
 def check_out_dir(out: Path, overwrite: bool, inputs: list[Path], *, parents: bool = False) -> None:
@@ -152,15 +212,22 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
 
 
 def write_adapter_atomically(out: Path, adapter_config: dict, tensors: dict[str, torch.Tensor], report: dict,
-                             overwrite: bool, *, parents: bool = False) -> None:
-    """OUT = adapter_config.json, adapter_model.safetensors and the report, swapped in at once."""
+                             overwrite: bool, model_card: str | None = None, *, parents: bool = False) -> None:
+    """OUT = adapter_config.json, adapter_model.safetensors, the report (JSON and HTML) and the model
+    card (the input's README.md, if any, with an mscp section), swapped in at once."""
+    from mscp.core.report_html import model_card_with_mscp_section, render_html
+
     check_all_finite(tensors, "patched adapter")
 
     def fill(tmp: Path):
         (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        with safetensors_write_errors(tmp / "adapter_model.safetensors"):
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "adapter_model.safetensors"),
-                      metadata={"format": "pt"})
+        weights = tmp / "adapter_model.safetensors"
+        with safetensors_write_errors(weights):
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})
+        # safetensors creates its file 0600; give it the mode every other file here gets (umask)
+        os.chmod(weights, stat.S_IMODE((tmp / "adapter_config.json").stat().st_mode))
         (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n")
+        (tmp / HTML_NAME).write_text(render_html(report), encoding="utf-8")
+        (tmp / CARD_NAME).write_text(model_card_with_mscp_section(model_card, report), encoding="utf-8")
 
     write_atomically(out, fill, overwrite=overwrite, parents=parents)

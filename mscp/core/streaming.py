@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mscp.core.checkpoint import TORCH_DTYPES, Checkpoint
+from mscp.core.checkpoint import TORCH_DTYPES, Checkpoint, StateDictSource
 from mscp.core.prompts import Batch
 from mscp.errors import MSCPError
 
@@ -59,16 +59,31 @@ def compute_dtype(config, requested: str) -> torch.dtype:
     return dtype if dtype in TORCH_DTYPES.values() else torch.float32
 
 
-class ModelShell:
-    """A decoder-only model read from a checkpoint folder, one layer at a time."""
+@dataclass
+class InMemoryModel:
+    """A model whose weights are already in memory (a live transformers model's tensors, checkpoint
+    key names, on any device) with its transformers config: a `ModelShell` reads it as a folder."""
 
-    def __init__(self, path: str | Path, *, label: str, device="cpu", dtype: str = "auto",
+    tensors: dict[str, torch.Tensor]
+    config: object
+    description: str = "in memory"
+
+
+class ModelShell:
+    """A decoder-only model read from a checkpoint folder (or an `InMemoryModel`), one layer at a time."""
+
+    def __init__(self, path: str | Path | InMemoryModel, *, label: str, device="cpu", dtype: str = "auto",
                  allow_pickle: bool = False):
         from transformers import AutoModel
 
         self.label = label
-        self.ckpt = Checkpoint(path, allow_pickle=allow_pickle, label=label)
-        self.config = load_config(self.ckpt.path)
+        if isinstance(path, InMemoryModel):
+            self.ckpt = StateDictSource(path.tensors, label)
+            self.config = copy.deepcopy(path.config).get_text_config()
+            self.description = path.description
+        else:
+            self.ckpt = Checkpoint(path, allow_pickle=allow_pickle, label=label)
+            self.config = load_config(self.ckpt.path)
         self.device = torch.device(device)
         self.dtype = compute_dtype(self.config, dtype)
         try:

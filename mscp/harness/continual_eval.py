@@ -137,9 +137,10 @@ def run_continual(out: str | Path, cache: str | Path | None = None, *, config=No
     }
     (out / "continual.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "table.md").write_text(format_table(result) + "\n")
-    plot_asr(result, out / "asr_by_step.png")
+    figure = plot_asr(result, out / "asr_by_step.png")
     print(format_table(result))
-    print(f"wrote {out}/continual.json, table.md, asr_by_step.png; state figures in {state_dir}/figures")
+    print(f"wrote {out}/continual.json, table.md{', asr_by_step.png' if figure else ''}; state figures in "
+          f"{state_dir}/figures")
     return result
 
 
@@ -161,7 +162,11 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_asr(result: dict, path: Path) -> Path:
+def plot_asr(result: dict, path: Path) -> Path | None:
+    from mscp.continual.figures import plots_available
+
+    if not plots_available():
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

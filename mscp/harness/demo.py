@@ -42,7 +42,12 @@ class Stages:
 
 
 def plot_figures(report: dict, out: Path) -> list[Path]:
-    """layer_curves.png (level-1 curves, chosen window shaded) and neurons.png (selected rows per layer)."""
+    """layer_curves.png (level-1 curves, chosen window shaded) and neurons.png (selected rows per layer);
+    none without matplotlib (the report.html of the patch shows the same)."""
+    from mscp.continual.figures import plots_available
+
+    if not plots_available():
+        return []
     import matplotlib
 
     matplotlib.use("Agg")

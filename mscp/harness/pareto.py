@@ -207,9 +207,9 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
             print(json.dumps({k: v for k, v in point.items() if k not in ("params",)}), flush=True)
             _write(out, finetune, org, windows, references, points, grid, scored, started)
     result = _write(out, finetune, org, windows, references, points, grid, scored, started)
-    plot_pareto(result, out / "pareto.png")
+    figure = plot_pareto(result, out / "pareto.png")
     print(format_table(result))
-    print(f"wrote {out}/pareto.json, pareto.png")
+    print(f"wrote {out}/pareto.json{', pareto.png' if figure else ''}")
     return result
 
 
@@ -253,9 +253,13 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_pareto(result: dict, path: Path) -> Path:
+def plot_pareto(result: dict, path: Path) -> Path | None:
     """Refusal rate (1 - keyword ASR) against task accuracy on the evaluation split, one colour per
-    method, marker area by edit fraction, chosen points ringed."""
+    method, marker area by edit fraction, chosen points ringed (none without matplotlib)."""
+    from mscp.continual.figures import plots_available
+
+    if not plots_available():
+        return None
     import matplotlib
 
     matplotlib.use("Agg")

@@ -101,13 +101,10 @@ def write_trio(out: str | Path, spec: SynthSpec = SynthSpec(), progress=None) ->
     """Write OUT/base, OUT/aligned (model folders) and OUT/adapter (peft LoRA folder)."""
     import torch
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
 
     out = Path(out)
     config = spec.config()
-    with torch.device("meta"):
-        meta = AutoModelForCausalLM.from_config(config)
-    shapes = {k: tuple(v.shape) for k, v in meta.state_dict().items()}
+    shapes = _shapes(config)
     dtype = getattr(torch, spec.dtype)
     paths = {"base": out / "base", "aligned": out / "aligned", "adapter": out / "adapter"}
     for p in paths.values():
@@ -154,6 +151,31 @@ def write_trio(out: str | Path, spec: SynthSpec = SynthSpec(), progress=None) ->
         write_tokenizer(paths[model], spec.vocab_size)
     _write_adapter(paths["adapter"], spec, shapes, config)
     return paths
+
+
+def write_adapters(out: str | Path, spec: SynthSpec, n: int, *, first_seed: int = 1) -> list[Path]:
+    """n more adapters of the trio `spec` describes, OUT/adapter-000 ...: adapter k is the trio's
+    adapter drawn with seed first_seed + k (same base and aligned, different A and B)."""
+    from dataclasses import replace
+
+    config = spec.config()
+    shapes = _shapes(config)
+    paths = []
+    for k in range(n):
+        path = Path(out) / f"adapter-{k:03d}"
+        path.mkdir(parents=True, exist_ok=True)
+        _write_adapter(path, replace(spec, seed=first_seed + k), shapes, config)
+        paths.append(path)
+    return paths
+
+
+def _shapes(config) -> dict[str, tuple[int, ...]]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    return {k: tuple(v.shape) for k, v in meta.state_dict().items()}
 
 
 def _numel(shape) -> int:

@@ -1,0 +1,80 @@
+"""Packaging: a small core, the rest as extras that degrade with one line when missing; a license."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+CORE = {"torch", "transformers", "peft", "safetensors", "numpy", "tqdm", "pyyaml", "pybind11", "ninja"}
+
+
+def name_of(requirement: str) -> str:
+    return re.split(r"[\s<>=!;\[]", requirement, maxsplit=1)[0].lower()
+
+
+def test_the_core_installs_only_what_the_patcher_needs():
+    assert {name_of(r) for r in PYPROJECT["project"]["dependencies"]} == CORE
+
+
+@pytest.mark.parametrize("extra, needs", [("triton", "triton"), ("plots", "matplotlib"), ("ray", "ray"),
+                                          ("demo", "gguf"), ("demo", "matplotlib")])
+def test_each_extra_brings_its_package(extra, needs):
+    assert needs in {name_of(r) for r in PYPROJECT["project"]["optional-dependencies"][extra]}
+
+
+def test_all_is_every_extra_but_test():
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    assert extras["all"] == [f"mscp[{','.join(sorted(set(extras) - {'all', 'test'}, key=list(extras).index))}]"]
+
+
+def test_the_license_is_an_spdx_string_and_its_text_ships():
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+    assert PYPROJECT["project"]["license-files"] == ["LICENSE"]
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text
+
+
+def test_every_package_is_listed_for_a_wheel():
+    """setup.py lists packages by hand: a new one (mscp.executors) must be there to ship."""
+    listed = re.findall(r'"(mscp[\w.]*)"', (ROOT / "setup.py").read_text().split("package_dir")[0])
+    on_disk = {".".join(p.relative_to(ROOT).parent.parts) for p in (ROOT / "mscp").rglob("__init__.py")}
+    assert on_disk <= set(listed)
+
+
+@pytest.fixture
+def no_matplotlib(monkeypatch):
+    from mscp.continual import figures
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setattr(figures, "_said", False)
+
+
+def test_without_matplotlib_figures_are_skipped_with_one_line(no_matplotlib, capsys, tmp_path):
+    from mscp.continual.analytics import write_figures
+    from mscp.harness.continual_eval import plot_asr
+    from mscp.harness.demo import plot_figures
+    from mscp.harness.pareto import plot_pareto
+
+    assert plot_figures({}, tmp_path) == []
+    assert write_figures({}, tmp_path) == []
+    assert plot_asr({}, tmp_path / "a.png") is None and plot_pareto({}, tmp_path / "p.png") is None
+    assert capsys.readouterr().err == ("mscp: note: figures skipped: matplotlib is not installed "
+                                       "(pip install 'mscp[plots]')\n")
+    assert not list(tmp_path.iterdir())
+
+
+def test_without_ray_the_ray_executor_is_one_line_before_any_work(monkeypatch, llama_trio, tmp_path, capsys):
+    from mscp.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ImportError
+    argv = ["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]), "--adapter",
+            str(llama_trio["adapter"]), "--out-dir", str(tmp_path / "outs"), "--executor", "ray", "--quiet"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == "mscp: error: --executor ray needs Ray: pip install 'mscp[ray]'\n"
+    assert not (tmp_path / "outs").exists()
