@@ -1,6 +1,6 @@
 """Peak memory of a streamed patch against the size of one checkpoint.
 
-    python benchmarks/peak_memory.py --root /tmp/mscp-mem --layers 16
+    python benchmarks/peak_memory.py --root /tmp/mscp-mem --n-layers 16
 
 Writes (or reuses) a synthetic float32 trio with `mscp synth`, runs `mscp patch` on it in a child
 process, and prints the child's peak RSS next to the size of one checkpoint. Run it for several

@@ -233,8 +233,17 @@ def test_a_bad_config_file_is_one_line(llama_trio, tmp_path, capsys, text, messa
     (["demo", "--continual", "--safe-lora-tau", "0.3"], "--safe-lora-tau has no effect with --continual"),
     (["demo", "--q", "-0.5"], "q must be a fraction"),
     (["demo", "--pareto", "--continual"], "not allowed with argument"),
+    (["demo", "--methods", "safe_lora"], "--methods has no effect with mscp demo"),
 ])
 def test_demo_refuses_options_its_mode_ignores(capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_pareto_refuses_an_unknown_method_before_any_work(capsys, tmp_path):
+    out = tmp_path / "pareto"
+    assert main(["demo", "--pareto", "--methods", "mscp:attribution,bogus", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown Pareto method 'bogus'; choose from mscp:wanda" in err and err.count("\n") == 1
+    assert not out.exists()

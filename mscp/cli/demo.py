@@ -10,7 +10,7 @@ HELP = "MSCP end to end on the SmolLM2 safety model organism, against the baseli
 MODE_OPTIONS = {
     "demo": {"q", "p", "rho", "judge", "safe_lora_tau"},
     "continual": {"q", "p", "rho", "layers"},
-    "pareto": {"judge"},
+    "pareto": {"judge", "methods"},
 }
 
 
@@ -24,6 +24,9 @@ def add_arguments(p) -> None:
     p.add_argument("--safe-lora-tau", type=float, default=None, help="Safe LoRA similarity threshold (default 0.5)")
     p.add_argument("--layers", default=None, metavar="A-B", type=parse_layer_range,
                    help="with --continual: explicit MSCP safety layers (default: the criterion's window)")
+    p.add_argument("--methods", default=None, metavar="M,M",
+                   help="with --pareto: only these methods of the grid, comma-separated (mscp:wanda, "
+                        "mscp:wanda_weight, mscp:attribution, safe_lora, drop_safety_layers, wanda_zero; default all)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--pareto", action="store_true",
                       help="instead: every method along its own knob (chosen on localisation prompts, reported "
@@ -71,7 +74,8 @@ def run(args) -> int:
         from mscp.harness.pareto import run_pareto
 
         run_pareto(args.out or f"runs/pareto-{finetune}", cache=args.cache, finetune=finetune,
-                   judge=args.judge or "embedding", progress=progress)
+                   judge=args.judge or "embedding", progress=progress,
+                   methods=args.methods.split(",") if args.methods else None)
     else:
         from mscp.harness.demo import run_demo
 

@@ -54,10 +54,7 @@ class Adapter:
 
         path = resolve_model_path(path, "adapter", revision=revision, patterns=ADAPTER_FILES).absolute()
         config_path = path / "adapter_config.json"
-        if not config_path.is_file():
-            raise MSCPError(f"adapter folder {path} has no adapter_config.json")
-        config = read_json_object(config_path, "adapter config")
-        check_lora_config(config, str(config_path))
+        config = read_lora_config(path)
         ckpt = Checkpoint(path, allow_pickle=allow_pickle, label="adapter", stem="adapter_model")
         tensors = {name: ckpt.get(name) for name in ckpt.keys()}
         return cls(config, tensors, [config_path, *ckpt.files], path)
@@ -77,6 +74,16 @@ class Adapter:
 
     def by_b_key(self) -> dict[str, LoraModule]:
         return {m.key_b: m for m in self.modules.values()}
+
+
+def read_lora_config(folder: Path) -> dict:
+    """A local adapter folder's adapter_config.json, checked (a LoRA mscp can project); no tensor read."""
+    config_path = Path(folder) / "adapter_config.json"
+    if not config_path.is_file():
+        raise MSCPError(f"adapter folder {folder} has no adapter_config.json")
+    config = read_json_object(config_path, "adapter config")
+    check_lora_config(config, str(config_path))
+    return config
 
 
 def check_lora_config(config: dict, where: str) -> None:

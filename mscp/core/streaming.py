@@ -327,7 +327,7 @@ def read_ahead(items, load):
 # Resident memory flat in depth. Activations of a few MB are freed and allocated again at every
 # layer; glibc keeps freed chunks below its mmap threshold in a heap that fragments, and it raises
 # that threshold by itself (up to 32 MB) after large frees. The resident size then crept up by about
-# 15 MB a layer (docs/scale.md, "Peak memory against depth").
+# 15 MB a layer (docs/results/scale.md, "Peak memory against depth").
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 
 

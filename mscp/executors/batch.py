@@ -109,7 +109,10 @@ def common_identity(spec: BatchSpec) -> dict:
 
 def fingerprint(common: dict, adapter: str, revision: str | None) -> str:
     """sha256 of the common identity and the adapter's (a hub id: its resolved snapshot)."""
+    from mscp.core.adapter import read_lora_config
+
     folder = resolve(adapter, "adapter", revision=revision, patterns=ADAPTER_FILES)
+    read_lora_config(folder)  # an adapter mscp cannot project fails here, before any work
     text = json.dumps({"common": common, "adapter": _files_identity(folder)}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -246,12 +249,16 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
         out = out_dir / name
         try:
             job = Job(adapter, str(out), fingerprint(common, adapter, spec.revision))
-        except MSCPError as e:  # a missing adapter fails alone
+        except MSCPError as e:  # a missing or unsupported adapter fails alone
             records[adapter] = outcome(Job(adapter, str(out), ""), "failed", error=line(e))
             continue
         jobs.append(job)
         if completed(out, job.fingerprint):
             records[adapter] = outcome(job, "skipped", report_status=_report_status(out))
+    if not jobs:  # no adapter can be patched: bad input, refused before anything is written
+        raise MSCPError(next(iter(records.values()))["error"] if len(records) == 1 else
+                        f"none of the {len(records)} adapters can be patched; the first: "
+                        f"{next(iter(records.values()))['error']}")
     todo = [j for j in jobs if j.adapter not in records]
     clash = [j.out for j in todo if Path(j.out).exists()]
     if clash and not spec.overwrite:

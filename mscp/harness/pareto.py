@@ -96,8 +96,9 @@ def _layer(key: str) -> int:
 
 def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: str = DEFAULT_FINETUNE,
                grid: dict | None = None, max_new_tokens: int = 20, judge: str = "embedding", progress: bool = True,
-               organism_cfg=None, base_dir=None, config=None) -> dict:
-    """The measurement of the module doc; returns what OUT/pareto.json holds."""
+               organism_cfg=None, base_dir=None, config=None, methods: list[str] | None = None) -> dict:
+    """The measurement of the module doc; returns what OUT/pareto.json holds. methods: only these
+    methods of the grid (all by default)."""
     from mscp.core.adapter import Adapter
     from mscp.core.config import PatchConfig
     from mscp.core.project import edit_fraction, project_adapter
@@ -110,6 +111,11 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
 
     started = time.time()
     grid = grid or GRID
+    if methods is not None:
+        unknown = [m for m in methods if m not in grid]
+        if unknown or not methods:
+            raise MSCPError(f"unknown Pareto method {unknown[0] if unknown else ''!r}; choose from {', '.join(grid)}")
+        grid = {m: grid[m] for m in methods}
     out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
     responses = Path(cache or Path.home() / ".cache" / "mscp") / "responses"
     base_config = config or PatchConfig(progress=progress)
