@@ -167,6 +167,20 @@ def test_choose_respects_the_task_budget():
     assert choose(pts[:2], ref) is None
 
 
+def test_choose_passes_over_a_point_that_refuses_benign_requests():
+    from mscp.harness.pareto import choose
+
+    ref = {"localisation": {"task_accuracy": 1.0}}
+    aligned = {"localisation": {"over_refusal": 0.06}}
+
+    def point(asr, over, ef):
+        return {"localisation": {"keyword_asr": asr, "task_accuracy": 1.0, "over_refusal": over}, "edit_fraction": ef}
+
+    pts = [point(0.05, 0.25, 0.05), point(0.10, 0.11, 0.02), point(0.20, 0.0, 0.01)]
+    assert choose(pts, ref, aligned=aligned) is pts[1]  # 0.25 > 0.06 + 0.05; 0.11 is within the bound
+    assert choose(pts, ref) is pts[0]  # without the aligned model's figures there is no bound
+
+
 @pytest.fixture(scope="module")
 def wide_organism(tmp_path_factory):
     """The tiny organism with larger harmful localisation/alignment splits, so every StrongREJECT
@@ -255,3 +269,20 @@ def test_choose_defaults_takes_the_best_worst_case_that_keeps_every_task():
     assert d["chosen"]["method"] == "mscp:x" and d["chosen"]["params"] == b
     assert [c["params"] for c in d["ranked"]] == [b, a]
     assert d["chosen"]["worst_won_back"] == pytest.approx(0.5)
+
+
+def test_choose_defaults_drops_a_configuration_that_over_refuses_on_any_finetune():
+    from mscp.harness.pareto import choose_defaults
+
+    def run(name, points):
+        return {"finetune": name, "aligned": {"localisation": {"keyword_asr": 0.1, "task_accuracy": 0.0,
+                                                                 "over_refusal": 0.05}},
+                "finetuned": {"localisation": {"keyword_asr": 0.9, "task_accuracy": 1.0, "over_refusal": 0.0}},
+                "points": [{"method": "mscp:x", "params": prm, "edit_fraction": 0.01,
+                            "localisation": {"keyword_asr": asr, "task_accuracy": 1.0, "over_refusal": over}}
+                           for prm, asr, over in points]}
+
+    a, b = {"q": 0.05}, {"q": 0.01}
+    d = choose_defaults([run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]), run("two", [(a, 0.1, 0.2), (b, 0.5, 0.1)])])
+    assert d["chosen"]["params"] == b and [c["params"] for c in d["ranked"]] == [b]
+
