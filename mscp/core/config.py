@@ -53,20 +53,24 @@ def option(default, help: str, *, choices=None, flag: str | None = None, metavar
 @dataclass(frozen=True)
 class PatchConfig:
     # Level 1: safety layers
-    rho: float = option(0.2, "safety window width as a fraction of the decoder layers: w = max(1, round(rho * n_layers))")
+    # Defaults: chosen by pareto.choose_defaults on the organism's localisation prompts (docs/evaluation.md,
+    # section 7); the paper's own setting is score wanda, q 0.3, p 0.3, rho 0.2.
+    rho: float = option(1.0, "safety window width as a fraction of the decoder layers: w = max(1, round(rho * n_layers)); "
+                        "1.0 = every layer (the default: the fine-tune's damage is not confined to a window); the "
+                        "paper uses 0.2")
     layers: tuple[int, int] | None = option(None, "explicit safety layers A-B, inclusive, counted from 0; skips the "
                                             "criterion", metavar="A-B", parse=parse_layer_range)
     criterion: str = option("sigma", "layer criterion: 'sigma' (base/aligned divergence gradient) or 'li_gap' "
                             "(Li et al.'s benign/harmful gap inside the aligned model)", choices=CRITERIA)
 
     # Level 2: safety neurons
-    score: str = option("wanda", "row score: 'wanda' (the paper's |W| n summed over a row), 'wanda_weight' (Wei et "
+    score: str = option("attribution", "row score: 'wanda' (the paper's |W| n summed over a row), 'wanda_weight' (Wei et "
                         "al.'s per-weight set difference, then each row's safety-only mass) or 'attribution' (the "
                         "first-order effect of each row's edit on the aligned refusal's likelihood; docs/method.md)",
                         choices=SCORES)
-    q: float = option(0.3, "safety rows: the top q fraction of each module's rows by the harmful-prompt score "
+    q: float = option(0.02, "safety rows: the top q fraction of each module's rows by the harmful-prompt score "
                       "(attribution: of all rows in the safety layers, ranked together)")
-    p: float = option(0.3, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
+    p: float = option(0.02, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
                       "removed from the safety rows")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
