@@ -14,7 +14,7 @@ from mscp.core.report import assess
 
 PROMPTS = {"harmful": default_prompts("harmful")[:8], "benign": default_prompts("benign")[:8],
            "task": default_prompts("benign")[8:16]}
-OPTS = dict(progress=False, hash_inputs=False, batch_size=4, layers=(2, 3))
+OPTS = dict(progress=False, hash_inputs=False, batch_size=4, layers=(2, 3), score="wanda")  # per-module selection
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +61,7 @@ def test_skipped_modules_are_recorded_apart_from_projected_ones(v_zero, normal):
 
 
 def test_an_empty_selection_everywhere_is_a_noop_that_says_why(llama_trio):
-    report = run(llama_trio, q=0.0, p=0.0)
+    report = run(llama_trio, q=0.0, p=0.0, score="wanda")
     assert report["status"] == "noop"
     assert report["warnings"] == ["the row selection is empty in every module: top_q(I^H) \\ top_p(I^T) kept no row "
                                   "(q=0.0, p=0.0, score wanda)"]
@@ -87,6 +87,13 @@ def test_assess_names_each_cause(modules, prompts, expected):
     edited = sum(m["n_rows"] * m["rank"] for m in modules.values())
     status, warnings = assess(modules, prompts, [2, 3], {"q": 0.3, "p": 0.3, "score": "wanda"}, edited)
     assert (status, warnings[0]) == expected
+
+
+def test_attribution_leaving_most_modules_empty_is_no_warning():
+    """attribution ranks all modules' rows together: few modules holding rows is what it does."""
+    modules = {"a": dict(n_rows=3, rank=2, skipped=None), "b": dict(n_rows=0, rank=2, skipped=None),
+               "c": dict(n_rows=0, rank=2, skipped=None)}
+    assert assess(modules, {"harmful": 8}, [2, 3], {"q": 0.02, "p": 0.02, "score": "attribution"}, 6) == ("ok", [])
 
 
 def patch_argv(trio, out, *more):

@@ -113,7 +113,8 @@ def assess(modules: dict[str, dict], prompts: dict[str, int], safety_layers: lis
     if active and len(empty) == len(active):
         warnings.append(f"the row selection is empty in every module: top_q(I^H) \\ top_p(I^T) kept no row "
                         f"(q={config.get('q')}, p={config.get('p')}, score {config.get('score')})")
-    elif active and 2 * len(empty) >= len(active):
+    elif active and 2 * len(empty) >= len(active) and config.get("score") != "attribution":
+        # attribution ranks the rows of all modules together: most modules holding none is by design
         warnings.append(f"the row selection is empty in {len(empty)} of {len(active)} modules "
                         f"(q={config.get('q')}, p={config.get('p')})")
     for name in ("harmful", "benign", "task"):
