@@ -23,7 +23,7 @@ from mscp.executors.batch import (
 )
 from mscp.harness.synth import SynthSpec, write_adapters
 
-QUICK = ["--quiet", "--no-hash", "--batch-size", "8"]
+QUICK = ["--quiet", "--no-hash", "--batch-size", "8", "--score", "wanda"]  # the batch machinery, not the score: the cheap one
 COMPARED = ("adapter_model.safetensors", "adapter_config.json")
 
 
