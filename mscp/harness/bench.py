@@ -9,6 +9,9 @@ are timed back to back in the same state):
   K adapters        patch_many with K adapters against K separate patch() runs; K adapters and one
                     under both fine-tuned passes (with the calibration streams, or after the window)
   dense Safe LoRA   C = V V^T / ||V||_F built densely, C @ B, against the low-rank op, same modules
+
+The patches run with the paper's score (SINGLE_PASS: every layer read once per pass), the setting
+the I/O-floor goals are stated for; `patch_options` overrides it.
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ from mscp.core.prompts import default_prompts
 from mscp.kernels import lowrank_project
 
 CHUNK = 64 << 20
+
+SINGLE_PASS = dict(score="wanda", q=0.3, p=0.3, rho=0.2)
 
 
 def page_cache_residency(paths) -> float:
@@ -136,7 +141,9 @@ def median_time(fn, repeats: int) -> float:
 def run_bench(base, aligned, adapter, *, k: int = 8, work: Path, repeats: int = 3, full_separate: bool = True,
               n_prompts: int | None = None, patch_options: dict | None = None, log=print) -> dict:
     base, aligned, adapter = Path(base), Path(aligned), Path(adapter)
-    opts = dict(progress=False, hash_inputs=False, **(patch_options or {}))
+    # the single streamed pass the I/O-floor goals are defined for (the paper's score); the attribution
+    # default adds generation and a backward pass, which read the layers again
+    opts = dict(progress=False, hash_inputs=False, **{**SINGLE_PASS, **(patch_options or {})})
     if n_prompts:  # the first n of each built-in set: the forward passes scale with the prompts
         benign = default_prompts("benign")
         opts["prompts"] = {"harmful": default_prompts("harmful")[:n_prompts], "benign": benign[:n_prompts],
