@@ -27,9 +27,14 @@ HARMFUL, BENIGN = default_prompts("harmful")[:10], default_prompts("benign")[:10
 TASK = default_prompts("benign")[10:22]
 
 
+# These specify the paper's method (Wanda rows, the sigma window); the attribution default is
+# specified in test_scores.py.
+PAPER = dict(score="wanda", q=0.3, p=0.3, rho=0.2)
+
+
 def run(trio, **overrides):
     kw = dict(prompts={"harmful": HARMFUL, "benign": BENIGN, "task": TASK}, progress=False, hash_inputs=False,
-              batch_size=4)
+              batch_size=4, **PAPER)
     kw.update(overrides)
     return patch(trio["base"], trio["aligned"], trio["adapter"], **kw)
 
