@@ -80,7 +80,9 @@ def test_report_modules_are_keyed_by_lora_b_names_with_rows_and_norm_v(cli_run, 
 
 def test_report_records_the_config_given_on_the_command_line(cli_run):
     config = cli_run[3]["config"]
-    assert (config["q"], config["p"], config["alpha"], config["rho"]) == (0.4, 0.2, 1.0, 0.2)
+    from mscp.core.config import PatchConfig
+
+    assert (config["q"], config["p"], config["alpha"], config["rho"]) == (0.4, 0.2, 1.0, PatchConfig().rho)
 
 
 def test_report_counts_prompts_from_every_file_format(cli_run):

@@ -28,7 +28,8 @@ LAYERS = (1, 2)  # of the 5 tiny decoder layers: an add must never load layers 3
 HARMFUL = default_prompts("harmful")
 BENIGN = default_prompts("benign")
 DIMS = {"violence": HARMFUL[:8], "cyber": HARMFUL[8:16], "mixed": HARMFUL[16:20] + BENIGN[:6]}
-FAST = dict(progress=False, hash_inputs=False, batch_size=8, q=0.4, p=0.2)
+# The Wanda score streams each layer once; every score is run by the parametrised test below.
+FAST = dict(progress=False, hash_inputs=False, batch_size=8, q=0.4, p=0.2, score="wanda")
 
 
 @pytest.fixture(scope="module")
