@@ -86,7 +86,7 @@ def test_the_projection_changes_only_masked_rows_and_equals_the_float64_formula(
 
 # -- 2. corrupted files ------------------------------------------------------------------------------
 FAST = ["--quiet", "--no-hash", "--backend", "torch", "--layers", "1-2"]
-OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json"}
+OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json", "report.html", "README.md"}
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +145,8 @@ def run_on_corrupted(trio, path: Path, data: bytes, capsys) -> int:
             assert err.startswith("mscp: error: ") and err.count("\n") == 1 and err.endswith("\n"), err
             assert not out.exists()
         else:
-            assert rc == 0 and err == "", (rc, err)
+            # a valid run may warn (four prompts are fewer than the report's minimum), never more
+            assert rc == 0 and all(line.startswith("mscp: warning: ") for line in err.splitlines()), (rc, err)
             assert set(os.listdir(out)) == OUTPUT_FILES
         assert not [n for n in os.listdir(out.parent) if n.startswith(".out.")]
         return rc
