@@ -17,7 +17,7 @@ from mscp.errors import MSCPError
 
 PROMPTS = {"harmful": default_prompts("harmful")[:8], "benign": default_prompts("benign")[:8],
            "task": default_prompts("benign")[8:16]}
-OPTS = dict(prompts=PROMPTS, progress=False, hash_inputs=False, batch_size=4)
+OPTS = dict(prompts=PROMPTS, progress=False, hash_inputs=False, batch_size=4, score="wanda")  # the two-pass design is Wanda's; attribution: test_scores.py
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_cli_finetuned_pass_option_reaches_the_run(llama_trio, tmp_path):
     out = tmp_path / "o"
     assert main(["patch", "--base", str(llama_trio["base"]), "--aligned", str(llama_trio["aligned"]),
                  "--adapter", str(llama_trio["adapter"]), "--out", str(out), "--quiet", "--no-hash",
-                 "--finetuned-pass", "after_window"]) == 0
+                 "--finetuned-pass", "after_window", "--score", "wanda"]) == 0
     report = json.loads((out / "mscp_report.json").read_text())
     assert report["config"]["finetuned_pass"] == "after_window"
     assert report["timings_s"]["finetuned_pass"] == "after_window"
