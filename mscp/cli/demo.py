@@ -30,7 +30,7 @@ def add_arguments(p) -> None:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--pareto", action="store_true",
                       help="instead: every method along its own knob (chosen on localisation prompts, reported "
-                           "on the evaluation split): OUT/pareto.json and pareto.png (default --out runs/pareto)")
+                           "on the evaluation split): OUT/pareto.json and pareto.png (default --out runs/pareto-FINETUNE)")
     mode.add_argument("--continual", action="store_true",
                       help="instead: harm categories added one by one as continual dimensions, ASR per category "
                            "after each step (default --out runs/continual)")
