@@ -14,6 +14,8 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=5, num_attention_heads=4,
             num_key_value_heads=2, vocab_size=512, rank=4, layers_per_shard=2)
+# what one patch writes to OUT, every file put in place by one atomic swap
+OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json", "report.html", "README.md"}
 FAMILIES = ["llama", "qwen2", "mistral", "gemma", "gemma3_text"]
 
 _cache: dict = {}

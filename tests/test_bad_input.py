@@ -18,14 +18,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_trio, tree_digest
+from conftest import OUTPUT_FILES, make_trio, tree_digest
 from safetensors.torch import load_file, save_file
 
 import mscp.core.report
 from mscp.cli import main
 
 FAST = ["--quiet", "--no-hash", "--backend", "torch"]
-OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json", "report.html", "README.md"}
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import tree_digest
+from conftest import OUTPUT_FILES, tree_digest
 
 from mscp.cli import main
 
@@ -179,7 +179,7 @@ def test_a_signal_during_the_swap_is_held_until_the_new_out_is_in_place(tmp_path
     proc.send_signal(signal.SIGTERM)
     rc, err = finish(proc)
     assert rc == 143 and err == f"mscp: terminated; wrote only {out}\n", err
-    assert set(os.listdir(out)) == {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json"}
+    assert set(os.listdir(out)) == OUTPUT_FILES
     assert leftovers(out) == []
 
 
@@ -203,7 +203,7 @@ def test_what_sigkill_leaves_is_cleaned_by_the_next_run(tmp_path, trio, stage, c
     assert tree_digest(out) == before_out and leftovers(out) == []
 
     assert main(patch_argv(trio, out, "--overwrite")) == 0
-    assert set(os.listdir(out)) == {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json"}
+    assert set(os.listdir(out)) == OUTPUT_FILES
     assert leftovers(out) == []
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tree_digest
+from conftest import OUTPUT_FILES, tree_digest
 from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
@@ -86,7 +86,6 @@ def test_the_projection_changes_only_masked_rows_and_equals_the_float64_formula(
 
 # -- 2. corrupted files ------------------------------------------------------------------------------
 FAST = ["--quiet", "--no-hash", "--backend", "torch", "--layers", "1-2"]
-OUTPUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "mscp_report.json", "report.html", "README.md"}
 
 
 @pytest.fixture(scope="module")

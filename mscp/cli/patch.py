@@ -131,6 +131,7 @@ def noop_reason(report: dict) -> str:
 
 
 def print_summary(report: dict, out) -> None:
+    from mscp.core.report import OUTPUT_FILES
     layers = report["safety_layers"]
     print(f"safety layers: {layers[0]}-{layers[-1]} of {report['n_layers']} (criterion {report['config']['criterion']}"
           f"{', explicit' if report['config']['layers'] else ''})")
@@ -143,4 +144,4 @@ def print_summary(report: dict, out) -> None:
     print(f"status: {report['status']}")
     for warning in report["warnings"]:
         print(f"mscp: warning: {warning}", file=sys.stderr)
-    print(f"wrote {out}/: adapter_model.safetensors, adapter_config.json, mscp_report.json, report.html, README.md")
+    print(f"wrote {out}/: {', '.join(OUTPUT_FILES)}")

@@ -28,6 +28,8 @@ from mscp.errors import MSCPError
 REPORT_NAME = "mscp_report.json"
 HTML_NAME = "report.html"
 CARD_NAME = "README.md"
+# what a complete output folder holds; write_adapter_atomically puts them in place in one atomic swap
+OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", REPORT_NAME, HTML_NAME, CARD_NAME)
 # Fewer calibration or task prompts than this: the curves and row scores rest on too little data.
 MIN_PROMPTS = 8
 STATUSES = ("ok", "warnings", "noop")

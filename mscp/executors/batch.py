@@ -29,13 +29,12 @@ import time
 from pathlib import Path
 
 from mscp.core.hub import ADAPTER_FILES, parse_hub_id, resolve
+from mscp.core.report import OUTPUT_FILES
 from mscp.errors import MSCPError
 from mscp.executors.jobs import SUMMARY_NAME, BatchSpec, Job, line, outcome
 
 EXECUTORS = ("local", "ray")
 DEFAULT_RAY_PER_TASK = 4
-# what a complete output folder holds (mscp.core.report writes them in one atomic swap)
-OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "mscp_report.json", "report.html", "README.md")
 
 
 # -- the list of adapters and their output folders ---------------------------------------------------
