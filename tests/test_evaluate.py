@@ -144,6 +144,7 @@ def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     efs = {p["point"]: p["edit_fraction"] for p in r["points"]}
     assert efs["mscp-wanda_q0.5_p0.0_windowsigma"] >= efs["mscp-wanda_q0.2_p0.0_windowsigma"] > 0
     assert set(r["chosen"]) == set(grid) and r["finetuned"]["edit_fraction"] == 0.0
+    assert set(r["fronts"]) == {"mscp:wanda", "mscp:attribution", "mscp:wanda_weight"}  # each against Safe LoRA
     assert r["windows"]["all"] == list(range(4)) and set(r["windows"]["sigma"]) <= set(range(4))
     assert (tmp_path / "pa" / "pareto.png").stat().st_size > 1000
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "pa" / "scores").iterdir()) == ["attribution", "wanda"]
@@ -286,3 +287,28 @@ def test_choose_defaults_drops_a_configuration_that_over_refuses_on_any_finetune
     d = choose_defaults([run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]), run("two", [(a, 0.1, 0.2), (b, 0.5, 0.1)])])
     assert d["chosen"]["params"] == b and [c["params"] for c in d["ranked"]] == [b]
 
+
+
+def _front_result(points):
+    return {"points": [{"method": m, "point": f"{m}-{i}", "keyword_asr": asr, "task_accuracy": task,
+                        "edit_fraction": ef} for i, (m, asr, task, ef) in enumerate(points)]}
+
+
+def test_a_front_is_above_another_when_every_point_with_the_task_kept_is_matched():
+    from mscp.harness.pareto import front_comparison
+
+    r = _front_result([("mscp:a", 0.05, 0.98, 0.01), ("mscp:a", 0.3, 1.0, 0.001),
+                       ("safe_lora", 0.10, 0.95, 0.5), ("safe_lora", 0.3, 1.0, 0.05),
+                       ("safe_lora", 0.0, 0.2, 0.9)])  # task below 70 %: not compared
+    c = front_comparison(r, "mscp:a", "safe_lora")
+    assert c["holds"] and [x["matched_by"] for x in c["compared"]] == ["mscp:a-0", "mscp:a-1"]
+
+
+def test_a_front_is_below_where_one_point_of_the_other_is_unmatched():
+    from mscp.harness.pareto import front_comparison
+
+    r = _front_result([("mscp:a", 0.05, 0.90, 0.01), ("mscp:a", 0.0, 0.5, 0.1), ("mscp:a", 0.0, 1.0, 0.0),
+                       ("safe_lora", 0.10, 0.95, 0.5)])  # a's only point with task >= 0.95 edits nothing
+    c = front_comparison(r, "mscp:a", "safe_lora")
+    assert not c["holds"] and c["compared"][0]["matched_by"] is None
+    assert front_comparison(r, "mscp:a", "safe_lora", min_task=0.96)["holds"]  # nothing left to compare
