@@ -24,6 +24,7 @@ import re
 import time
 from pathlib import Path
 
+from mscp.harness.demo import PAPER
 from mscp.harness.organism import DEFAULT_FINETUNE, pick_threads
 
 WINDOWS = ("sigma", "all")  # the window the criterion chooses; every decoder layer
@@ -112,6 +113,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     methods of the grid (all by default)."""
     from mscp.core.adapter import Adapter
     from mscp.core.config import PatchConfig
+    from mscp.core.localize import safety_layers
     from mscp.core.project import edit_fraction, project_adapter
     from mscp.core.scoring import global_safety_rows, safety_rows, top_rows, weight_safety_mass
     from mscp.errors import MSCPError
@@ -139,11 +141,10 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     if "mscp:attribution" in grid:
         scored["attribution"] = _scores(out, org, ft, base_config.replace(score="attribution",
                                                                           layers=(0, n_layers - 1)))
-    sigma = next(iter(scored.values())).report["safety_layers"] if scored else None
-    if "mscp:attribution" in grid and "wanda" not in scored:  # the criterion's window from the curves
-        from mscp.core.localize import safety_layers
-
-        sigma = safety_layers(scored["attribution"].report["layer_curves"], base_config)
+    # σ is the criterion's window at the paper's width (rho 0.2), whatever rho the config carries: the
+    # package default (rho 1.0, every layer) would make every σ point an all-layers point.
+    curves = next(iter(scored.values())).report["layer_curves"] if scored else None
+    sigma = safety_layers(curves, base_config.replace(rho=PAPER["rho"], layers=None)) if scored else None
     windows = {"sigma": sigma, "all": list(range(n_layers))}
     lora = Adapter.load(ft)
     aligned_weights = None
