@@ -70,7 +70,7 @@ class PatchConfig:
                         choices=SCORES)
     q: float = option(0.02, "safety rows: the top q fraction of each module's rows by the harmful-prompt score "
                       "(attribution: of all rows in the safety layers, ranked together)")
-    p: float = option(0.02, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
+    p: float = option(0.0, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
                       "removed from the safety rows")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")

@@ -289,7 +289,7 @@ def format_table(result: dict) -> str:
     by_name = {p["point"]: p for p in result["points"]}
     for method, point in result["chosen"].items():
         if point is None:
-            lines.append(f"| {method} | no point keeps the task | | | | | |")
+            lines.append(f"| {method} | no point keeps the task and over-refusal bounds | | | | | |")
             continue
         r = by_name[point]
         params = ", ".join(f"{k} {v}" for k, v in r["params"].items())
