@@ -17,7 +17,10 @@ from mscp.cli import main
 REPO = "acme/ledger-lora"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 KEY = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
-QUICK = ["--quiet", "--no-hash", "--layers", "3-4"]
+# the hub machinery, not the score or the kernels: the cheap score and the reference backend. With the
+# attribution default and the auto backend, the in-process run after other test files differed from the
+# fresh process in the last bits of some values (cause not pinned down; the backends agree to 3e-6).
+QUICK = ["--quiet", "--no-hash", "--layers", "3-4", "--score", "wanda", "--backend", "torch"]
 
 
 @pytest.fixture(scope="module")
