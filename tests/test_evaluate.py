@@ -313,3 +313,20 @@ def test_a_front_is_below_where_one_point_of_the_other_is_unmatched():
     c = front_comparison(r, "mscp:a", "safe_lora")
     assert not c["holds"] and c["compared"][0]["matched_by"] is None
     assert front_comparison(r, "mscp:a", "safe_lora", min_task=0.96)["holds"]  # nothing left to compare
+
+
+def test_choose_defaults_leaves_out_a_finetune_where_no_configuration_keeps_the_bounds():
+    from mscp.harness.pareto import choose_defaults
+
+    def run(name, points):
+        return {"finetune": name, "aligned": {"localisation": {"keyword_asr": 0.1, "task_accuracy": 0.0,
+                                                                 "over_refusal": 0.05}},
+                "finetuned": {"localisation": {"keyword_asr": 0.9, "task_accuracy": 1.0, "over_refusal": 0.0}},
+                "points": [{"method": "mscp:x", "params": prm, "edit_fraction": 0.01,
+                            "localisation": {"keyword_asr": asr, "task_accuracy": 1.0, "over_refusal": over}}
+                           for prm, asr, over in points]}
+
+    a, b = {"q": 0.05}, {"q": 0.01}
+    d = choose_defaults([run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]), run("over", [(a, 0.1, 0.3), (b, 0.5, 0.2)])])
+    assert d["left_out"] == ["over"] and d["finetunes"] == ["one"]
+    assert d["chosen"]["params"] == a and set(d["chosen"]["per_finetune"]) == {"one"}

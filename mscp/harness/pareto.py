@@ -349,8 +349,9 @@ def choose_defaults(results: list[dict], max_task_drop: float = 0.03, min_erosio
     whether its task accuracy stays within `max_task_drop` of the fine-tuned adapter's, and whether
     its over-refusal stays within `max_over_refusal_rise` of the aligned model's. The default is the
     configuration that keeps the task and the over-refusal bound on every fine-tune and has the
-    highest worst case share; ties: the higher mean share, then the smaller mean edit fraction. Returns it with
-    every candidate's figures."""
+    highest worst case share; ties: the higher mean share, then the smaller mean edit fraction. A
+    fine-tune on which no configuration keeps both bounds is left out (it cannot tell configurations
+    apart) and named in `left_out`. Returns the choice with every candidate's figures."""
     eroding = []
     for r in results:
         ft, al = r["finetuned"]["localisation"], r["aligned"]["localisation"]
@@ -371,7 +372,13 @@ def choose_defaults(results: list[dict], max_task_drop: float = 0.03, min_erosio
                 "task_kept": loc["task_accuracy"] >= ft["task_accuracy"] - max_task_drop - 1e-12,
                 "over_refusal_ok": _over_refusal_ok(loc, al, max_over_refusal_rise),
                 "edit_fraction": p["edit_fraction"]}
-    names = [r["finetune"] for r in eroding]
+    # a fine-tune on which no configuration keeps both bounds cannot tell configurations apart: left out, named
+    passing = {n for c in candidates.values() for n, v in c["per_finetune"].items()
+               if v["task_kept"] and v["over_refusal_ok"]}
+    left_out = [r["finetune"] for r in eroding if r["finetune"] not in passing]
+    names = [r["finetune"] for r in eroding if r["finetune"] in passing]
+    for c in candidates.values():
+        c["per_finetune"] = {n: v for n, v in c["per_finetune"].items() if n in names}
     ranked = []
     for c in candidates.values():
         per = c["per_finetune"]
@@ -382,5 +389,5 @@ def choose_defaults(results: list[dict], max_task_drop: float = 0.03, min_erosio
         c["mean_edit_fraction"] = sum(v["edit_fraction"] for v in per.values()) / len(per)
         ranked.append(c)
     ranked.sort(key=lambda c: (-c["worst_won_back"], -c["mean_won_back"], c["mean_edit_fraction"]))
-    return {"finetunes": names, "rule": choose_defaults.__doc__.split("\n\n")[1].strip(),
+    return {"finetunes": names, "left_out": left_out, "rule": choose_defaults.__doc__.split("\n\n")[1].strip(),
             "chosen": ranked[0] if ranked else None, "ranked": ranked}
