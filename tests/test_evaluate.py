@@ -273,21 +273,34 @@ def test_choose_defaults_takes_the_best_worst_case_that_keeps_every_task():
     assert d["chosen"]["worst_won_back"] == pytest.approx(0.5)
 
 
+def _over_refusal_run(name, points):
+    """A Pareto result of one MSCP method: the aligned model over-refuses 5 % on localisation
+    prompts; points are (params, keyword ASR, over-refusal), each keeping the task."""
+    return {"finetune": name, "aligned": {"localisation": {"keyword_asr": 0.1, "task_accuracy": 0.0,
+                                                             "over_refusal": 0.05}},
+            "finetuned": {"localisation": {"keyword_asr": 0.9, "task_accuracy": 1.0, "over_refusal": 0.0}},
+            "points": [{"method": "mscp:x", "params": prm, "edit_fraction": 0.01,
+                        "localisation": {"keyword_asr": asr, "task_accuracy": 1.0, "over_refusal": over}}
+                       for prm, asr, over in points]}
+
+
 def test_choose_defaults_drops_a_configuration_that_over_refuses_on_any_finetune():
     from mscp.harness.pareto import choose_defaults
 
-    def run(name, points):
-        return {"finetune": name, "aligned": {"localisation": {"keyword_asr": 0.1, "task_accuracy": 0.0,
-                                                                 "over_refusal": 0.05}},
-                "finetuned": {"localisation": {"keyword_asr": 0.9, "task_accuracy": 1.0, "over_refusal": 0.0}},
-                "points": [{"method": "mscp:x", "params": prm, "edit_fraction": 0.01,
-                            "localisation": {"keyword_asr": asr, "task_accuracy": 1.0, "over_refusal": over}}
-                           for prm, asr, over in points]}
-
     a, b = {"q": 0.05}, {"q": 0.01}
-    d = choose_defaults([run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]), run("two", [(a, 0.1, 0.2), (b, 0.5, 0.1)])])
+    d = choose_defaults([_over_refusal_run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]),
+                         _over_refusal_run("two", [(a, 0.1, 0.2), (b, 0.5, 0.1)])])
     assert d["chosen"]["params"] == b and [c["params"] for c in d["ranked"]] == [b]
 
+
+def test_choose_defaults_leaves_out_a_finetune_where_no_configuration_keeps_the_bounds():
+    from mscp.harness.pareto import choose_defaults
+
+    a, b = {"q": 0.05}, {"q": 0.01}
+    d = choose_defaults([_over_refusal_run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]),
+                         _over_refusal_run("over", [(a, 0.1, 0.3), (b, 0.5, 0.2)])])
+    assert d["left_out"] == ["over"] and d["finetunes"] == ["one"]
+    assert d["chosen"]["params"] == a and set(d["chosen"]["per_finetune"]) == {"one"}
 
 
 def _front_result(points):
@@ -313,20 +326,3 @@ def test_a_front_is_below_where_one_point_of_the_other_is_unmatched():
     c = front_comparison(r, "mscp:a", "safe_lora")
     assert not c["holds"] and c["compared"][0]["matched_by"] is None
     assert front_comparison(r, "mscp:a", "safe_lora", min_task=0.96)["holds"]  # nothing left to compare
-
-
-def test_choose_defaults_leaves_out_a_finetune_where_no_configuration_keeps_the_bounds():
-    from mscp.harness.pareto import choose_defaults
-
-    def run(name, points):
-        return {"finetune": name, "aligned": {"localisation": {"keyword_asr": 0.1, "task_accuracy": 0.0,
-                                                                 "over_refusal": 0.05}},
-                "finetuned": {"localisation": {"keyword_asr": 0.9, "task_accuracy": 1.0, "over_refusal": 0.0}},
-                "points": [{"method": "mscp:x", "params": prm, "edit_fraction": 0.01,
-                            "localisation": {"keyword_asr": asr, "task_accuracy": 1.0, "over_refusal": over}}
-                           for prm, asr, over in points]}
-
-    a, b = {"q": 0.05}, {"q": 0.01}
-    d = choose_defaults([run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]), run("over", [(a, 0.1, 0.3), (b, 0.5, 0.2)])])
-    assert d["left_out"] == ["over"] and d["finetunes"] == ["one"]
-    assert d["chosen"]["params"] == a and set(d["chosen"]["per_finetune"]) == {"one"}
