@@ -11,6 +11,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 
 from mscp.errors import MSCPError
 
@@ -21,6 +22,8 @@ BACKEND_CHOICES = ("auto", "torch", "triton", "cpp", "cuda")
 FINETUNED_PASSES = ("auto", "with_calibration", "after_window")
 SCORES = ("wanda", "wanda_weight", "attribution")
 # The linear modules of a Llama-family decoder layer: the usual LoRA targets (organism, synth, plots)
+# The paper's own setting (METHOD.md): Wanda rows, q = p = 0.3, the σ window at rho 0.2.
+PAPER_SETTING = MappingProxyType(dict(score="wanda", q=0.3, p=0.3, rho=0.2))  # read-only: shared
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -54,7 +57,7 @@ def option(default, help: str, *, choices=None, flag: str | None = None, metavar
 class PatchConfig:
     # Level 1: safety layers
     # Defaults: chosen by pareto.choose_defaults on the organism's localisation prompts (docs/evaluation.md,
-    # section 7); the paper's own setting is score wanda, q 0.3, p 0.3, rho 0.2.
+    # section 7); the paper's own setting is PAPER_SETTING (score wanda, q 0.3, p 0.3, rho 0.2).
     rho: float = option(1.0, "safety window width as a fraction of the decoder layers: w = max(1, round(rho * n_layers)); "
                         "1.0 = every layer (the default: the fine-tune's damage is not confined to a window); the "
                         "paper uses 0.2")

@@ -10,7 +10,7 @@ are timed back to back in the same state):
                     under both fine-tuned passes (with the calibration streams, or after the window)
   dense Safe LoRA   C = V V^T / ||V||_F built densely, C @ B, against the low-rank op, same modules
 
-The patches run with the paper's score (SINGLE_PASS: every layer read once per pass), the setting
+The patches run with the paper's setting (PAPER_SETTING: every layer read once per pass), the setting
 the I/O-floor goals are stated for; `patch_options` overrides it.
 """
 from __future__ import annotations
@@ -27,14 +27,13 @@ from safetensors.torch import load_file, save_file
 
 from mscp.core.adapter import Adapter
 from mscp.core.checkpoint import Checkpoint
+from mscp.core.config import PAPER_SETTING
 from mscp.core.pipeline import patch, patch_many
 from mscp.core.project import project_adapter
 from mscp.core.prompts import default_prompts
 from mscp.kernels import lowrank_project
 
 CHUNK = 64 << 20
-
-SINGLE_PASS = dict(score="wanda", q=0.3, p=0.3, rho=0.2)
 
 
 def page_cache_residency(paths) -> float:
@@ -143,7 +142,7 @@ def run_bench(base, aligned, adapter, *, k: int = 8, work: Path, repeats: int = 
     base, aligned, adapter = Path(base), Path(aligned), Path(adapter)
     # the single streamed pass the I/O-floor goals are defined for (the paper's score); the attribution
     # default adds generation and a backward pass, which read the layers again
-    opts = dict(progress=False, hash_inputs=False, **{**SINGLE_PASS, **(patch_options or {})})
+    opts = dict(progress=False, hash_inputs=False, **{**PAPER_SETTING, **(patch_options or {})})
     if n_prompts:  # the first n of each built-in set: the forward passes scale with the prompts
         benign = default_prompts("benign")
         opts["prompts"] = {"harmful": default_prompts("harmful")[:n_prompts], "benign": benign[:n_prompts],

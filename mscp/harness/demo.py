@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from mscp.core.config import LORA_TARGETS
+from mscp.core.config import LORA_TARGETS, PAPER_SETTING
 from mscp.errors import MSCPError
 from mscp.harness.organism import DEFAULT_FINETUNE
 
@@ -22,7 +22,7 @@ from mscp.harness.organism import DEFAULT_FINETUNE
 # own score (Wanda rows, q = p = 0.3, the criterion's window), and the baselines.
 METHODS = ("aligned", "finetuned", "mscp", "mscp_paper", "safe_lora", "safe_lora_10pct", "wanda_zero",
            "drop_safety_layers")
-PAPER = dict(score="wanda", q=0.3, p=0.3, rho=0.2, layers=None)
+PAPER = dict(PAPER_SETTING, layers=None)  # the criterion's window, whatever --layers says
 
 
 class Stages:

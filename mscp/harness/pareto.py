@@ -24,7 +24,6 @@ import re
 import time
 from pathlib import Path
 
-from mscp.harness.demo import PAPER
 from mscp.harness.organism import DEFAULT_FINETUNE, pick_threads
 
 WINDOWS = ("sigma", "all")  # the window the criterion chooses; every decoder layer
@@ -112,7 +111,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     """The measurement of the module doc; returns what OUT/pareto.json holds. methods: only these
     methods of the grid (all by default)."""
     from mscp.core.adapter import Adapter
-    from mscp.core.config import PatchConfig
+    from mscp.core.config import PAPER_SETTING, PatchConfig
     from mscp.core.localize import safety_layers
     from mscp.core.project import edit_fraction, project_adapter
     from mscp.core.scoring import global_safety_rows, safety_rows, top_rows, weight_safety_mass
@@ -144,7 +143,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     # σ is the criterion's window at the paper's width (rho 0.2), whatever rho the config carries: the
     # package default (rho 1.0, every layer) would make every σ point an all-layers point.
     curves = next(iter(scored.values())).report["layer_curves"] if scored else None
-    sigma = safety_layers(curves, base_config.replace(rho=PAPER["rho"], layers=None)) if scored else None
+    sigma = safety_layers(curves, base_config.replace(rho=PAPER_SETTING["rho"], layers=None)) if scored else None
     windows = {"sigma": sigma, "all": list(range(n_layers))}
     lora = Adapter.load(ft)
     aligned_weights = None
