@@ -18,6 +18,7 @@ from mscp.core.pipeline import modules_by_layer, patch_many
 from mscp.core.prompts import default_prompts, encode, load_tokenizer
 from mscp.core.scoring import global_safety_rows, weight_safety_mass
 from mscp.core.streaming import ModelShell
+from mscp.errors import MSCPError
 
 PROMPTS = {"harmful": default_prompts("harmful")[:6], "benign": default_prompts("benign")[:6],
            "task": default_prompts("benign")[6:12]}
@@ -193,6 +194,25 @@ def test_attribution_patch_selects_what_the_global_rule_says(llama_trio):
     assert {k: m["rows"] for k, m in res.report["modules"].items()} == {k: v.tolist() for k, v in chosen.items()}
     details = res.report["score_details"]
     assert details["target_tokens"]["harmful"] > 0 and details["targets_loglik"]["harmful"] < 0
+
+
+def test_attribution_at_p_0_skips_the_task_side_and_selects_the_same_rows(llama_trio):
+    with_task = patch_with(llama_trio, "attribution", q=0.1, p=0.05)
+    without = patch_with(llama_trio, "attribution", q=0.1, p=0.0)
+    assert all("task" not in s for s in without.scores.values())
+    assert "targets_task" not in without.report["timings_s"] and "targets_task" in with_task.report["timings_s"]
+    for key, s in without.scores.items():  # the harmful side does not depend on p
+        assert torch.equal(s["harmful"], with_task.scores[key]["harmful"])
+    at_p0 = global_safety_rows({k: s["harmful"] for k, s in with_task.scores.items()},
+                               {k: s["task"] for k, s in with_task.scores.items()}, 0.1, 0.0)
+    assert {k: m["rows"] for k, m in without.report["modules"].items()} == {k: v.tolist() for k, v in at_p0.items()}
+
+
+def test_removing_task_rows_from_scores_without_a_task_side_is_refused():
+    harmful = {"m": torch.tensor([3.0, 2.0, 1.0, -1.0])}
+    assert global_safety_rows(harmful, None, 0.5, 0.0)["m"].tolist() == [0, 1]
+    with pytest.raises(MSCPError, match="needs the task scores"):
+        global_safety_rows(harmful, None, 0.5, 0.25)
 
 
 def test_attribution_for_several_adapters_equals_each_alone(trio_root):

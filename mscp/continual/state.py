@@ -244,7 +244,8 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
         clock = time.perf_counter()
         cached = load_file(str(state_dir / "cache" / "scores.safetensors"))
         for k, sc in scores.items():
-            sc["task"] = cached[f"task::{k}"]
+            if f"task::{k}" in cached:  # absent when init scored with p = 0 (attribution)
+                sc["task"] = cached[f"task::{k}"]
             if f"rms_task::{k}" in cached:
                 sc["rms_task"] = cached[f"rms_task::{k}"]
         rows = select_rows(config, scores, modules, b0.tensors, aligned.ckpt)

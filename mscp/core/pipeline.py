@@ -187,7 +187,8 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
     """The attribution scores of each adapter's modules in the window (core/attribution.py): the
     aligned model's answers to the harmful prompts are generated once; then per adapter the edit
     of every row (the projection of all rows), the fine-tuned model's answers to the task prompts,
-    and a forward and backward pass for each prompt set."""
+    and a forward and backward pass for each prompt set. At p = 0 no task row is ever removed, so
+    the task side (its answers and its pass, a third of the time) is skipped."""
     progress = progress_bar(config)
     head = aligned_model.head()
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
@@ -209,18 +210,27 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
                                            exact_rank=config.exact_rank, device=config.device, backend=config.backend)
         edits = {key: projected[key].float() - run.lora.tensors[key].float() for key in every_row}
         timings["edits_all_rows"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        answers = greedy_answers(aligned_model, head, task, config.target_tokens, lora=lora, **gen)
-        timings["targets_task"] = time.perf_counter() - clock
-        clock = time.perf_counter()
         common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress)
+        clock = time.perf_counter()
         a_harmful, ll_harmful = attribution_scores(aligned_model, head, harmful, refusals, lora, edits, scored, **common)
-        a_task, ll_task = attribution_scores(aligned_model, head, task, answers, lora, edits, scored, **common)
         timings["attribution"] = time.perf_counter() - clock
-        run.scores = {m.key_b: {"harmful": a_harmful[index][rel], "task": a_task[index][rel]}
+        run.scores = {m.key_b: {"harmful": a_harmful[index][rel]}
                       for index in window for rel, m in run.by_layer.get(index, {}).items()}
-        run.details = {"targets_loglik": {"harmful": ll_harmful, "task": ll_task},
-                       "target_tokens": {"harmful": sum(map(len, refusals)), "task": sum(map(len, answers))}}
+        run.details = {"targets_loglik": {"harmful": ll_harmful}, "target_tokens": {"harmful": sum(map(len, refusals))}}
+        if config.p > 0:
+            clock = time.perf_counter()
+            answers = greedy_answers(aligned_model, head, task, config.target_tokens, lora=lora, **gen)
+            timings["targets_task"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            a_task, ll_task = attribution_scores(aligned_model, head, task, answers, lora, edits, scored, **common)
+            timings["attribution_task"] = time.perf_counter() - clock
+            for index in window:
+                for rel, m in run.by_layer.get(index, {}).items():
+                    run.scores[m.key_b]["task"] = a_task[index][rel]
+            run.details["targets_loglik"]["task"] = ll_task
+            run.details["target_tokens"]["task"] = sum(map(len, answers))
+        else:
+            run.details["task"] = "not scored: p = 0 removes no task rows"
 
 
 def eos_ids(tok, model: ModelShell) -> set[int]:
@@ -243,8 +253,8 @@ def select_rows(config: PatchConfig, scores: dict[str, dict], modules: dict[str,
     wanda: top_q(I^H) minus top_p(I^T) per module; wanda_weight: the top q rows by safety-only mass
     per module; attribution: the top q of all rows together minus the top p by task damage."""
     if config.score == "attribution":
-        return global_safety_rows({k: scores[k]["harmful"] for k in modules}, {k: scores[k]["task"] for k in modules},
-                                  config.q, config.p)
+        return global_safety_rows({k: scores[k]["harmful"] for k in modules},
+                                  {k: scores[k].get("task") for k in modules}, config.q, config.p)
     masks = {}
     for key, m in modules.items():
         sc = scores[key]

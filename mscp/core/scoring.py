@@ -171,23 +171,26 @@ def _threshold(x: torch.Tensor, k: int) -> float:
     return torch.kthvalue(flat, flat.numel() - min(k, flat.numel()) + 1).values.item()
 
 
-def global_safety_rows(harmful: dict[str, torch.Tensor], task: dict[str, torch.Tensor], q: float,
+def global_safety_rows(harmful: dict[str, torch.Tensor], task: dict[str, torch.Tensor] | None, q: float,
                        p: float) -> dict[str, torch.Tensor]:
     """The attribution score's selection, over all modules at once (its scores share a unit, the
     change of a log-likelihood): the top q fraction of all candidate rows by the harmful score, among
     rows whose edit raises the refusal's likelihood (score > 0), minus the top p fraction by task
-    damage (the edit lowers the task answer's likelihood: -task > 0). Per module key, sorted rows."""
+    damage (the edit lowers the task answer's likelihood: -task > 0). Per module key, sorted rows.
+    task is read only when p > 0 (at p 0 the pipeline does not compute it)."""
     keys = sorted(harmful)
     if not keys:
         return {}
     h = torch.cat([harmful[k].double() for k in keys])
-    t = torch.cat([task[k].double() for k in keys])
     owner = torch.cat([torch.full((harmful[k].numel(),), i) for i, k in enumerate(keys)])
     local = torch.cat([torch.arange(harmful[k].numel()) for k in keys])
     n = h.numel()
     order = torch.sort(h, descending=True, stable=True).indices[: round(q * n)]
     chosen = order[h[order] > 0]
     if p > 0:
+        if task is None or any(task.get(k) is None for k in keys):
+            raise MSCPError("p > 0 needs the task scores, and these scores were computed without them (p = 0)")
+        t = torch.cat([task[k].double() for k in keys])
         damage = torch.sort(-t, descending=True, stable=True).indices[: round(p * n)]
         damage = damage[-t[damage] > 0]
         chosen = chosen[~torch.isin(chosen, damage)]

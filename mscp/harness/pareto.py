@@ -137,8 +137,9 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     scored = {}
     if any(m in grid for m in ("mscp:wanda", "mscp:wanda_weight", "wanda_zero", "drop_safety_layers")):
         scored["wanda"] = _scores(out, org, ft, base_config.replace(score="wanda"))
-    if "mscp:attribution" in grid:
-        scored["attribution"] = _scores(out, org, ft, base_config.replace(score="attribution",
+    if "mscp:attribution" in grid:  # the task side is scored only when some point removes task rows
+        task_p = max((params["p"] for params in grid["mscp:attribution"]), default=0.0)
+        scored["attribution"] = _scores(out, org, ft, base_config.replace(score="attribution", p=task_p,
                                                                           layers=(0, n_layers - 1)))
     # σ is the criterion's window at the paper's width (rho 0.2), whatever rho the config carries: the
     # package default (rho 1.0, every layer) would make every σ point an all-layers point.
@@ -155,7 +156,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
         keys = [k for k in res.scores if _layer(k) in layers]
         if score == "attribution":
             return global_safety_rows({k: res.scores[k]["harmful"] for k in keys},
-                                      {k: res.scores[k]["task"] for k in keys}, params["q"], params["p"])
+                                      {k: res.scores[k].get("task") for k in keys}, params["q"], params["p"])
         if score == "wanda":
             return {k: safety_rows(res.scores[k]["harmful"], res.scores[k]["task"], params["q"], params["p"])
                     for k in keys}
