@@ -127,7 +127,7 @@ def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
 
     org, cfg, base = tiny_organism
     grid = {"mscp:wanda": [dict(q=0.2, p=0.0, window="sigma"), dict(q=0.5, p=0.0, window="sigma")],
-            "mscp:attribution": [dict(q=0.05, p=0.0, window="all")],
+            "mscp:attribution": [dict(q=0.05, p=0.0, window="all"), dict(q=0.05, p=0.05, window="all", keep="task+benign")],
             "mscp:wanda_weight": [dict(q=0.3, p=0.0, window="sigma")],
             "safe_lora": [dict(tau=0.5), dict(modules=0.1)], "drop_safety_layers": [dict(window="sigma")],
             "wanda_zero": [dict(q=0.3, p=0.3, window="sigma")]}
@@ -135,7 +135,7 @@ def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
                    progress=False, organism_cfg=OrganismConfig(**TINY), base_dir=base, finetune="benign",
                    config=PatchConfig(progress=False, batch_size=4, target_tokens=2, hash_inputs=False))
     saved = json.loads((tmp_path / "pa" / "pareto.json").read_text())
-    assert saved["points"] == r["points"] and len(r["points"]) == 8
+    assert saved["points"] == r["points"] and len(r["points"]) == 9
     for p in r["points"]:
         assert {"method", "params", "keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy",
                 "edit_fraction", "localisation"} <= set(p)
@@ -148,7 +148,11 @@ def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     assert r["windows"]["all"] == list(range(4))
     assert len(r["windows"]["sigma"]) == 1 and set(r["windows"]["sigma"]) <= set(range(4))  # rho 0.2 of 4 layers
     assert (tmp_path / "pa" / "pareto.png").stat().st_size > 1000
-    assert sorted(p.name.split("-")[0] for p in (tmp_path / "pa" / "scores").iterdir()) == ["attribution", "wanda"]
+    folders = {p.name.split("-")[0]: p for p in (tmp_path / "pa" / "scores").iterdir()}
+    assert sorted(folders) == ["attribution", "attribution_keep_benign", "wanda"]
+    plain, keep = (json.loads((folders[n] / "report.json").read_text())["prompts"]
+                   for n in ("attribution", "attribution_keep_benign"))
+    assert keep["task"] == plain["task"] + plain["benign"]  # the benign prompts joined the side p protects
     again = run_pareto(tmp_path / "pa", cache=org.root.parent / "cache", grid=grid, max_new_tokens=2, judge="keyword",
                        progress=False, organism_cfg=OrganismConfig(**TINY), base_dir=base, finetune="benign",
                        config=PatchConfig(progress=False, batch_size=4, target_tokens=2, hash_inputs=False))

@@ -110,14 +110,16 @@ def organism_for(out, cache, organism_cfg, base_dir, progress, finetune: str):
     return out, org, org.splits, org.finetuned(finetune)
 
 
-def patch_on_localisation(org, adapter: Path, config, out):
-    """MSCP on a fine-tuned adapter of the organism, scored on the localisation splits only."""
+def patch_on_localisation(org, adapter: Path, config, out, *, keep_benign: bool = False):
+    """MSCP on a fine-tuned adapter of the organism, scored on the localisation splits only.
+    keep_benign: the benign prompts join the task prompts on the side whose damage p removes (the
+    fine-tuned model's answers to them are kept too, against over-refusal)."""
     from mscp.core.pipeline import patch
 
     sp = org.splits
+    task = [sp / "task_localize.txt"] + ([sp / "benign_localize.txt"] if keep_benign else [])
     return patch(org.base, org.aligned, adapter, out, harmful=[sp / "harmful_localize.txt"],
-                 benign=sp / "benign_localize.txt", task=sp / "task_localize.txt", config=config,
-                 overwrite=out is not None)
+                 benign=sp / "benign_localize.txt", task=task, config=config, overwrite=out is not None)
 
 
 def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, judge: str = "embedding",

@@ -27,6 +27,9 @@ from pathlib import Path
 from mscp.harness.organism import DEFAULT_FINETUNE, pick_threads
 
 WINDOWS = ("sigma", "all")  # the window the criterion chooses; every decoder layer
+# attribution's task side (what p protects) -> its scoring pass: the task prompts' answers, or
+# those and the benign prompts' answers (against over-refusal)
+KEEP = {"task": "attribution", "task+benign": "attribution_keep_benign"}
 GRID: dict[str, list[dict]] = {
     "mscp:wanda": [dict(q=q, p=p, window="sigma") for q, p in ((0.3, 0.3), (0.3, 0.0), (0.8, 0.0))]
     + [dict(q=0.3, p=0.0, window="all")],
@@ -66,7 +69,7 @@ class _Scored:
         self.report, self.scores = report, scores
 
 
-def _scores(out: Path, org, adapter: Path, config) -> _Scored:
+def _scores(out: Path, org, adapter: Path, config, keep_benign: bool = False) -> _Scored:
     """patch_on_localisation's report and scores, kept in OUT/scores/ under a key of the inputs and
     the config, so a rerun (more grid points, an interrupted run) does not score again."""
     from safetensors.torch import load_file, save_file
@@ -75,9 +78,10 @@ def _scores(out: Path, org, adapter: Path, config) -> _Scored:
     from mscp.harness.evaluate import folder_digest
 
     key = hashlib.sha256(json.dumps([folder_digest(org.base), folder_digest(org.aligned), folder_digest(adapter),
-                                     folder_digest(org.splits, (".txt", ".jsonl")), config.to_dict()], sort_keys=True,
+                                     folder_digest(org.splits, (".txt", ".jsonl")), config.to_dict()]
+                                    + (["keep_benign"] if keep_benign else []), sort_keys=True,
                                     default=str).encode()).hexdigest()[:16]
-    folder = out / "scores" / f"{config.score}-{key}"
+    folder = out / "scores" / f"{config.score}{'_keep_benign' if keep_benign else ''}-{key}"
     if (folder / "report.json").is_file():
         flat = load_file(str(folder / "scores.safetensors"))
         scores: dict = {}
@@ -87,7 +91,7 @@ def _scores(out: Path, org, adapter: Path, config) -> _Scored:
         return _Scored(json.loads((folder / "report.json").read_text()), scores)
     print(f"scoring rows: {config.score} ...", flush=True)
     clock = time.time()
-    res = patch_on_localisation(org, adapter, config, None)
+    res = patch_on_localisation(org, adapter, config, None, keep_benign=keep_benign)
     res.report["timings_s"]["wall"] = time.time() - clock
     folder.mkdir(parents=True, exist_ok=True)
     save_file({f"{kind}::{k}": t.contiguous() for k, sc in res.scores.items() for kind, t in sc.items()},
@@ -137,10 +141,16 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
     scored = {}
     if any(m in grid for m in ("mscp:wanda", "mscp:wanda_weight", "wanda_zero", "drop_safety_layers")):
         scored["wanda"] = _scores(out, org, ft, base_config.replace(score="wanda"))
-    if "mscp:attribution" in grid:  # the task side is scored only when some point removes task rows
-        task_p = max((params["p"] for params in grid["mscp:attribution"]), default=0.0)
-        scored["attribution"] = _scores(out, org, ft, base_config.replace(score="attribution", p=task_p,
-                                                                          layers=(0, n_layers - 1)))
+    # the task side is scored only when some point removes task rows; a point with keep "task+benign"
+    # protects the fine-tuned model's answers to the benign prompts too (its own scoring pass)
+    for keep in dict.fromkeys(params.get("keep", "task") for params in grid.get("mscp:attribution", [])):
+        if keep not in KEEP:
+            raise MSCPError(f"unknown attribution keep side {keep!r}; choose from {', '.join(KEEP)}")
+        task_p = max((params["p"] for params in grid["mscp:attribution"] if params.get("keep", "task") == keep),
+                     default=0.0)
+        scored[KEEP[keep]] = _scores(out, org, ft, base_config.replace(score="attribution", p=task_p,
+                                                                       layers=(0, n_layers - 1)),
+                                     keep_benign=keep == "task+benign")
     # σ is the criterion's window at the paper's width (rho 0.2), whatever rho the config carries: the
     # package default (rho 1.0, every layer) would make every σ point an all-layers point.
     curves = next(iter(scored.values())).report["layer_curves"] if scored else None
@@ -151,7 +161,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
 
     def masks_for(score: str, params: dict) -> dict:
         nonlocal aligned_weights
-        res = scored["attribution" if score == "attribution" else "wanda"]
+        res = scored[KEEP[params.get("keep", "task")] if score == "attribution" else "wanda"]
         layers = set(windows[params["window"]])
         keys = [k for k in res.scores if _layer(k) in layers]
         if score == "attribution":
