@@ -17,7 +17,7 @@ import warnings
 
 from mscp.errors import MSCPError, MSCPWarning
 
-COMMANDS = ("patch", "continual", "eval", "demo", "organism", "synth", "bench")
+COMMANDS = ("patch", "tune", "continual", "eval", "demo", "organism", "synth", "bench")
 
 
 class _Parser(argparse.ArgumentParser):
