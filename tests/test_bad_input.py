@@ -954,3 +954,14 @@ def test_an_error_naming_a_line_break_stays_on_one_line(capsys, tmp_path, trio):
     err = run_refused(capsys, patch_argv(trio, tmp_path / "out", "--harmful", str(path)), list(trio.values()),
                       tmp_path / "out")
     assert err.endswith("two\\nlines.txt") and "prompt file not found" in err
+
+
+@pytest.mark.parametrize("task, message", [(None, "tune needs task prompts with answers"),
+                                           ("plain.txt", "needs an answer for every task prompt"),
+                                           ("half.jsonl", "1 of 2 in")])
+def test_tune_refuses_task_prompts_without_answers(capsys, tmp_path, trio, task, message):
+    (tmp_path / "plain.txt").write_text("What is 2 + 2?\n")
+    (tmp_path / "half.jsonl").write_text('{"prompt": "a", "answer": "1"}\n{"prompt": "b"}\n')
+    argv = ["tune", "--base", str(trio["base"]), "--aligned", str(trio["aligned"]), "--adapter", str(trio["adapter"]),
+            "--out", str(tmp_path / "out"), *FAST] + (["--task", str(tmp_path / task)] if task else [])
+    assert message in run_refused(capsys, argv, list(trio.values()), tmp_path / "out")
