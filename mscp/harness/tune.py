@@ -65,7 +65,8 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
         raise MSCPError(f"every candidate q must be in (0, 1]; got {', '.join(map(str, qs)) or 'none'}")
     config = config or PatchConfig(progress=progress)
     items = _task_items(task)
-    check_out_dir(Path(out), overwrite, [p for p in as_paths(adapter) if p.exists()])
+    inputs = [p for x in (base, aligned, adapter, tokenizer, task, benign) for p in as_paths(x)] + as_paths(harmful)
+    check_out_dir(Path(out), overwrite, [p for p in inputs if p.exists()])  # fail before any work
     read = lambda files, name: ([p for f in as_paths(files) for p in read_prompts(f)]  # noqa: E731
                                 if files is not None else default_prompts(name))
     harmful_prompts, benign_prompts = read(harmful, "harmful"), read(benign, "benign")
