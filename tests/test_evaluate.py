@@ -115,6 +115,9 @@ def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     for m in METHODS:
         assert {"keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy", "edit_fraction"} <= set(summary[m])
     assert summary["finetuned"]["edit_fraction"] == 0.0 and 0 < summary["mscp"]["edit_fraction"] < 1
+    stages = summary["stage_seconds"]  # every stage timed, in order, adding up to the run
+    assert list(stages)[:2] == ["organism", "mscp"] and list(stages)[-1] == "figures" and len(stages) == 13
+    assert all(t >= 0 for t in stages.values()) and sum(stages.values()) <= summary["seconds"] + 1
     for f in ("layer_curves.png", "neurons.png"):
         assert (tmp_path / "demo" / f).stat().st_size > 1000
 

@@ -32,13 +32,20 @@ class Stages:
     def __init__(self, names: list[str]):
         self.names, self.start, self.k = names, time.time(), 0
         self.per_prompt: list[float] = []
+        self.started: list[float] = []
 
     def next(self, what: str, prompts_left: int = 0) -> None:
         self.k += 1
+        self.started.append(time.time())
         left = ""
         if self.per_prompt and prompts_left:
             left = f", about {prompts_left * sum(self.per_prompt) / len(self.per_prompt) / 60:.1f} min of evaluation left"
         print(f"[{self.k}/{len(self.names)}] {what} ({(time.time() - self.start) / 60:.1f} min so far{left})", flush=True)
+
+    def seconds(self) -> dict[str, float]:
+        """Seconds spent in each stage started so far (the last one up to now), by stage name."""
+        ends = self.started[1:] + [time.time()]
+        return {name: end - begin for name, begin, end in zip(self.names, self.started, ends)}
 
 
 def plot_figures(report: dict, out: Path) -> list[Path]:
@@ -185,7 +192,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
                "safety_layers": report["safety_layers"], "mscp_config": report["config"],
                "mscp_paper_config": paper["config"], "safe_lora": {"tau": safe_lora_tau, "n_modules": sl["n_modules"]},
                "max_new_tokens": max_new_tokens, "figures": [f.name for f in figs],
-               "seconds": time.time() - stages.start,
+               "seconds": time.time() - stages.start, "stage_seconds": stages.seconds(),
                "organism_checks": org.record().get("checks", {}).get("targets_met")}
     summary.update(results)  # flat access: summary["mscp"]["keyword_asr"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
