@@ -45,8 +45,7 @@ def main() -> None:
             sp = org.splits
             r = evaluate(org.aligned, out, harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
                          task=sp / "task_eval.jsonl", judge=None, max_new_tokens=org.config.eval_tokens,
-                         progress=False, keep_responses=False,
-                         cache=Path.home() / ".cache" / "mscp" / "responses")
+                         progress=False, keep_responses=False, cache=org.responses)
             rows.append({"seed": seed, "model": f"{name} + mscp (defaults)", **{k: r[k] for k in KEYS},
                          "edit_fraction": res.report["edit_fraction"], "seconds": time.time() - clock})
             print(json.dumps(rows[-1]), flush=True)

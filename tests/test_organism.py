@@ -159,3 +159,25 @@ def test_unknown_finetune_is_refused(tiny_organism):
     org, cfg, base = tiny_organism
     with pytest.raises(MSCPError, match="unknown fine-tune"):
         build(org.root, OrganismConfig(**TINY), finetunes=("nope",), base_dir=base, progress=False, threads=1)
+
+
+def test_the_build_leaves_its_evaluation_answers_for_later_runs(tiny_organism, monkeypatch):
+    """The checks' answers (aligned, each fine-tune, evaluation splits) sit in the organism's answer
+    cache, so the demo and the Pareto runs evaluate those two without generating."""
+    from mscp.harness import generate
+    from mscp.harness.evaluate import evaluate
+
+    org, cfg, _ = tiny_organism
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("generated, although the build had left these answers")
+
+    monkeypatch.setattr(generate.Generator, "__init__", refuse)
+    sp = org.splits
+    for adapter, checked in ((None, org.record()["checks"]["aligned"]),
+                             (org.finetuned("benign"), org.finetune_record("benign")["checks"]["finetuned"])):
+        r = evaluate(org.aligned, adapter, harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
+                     task=sp / "task_eval.jsonl", judge=None, max_new_tokens=cfg.eval_tokens, progress=False,
+                     cache=org.responses)
+        assert {k: r[k] for k in ("keyword_asr", "over_refusal", "task_accuracy")} == \
+            {k: checked[k] for k in ("keyword_asr", "over_refusal", "task_accuracy")}

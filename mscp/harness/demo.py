@@ -145,7 +145,6 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
                      "figures"])
     stages.next("the organism (built once, then cached)")
     out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
-    responses_cache = Path(cache or Path.home() / ".cache" / "mscp") / "responses"
     pc = config or PatchConfig(progress=progress)
     stages.next(f"MSCP ({pc.score}): patching the fine-tuned adapter on the localisation prompts")
     report = patch_on_localisation(org, ft, pc, out / "mscp").report
@@ -175,7 +174,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
         clock = time.time()
         r = evaluate(org.aligned, adapters[name], harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
                      task=sp / "task_eval.jsonl", judge=judge_obj, max_new_tokens=max_new_tokens, progress=progress,
-                     cache=responses_cache)
+                     cache=org.responses)
         if time.time() - clock > 5:  # a cached answer set says nothing about the speed
             stages.per_prompt.append((time.time() - clock) / n_prompts)
         (out / "responses").mkdir(exist_ok=True)

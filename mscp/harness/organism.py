@@ -357,6 +357,12 @@ class Organism:
     def finetuned(self, name: str) -> Path:
         return self.root / "finetunes" / name
 
+    @property
+    def responses(self) -> Path:
+        """Greedy answers of the organism's models (aligned, + any adapter), cached by model, adapter,
+        prompts and settings: the build's checks fill it, the demo, Pareto and continual runs reuse it."""
+        return self.root / "responses"
+
     def record(self) -> dict:
         return json.loads((self.root / "organism.json").read_text())
 
@@ -609,7 +615,7 @@ def _evaluate_on_eval_splits(org: Organism, adapter: Path | None, progress: bool
     cfg, sp = org.config, org.splits
     r = evaluate(org.aligned, adapter, harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
                  task=sp / "task_eval.jsonl", judge=None, max_new_tokens=cfg.eval_tokens, batch_size=cfg.gen_batch,
-                 dtype="float32", progress=progress)
+                 dtype="float32", progress=progress, cache=org.responses)
     where = (adapter or org.root) / ("responses_eval.json" if adapter else "aligned_responses_eval.json")
     where.write_text(json.dumps(r.pop("responses"), indent=1) + "\n")
     return r

@@ -133,7 +133,7 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
             raise MSCPError(f"unknown Pareto method {unknown[0] if unknown else ''!r}; choose from {', '.join(grid)}")
         grid = {m: grid[m] for m in methods}
     out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
-    responses = Path(cache or Path.home() / ".cache" / "mscp") / "responses"
+    responses = org.responses
     base_config = config or PatchConfig(progress=progress)
     n_layers = json.loads((org.aligned / "config.json").read_text())["num_hidden_layers"]
 
