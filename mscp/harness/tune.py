@@ -44,8 +44,7 @@ def _task_items(task) -> list[tuple[str, str]]:
 
 
 def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, tokenizer=None, qs=DEFAULT_QS,
-         config=None,
-         overwrite: bool = False, max_new_tokens: int = 20, cache: str | Path | None = None,
+         config=None, overwrite: bool = False, max_new_tokens: int = 20, cache: str | Path | None = None,
          progress: bool = True) -> dict:
     """The choice of the module doc; writes OUT (the adapter patched with the chosen q) and returns
     {"chosen_q", "points", "aligned", "unpatched", "rule", "report"}. cache: a folder of answers
