@@ -360,7 +360,7 @@ class Organism:
     @property
     def responses(self) -> Path:
         """Greedy answers of the organism's models (aligned, + any adapter), cached by model, adapter,
-        prompts and settings: the build's checks fill it, the demo, Pareto and continual runs reuse it."""
+        prompts and settings: the build's checks fill it, the demo and the Pareto runs reuse it."""
         return self.root / "responses"
 
     def record(self) -> dict:

@@ -52,7 +52,7 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
     from mscp.core.adapter import Adapter
     from mscp.core.config import PatchConfig
     from mscp.core.pipeline import as_paths, patch_many, select_rows
-    from mscp.core.project import edit_fraction, project_adapter
+    from mscp.core.project import edit_fraction, project_adapters
     from mscp.core.prompts import default_prompts, read_prompts
     from mscp.core.report import check_out_dir
     from mscp.harness.baselines import write_adapter
@@ -89,12 +89,13 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
         from mscp.core.checkpoint import Checkpoint
 
         aligned_ckpt = Checkpoint(aligned, label="aligned")
+    masks = [select_rows(config.replace(q=q), scored.scores, modules, lora.tensors, aligned_ckpt) for q in qs]
+    # every candidate in one pass: each weight is read once for all of them
+    projected = project_adapters([lora] * len(qs), base, aligned, masks, alpha=config.alpha,
+                                 projector=config.projector, exact_rank=config.exact_rank)
     points = []
     with tempfile.TemporaryDirectory(prefix="mscp-tune-") as tmp:
-        for q in qs:
-            masks = select_rows(config.replace(q=q), scored.scores, modules, lora.tensors, aligned_ckpt)
-            tensors, edits = project_adapter(lora, base, aligned, masks, alpha=config.alpha,
-                                             projector=config.projector, exact_rank=config.exact_rank)
+        for q, (tensors, edits) in zip(qs, projected):
             where = write_adapter(adapter, tensors, Path(tmp) / f"q{q}", {"q": q})
             points.append({"q": q, "edit_fraction": edit_fraction(lora, edits), "calibration": measure(where)})
             print(f"tune: q {q:g}: {_figures(points[-1])}", flush=True)
