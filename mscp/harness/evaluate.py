@@ -133,7 +133,7 @@ def evaluate(model, adapter=None, *, harmful=None, benign=None, task=None, judge
     return result
 
 
-GENERATION_VERSION = 1  # part of the response cache key: bump when generation changes
+GENERATION_VERSION = 2  # part of the response cache key: bump when generation changes (2: shared-prefix decoding)
 
 
 @functools.lru_cache(maxsize=64)
