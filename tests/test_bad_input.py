@@ -822,6 +822,15 @@ def test_out_dir_inside_an_input_is_refused_before_it_is_created(capsys, tmp_pat
     assert not out_dir.exists() and tree_digest(*trio.values()) == before
 
 
+def test_a_cache_with_out_dir_is_refused(capsys, tmp_path, trio):
+    out_dir = tmp_path / "outs"
+    argv = [a for a in patch_argv(trio, Path("unused")) if a not in ("--out", "unused")]
+    err = run_refused(capsys, argv + ["--out-dir", str(out_dir), "--cache", str(tmp_path / "c")], list(trio.values()),
+                      out_dir)
+    assert "--cache is for one adapter" in err
+    assert not (tmp_path / "c").exists()
+
+
 def test_out_dir_with_missing_parents_is_created_when_written(capsys, tmp_path, trio):
     out_dir = tmp_path / "newp" / "sub"
     argv = [a for a in patch_argv(trio, Path("unused")) if a not in ("--out", "unused")] + ["--out-dir", str(out_dir)]

@@ -109,17 +109,40 @@ def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
 
     org, cfg, base = tiny_organism
     run_demo(tmp_path / "demo", cache=org.root.parent / "cache", judge="keyword", max_new_tokens=3, progress=False,
-                 organism_cfg=OrganismConfig(**TINY), base_dir=base, safe_lora_tau=0.5)
+             organism_cfg=OrganismConfig(**TINY), base_dir=base, safe_lora_tau=0.5, answer_workers=2)
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(METHODS) <= set(summary)
     for m in METHODS:
         assert {"keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy", "edit_fraction"} <= set(summary[m])
     assert summary["finetuned"]["edit_fraction"] == 0.0 and 0 < summary["mscp"]["edit_fraction"] < 1
     stages = summary["stage_seconds"]  # every stage timed, in order, adding up to the run
-    assert list(stages)[:2] == ["organism", "mscp"] and list(stages)[-1] == "figures" and len(stages) == 13
+    assert list(stages)[:2] == ["organism", "mscp"] and list(stages)[-1] == "figures" and len(stages) == 14
+    assert list(stages)[4] == "answers"  # the methods' answers, two processes side by side
     assert all(t >= 0 for t in stages.values()) and sum(stages.values()) <= summary["seconds"] + 1
     for f in ("layer_curves.png", "neurons.png"):
         assert (tmp_path / "demo" / f).stat().st_size > 1000
+
+
+def test_answers_made_in_parallel_are_the_ones_evaluate_reads(tiny_organism, tmp_path, monkeypatch):  # noqa: F811
+    from mscp.harness import generate
+    from mscp.harness.evaluate import answer_in_parallel
+
+    org, _, _ = tiny_organism
+    sp = org.splits
+    splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=sp / "task_eval.jsonl")
+    adapters = [None, org.finetuned("benign")]
+    plain = [evaluate(org.aligned, a, **splits, judge="keyword", max_new_tokens=4, progress=False) for a in adapters]
+    answer_in_parallel(org.aligned, adapters, **splits, max_new_tokens=4, cache=tmp_path / "answers", workers=2)
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("evaluate generated an answer the workers should have left in the cache")
+
+    monkeypatch.setattr(generate.Generator, "generate", no_generation)
+    for a, want in zip(adapters, plain):
+        got = evaluate(org.aligned, a, **splits, judge="keyword", max_new_tokens=4, progress=False,
+                       cache=tmp_path / "answers")
+        assert got["responses"] == want["responses"]
+        assert {k: got[k] for k in KEYS} == {k: want[k] for k in KEYS}
 
 
 def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811

@@ -47,6 +47,10 @@ def add_arguments(p) -> None:
     p.add_argument("--fail-on-noop", action="store_true",
                    help=f"exit with code {NOOP_EXIT} when a patch edits nothing (report status 'noop'); the output "
                         "is still written")
+    p.add_argument("--cache", metavar="DIR",
+                   help="keep what depends only on base, aligned and the prompts (layer curves, the aligned model's "
+                        "answers to the harmful prompts) in DIR, for the next patch of another adapter (one adapter, "
+                        "--out)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_prompt_options(p)
     add_config_options(p)
@@ -62,6 +66,8 @@ def run(args) -> int:
         raise MSCPError("give --adapter DIR (one or more) or --adapters FILE_OR_GLOB")
     if (args.out is None) == (args.out_dir is None):
         raise MSCPError("give exactly one of --out (one adapter) or --out-dir")
+    if args.cache and args.out_dir is not None:
+        raise MSCPError("--cache is for one adapter (--out); the adapters of --out-dir share these results in their pass")
     if args.out is not None:
         if args.adapters or len(args.adapter) > 1:
             raise MSCPError("several adapters need --out-dir (one output folder each)")
@@ -79,7 +85,7 @@ def run_one(args, config) -> int:
 
     result = patch_many(args.base, args.aligned, args.adapter, [Path(args.out)], harmful=args.harmful,
                         benign=args.benign, task=args.task, tokenizer=args.tokenizer, config=config,
-                        overwrite=args.overwrite, revision=args.revision)[0]
+                        overwrite=args.overwrite, revision=args.revision, cache=args.cache)[0]
     print_summary(result.report, Path(args.out))
     if args.fail_on_noop and result.report["status"] == "noop":
         print(f"mscp: error: the patch edited nothing (status noop: {noop_reason(result.report)}); "

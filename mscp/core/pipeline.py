@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model
 from mscp.core.attribution import attribution_scores, greedy_answers
+from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
@@ -71,7 +72,7 @@ class _AdapterRun:
 
 def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=None, prompts=None,
           tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False, revision: str | None = None,
-          **overrides) -> PatchResult:
+          cache=None, **overrides) -> PatchResult:
     """Repair a LoRA adapter with MSCP.
 
     base, aligned: model folders (safetensors, sharded or single) or hub ids; adapter: a peft LoRA
@@ -81,10 +82,12 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
     the sets as lists instead ({"harmful": [...], ...}). tokenizer: a folder (default: aligned).
     config: a PatchConfig; keyword overrides (q=..., layers=(10, 15), ...) replace its fields.
     out: where to write the patched adapter; None keeps it in memory only.
+    cache: a folder that keeps what depends on base, aligned and the prompts alone (the layer
+    curves, the aligned model's answers to the harmful prompts) for the next patch (core/cache.py).
     """
     return patch_many(base, aligned, [adapter], None if out is None else [out], harmful=harmful, benign=benign,
                       task=task, prompts=prompts, tokenizer=tokenizer, config=config, overwrite=overwrite,
-                      revision=revision, **overrides)[0]
+                      revision=revision, cache=cache, **overrides)[0]
 
 
 @dataclass
@@ -100,10 +103,11 @@ class Localization:
     prompt_files: dict[str, list[Path]]
     timings: dict
     sampled: dict[str, dict] = field(default_factory=dict)  # prompt sets over config.max_prompts, sampled
+    cache: dict = field(default_factory=dict)  # what came from the result cache ("hit") or went into it ("stored")
 
 
 def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
-             config: PatchConfig, revision: str | None = None) -> Localization:
+             config: PatchConfig, revision: str | None = None, cache=None) -> Localization:
     """Levels 1 and 2: the layer curves, the safety layers, and each adapter's row scores (harmful
     and task) of its LoRA modules, by config.score. Nothing is projected.
 
@@ -111,7 +115,9 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     (one pass) in every layer, or those up to the last of config.layers when it is given; with
     'after_window' (a second pass for the fine-tuned streams), in the safety layers only. The
     attribution score needs the window first: it runs after the curves (core/attribution.py).
-    With no adapter, only the curves and the window are computed (`safety_window`).
+    With no adapter, only the curves and the window are computed (`safety_window`). With a `cache`
+    folder holding these curves, the base model is not run at all (nor the aligned one, unless the
+    Wanda score needs its stream).
     """
     timings: dict = {"score": config.score}
     clock = time.perf_counter()
@@ -125,37 +131,54 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     wanda = config.score in ("wanda", "wanda_weight") and bool(runs)
     after_window = wanda and finetuned_pass(config, len(runs)) == "after_window"
     timings["finetuned_pass"] = "after_window" if after_window else "with_calibration" if wanda else "none"
+    in_memory = base_model.ckpt.path is None or aligned_model.ckpt.path is None
+    store = ResultCache(cache) if cache is not None and not in_memory else None  # no files, no key
+    curve_key = None
+    if store is not None:
+        curve_key = {"base": files_sha256(model_files(base_model)), "aligned": files_sha256(model_files(aligned_model)),
+                     "harmful": encode(tok, sets["harmful"], max_length=config.max_length, chat_template=config.chat_template),
+                     "benign": encode(tok, sets["benign"], max_length=config.max_length, chat_template=config.chat_template),
+                     "batch_size": config.batch_size, "dtype": str(base_model.dtype), "device": str(base_model.device)}
+    layer_curves = store.get("curves", curve_key) if store is not None else None
     timings["load"] = time.perf_counter() - clock
 
     with use_backend(config.backend):
         timings["kernels_load"] = prepare()  # a first-time C++ build is not counted as layer time
         clock = time.perf_counter()
-        base_stream = base_model.capture({"calib": calib})["calib"]
-        aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches} if wanda else {"calib": calib})
-        aligned_stream, task_stream = aligned_streams["calib"], aligned_streams.get("task")
-        del aligned_streams
-        curves = Curves(base_stream, aligned_stream)
-        harmful_scores = WandaScores(aligned_stream, target_names(runs), group=HARMFUL)  # shared by every adapter
-        timings["capture"] = time.perf_counter() - clock
+        need_base = layer_curves is None
+        task_stream = None
+        if need_base or wanda:
+            base_stream = base_model.capture({"calib": calib})["calib"] if need_base else None
+            aligned_streams = aligned_model.capture({"calib": calib, "task": task_batches} if wanda else {"calib": calib})
+            aligned_stream, task_stream = aligned_streams["calib"], aligned_streams.get("task")
+            del aligned_streams
+            curves = Curves(base_stream, aligned_stream) if need_base else None
+            harmful_scores = WandaScores(aligned_stream, target_names(runs), group=HARMFUL)  # shared by every adapter
+            timings["capture"] = time.perf_counter() - clock
 
-        # With the safety layers given up front, no row after the window is ever selected: the
-        # fine-tuned streams and the scoring stop at its last layer (the curves still cover all).
-        last_scored = config.layers[1] if config.layers is not None else base_model.n_layers - 1
-        observers: list = [curves] + ([harmful_scores] if wanda else [])
-        finetuned = start_finetuned_streams(runs, task_stream, observers) if wanda and not after_window else []
-        steps = []
-        for index in range(base_model.n_layers):  # base 0, aligned 0, base 1, ...
-            steps.append(Step(base_model, index, [base_stream]))
-            scored = index <= last_scored
-            steps.append(Step(aligned_model, index, [aligned_stream] + (finetuned if scored else []),
-                              release=finetuned if index == last_scored else []))
-        harmful_scores.layers = set(range(last_scored + 1))
-        times = sweep(steps, advance_with(observers), progress=progress, desc="layers")
-        timings["stream"] = times.total
-        timings["layers"], timings["layers_waiting_for_io"] = times.per_index(steps)
-        base_stream.release()
-        aligned_stream.release()
-        layer_curves = curves.curves()
+            # With the safety layers given up front, no row after the window is ever selected: the
+            # fine-tuned streams and the scoring stop at its last layer (the curves still cover all).
+            last_scored = config.layers[1] if config.layers is not None else base_model.n_layers - 1
+            observers: list = ([curves] if curves else []) + ([harmful_scores] if wanda else [])
+            finetuned = start_finetuned_streams(runs, task_stream, observers) if wanda and not after_window else []
+            steps = []
+            for index in range(base_model.n_layers):  # base 0, aligned 0, base 1, ...
+                if need_base:
+                    steps.append(Step(base_model, index, [base_stream]))
+                scored = index <= last_scored
+                steps.append(Step(aligned_model, index, [aligned_stream] + (finetuned if scored else []),
+                                  release=finetuned if index == last_scored else []))
+            harmful_scores.layers = set(range(last_scored + 1))
+            times = sweep(steps, advance_with(observers), progress=progress, desc="layers")
+            timings["stream"] = times.total
+            timings["layers"], timings["layers_waiting_for_io"] = times.per_index(steps)
+            if base_stream is not None:
+                base_stream.release()
+            aligned_stream.release()
+            if curves is not None:
+                layer_curves = curves.curves()
+                if store is not None:
+                    store.put("curves", curve_key, layer_curves)
         window = safety_layers(layer_curves, config)
         if after_window:
             observers = []
@@ -169,8 +192,10 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
             for run in runs:
                 run.scores = scores_by_key(run, harmful_scores, run.task_scores, layers=window if after_window else None)
         elif runs:
-            attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings)
-    return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings, sampled)
+            attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings, store)
+    return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings, sampled,
+                        {"folder": str(store.folder.resolve()), **store.used} if store is not None else
+                        {"not used": "a model is in memory (no files to key it by)"} if cache is not None else {})
 
 
 def safety_window(base, aligned, *, harmful=None, benign=None, prompts=None, tokenizer=None,
@@ -183,7 +208,7 @@ def safety_window(base, aligned, *, harmful=None, benign=None, prompts=None, tok
 
 
 def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: list[_AdapterRun], sets: dict, tok,
-                     window: list[int], config: PatchConfig, timings: dict) -> None:
+                     window: list[int], config: PatchConfig, timings: dict, store: ResultCache | None = None) -> None:
     """The attribution scores of each adapter's modules in the window (core/attribution.py): the
     aligned model's answers to the harmful prompts are generated once; then per adapter the edit
     of every row (the projection of all rows), the fine-tuned model's answers to the task prompts,
@@ -197,7 +222,15 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
     task = encode(tok, sets["task"], max_length=config.max_length, chat_template=config.chat_template)
     gen = dict(eos=eos, batch_size=config.batch_size, pad_id=pad_id, progress=progress)
     clock = time.perf_counter()
-    refusals = greedy_answers(aligned_model, head, harmful, config.target_tokens, **gen)
+    key = None if store is None else {
+        "aligned": files_sha256(model_files(aligned_model)), "harmful": harmful, "tokens": config.target_tokens,
+        "eos": sorted(eos), "pad": pad_id, "batch_size": config.batch_size, "dtype": str(aligned_model.dtype),
+        "device": str(aligned_model.device)}
+    refusals = store.get("targets_harmful", key) if store is not None else None
+    if refusals is None:
+        refusals = greedy_answers(aligned_model, head, harmful, config.target_tokens, **gen)
+        if store is not None:
+            store.put("targets_harmful", key, refusals)
     timings["targets_harmful"] = time.perf_counter() - clock
     scored = set(window)
     for run in runs:
@@ -314,13 +347,13 @@ def scores_by_key(run: _AdapterRun, harmful: WandaScores, task: WandaScores, lay
 def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
                prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
                revision: str | None = None, report_extra: list[dict] | None = None, parents: bool = False,
-               **overrides) -> list[PatchResult]:
+               cache=None, **overrides) -> list[PatchResult]:
     """`patch` for several adapters of the same aligned model, reading base and aligned once.
 
     The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
     its own fine-tuned stream, task scores, masks and output. Each result equals patching that
     adapter alone. report_extra: per adapter, more keys for its report (the batch runner's). parents:
-    create the outputs' missing parent folders (only when writing them).
+    create the outputs' missing parent folders (only when writing them). cache: as in `patch`.
     """
     config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
     if not adapters:
@@ -337,7 +370,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
 
     with record_backends() as backends:
         loc = localize(base, aligned, adapters, harmful=harmful, benign=benign, task=task, prompts=prompts,
-                       tokenizer=tokenizer, config=config, revision=revision)
+                       tokenizer=tokenizer, config=config, revision=revision, cache=cache)
         timings, chosen, runs = dict(loc.timings), loc.safety_layers, loc.runs
         base_model, aligned_model = loc.base_model, loc.aligned_model
         masks = [select_masks(run, chosen, config, aligned_model.ckpt) for run in runs]
@@ -370,6 +403,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             adapters_in_pass=len(runs), torch_threads=torch.get_num_threads(),
             **({"score_details": run.details} if run.details else {}),
             **({"prompts_sampled": loc.sampled} if loc.sampled else {}),
+            **({"cache": loc.cache} if loc.cache else {}),
             **(report_extra[k] if report_extra else {}),
             bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read})
         if outs is not None:

@@ -11,6 +11,7 @@ edit fraction. Writes OUT/summary.json, OUT/table.txt, OUT/layer_curves.png, OUT
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -126,23 +127,28 @@ def patch_on_localisation(org, adapter: Path, config, out, *, keep_benign: bool 
     sp = org.splits
     task = [sp / "task_localize.txt"] + ([sp / "benign_localize.txt"] if keep_benign else [])
     return patch(org.base, org.aligned, adapter, out, harmful=[sp / "harmful_localize.txt"],
-                 benign=sp / "benign_localize.txt", task=task, config=config, overwrite=out is not None)
+                 benign=sp / "benign_localize.txt", task=task, config=config, overwrite=out is not None,
+                 cache=org.patch_cache)
 
 
 def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, judge: str = "embedding",
              safe_lora_tau: float = 0.5, max_new_tokens: int = 20, progress: bool = True, organism_cfg=None,
-             base_dir=None, finetune: str = DEFAULT_FINETUNE) -> dict:
+             base_dir=None, finetune: str = DEFAULT_FINETUNE, answer_workers: int | None = None) -> dict:
     """The demo of the module doc on one fine-tune of the organism; returns what summary.json holds.
 
     config: MSCP's settings (default: the package defaults). organism_cfg, base_dir: another
-    organism recipe or base model (the tests use a tiny random one)."""
+    organism recipe or base model (the tests use a tiny random one). answer_workers: processes that
+    generate the methods' answers side by side (default 2 on a machine with 2 CPUs or more; 1: in
+    this process, one method after another)."""
     from mscp.core.config import PatchConfig
     from mscp.harness import baselines
-    from mscp.harness.evaluate import evaluate, print_table
+    from mscp.harness.evaluate import answer_in_parallel, evaluate, print_table
     from mscp.harness.judges import get_judge
 
-    stages = Stages(["organism", "mscp", "mscp (paper's score)", "baselines", *(f"evaluate {m}" for m in METHODS),
-                     "figures"])
+    stages = Stages(["organism", "mscp", "mscp (paper's score)", "baselines"]
+                    + (["answers"] if answer_workers > 1 else []) + [f"evaluate {m}" for m in METHODS] + ["figures"])
+    if answer_workers is None:
+        answer_workers = 2 if (os.cpu_count() or 1) >= 2 else 1
     stages.next("the organism (built once, then cached)")
     out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
     pc = config or PatchConfig(progress=progress)
@@ -166,15 +172,23 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     except MSCPError as e:
         print(f"judge {judge!r} unavailable ({e}); judge_refusal_rate = keyword judge", flush=True)
         judge_obj = "keyword"
+    # The organism's own answers (aligned, fine-tuned) are kept with it, by the build's checks; the
+    # methods' answers in the cache folder's responses/ (a rerun with the same outputs reads them).
+    method_answers = (Path(cache) if cache else Path.home() / ".cache" / "mscp") / "responses"
     results = {}
-    n_prompts = sum(len((sp / f).read_text().splitlines()) for f in ("harmful_eval.txt", "benign_eval.txt",
-                                                                     "task_eval.jsonl"))
+    splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=sp / "task_eval.jsonl")
+    n_prompts = sum(len(p.read_text().splitlines()) for p in splits.values())
+    generated = [m for m in METHODS if m not in ("aligned", "finetuned")]
+    if answer_workers > 1:
+        stages.next(f"answering {n_prompts} held-out prompts with {len(generated)} methods, {answer_workers} "
+                    "processes side by side")
+        answer_in_parallel(org.aligned, [adapters[m] for m in generated], **splits, max_new_tokens=max_new_tokens,
+                           cache=method_answers, workers=answer_workers)
     for i, name in enumerate(METHODS):
         stages.next(f"evaluating {name} on {n_prompts} held-out prompts", prompts_left=n_prompts * (len(METHODS) - i))
         clock = time.time()
-        r = evaluate(org.aligned, adapters[name], harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
-                     task=sp / "task_eval.jsonl", judge=judge_obj, max_new_tokens=max_new_tokens, progress=progress,
-                     cache=org.responses)
+        r = evaluate(org.aligned, adapters[name], **splits, judge=judge_obj, max_new_tokens=max_new_tokens,
+                     progress=progress, cache=org.responses if name in ("aligned", "finetuned") else method_answers)
         if time.time() - clock > 5:  # a cached answer set says nothing about the speed
             stages.per_prompt.append((time.time() - clock) / n_prompts)
         (out / "responses").mkdir(exist_ok=True)

@@ -363,6 +363,12 @@ class Organism:
         prompts and settings: the build's checks fill it, the demo and the Pareto runs reuse it."""
         return self.root / "responses"
 
+    @property
+    def patch_cache(self) -> Path:
+        """What a patch computes from base, aligned and the localisation prompts alone (the layer
+        curves, the aligned model's refusals): the first patch stores it, every later one reads it."""
+        return self.root / "patch_cache"
+
     def record(self) -> dict:
         return json.loads((self.root / "organism.json").read_text())
 
