@@ -4,11 +4,14 @@
 
 Default: the organism cached, nothing else. The demo runs in a child process with a fresh cache
 folder that links the cached organism, the converted SmolLM2 model and the judge from
-~/.cache/mscp (or --cache) but has no answers in it, so every evaluation generates (a rerun of
-`make demo` would read them from its cache and take only the patches). --first: nothing linked but
-the converted SmolLM2 model, so the organism is built too (the first `make demo`). Prints and
-writes (--json) the wall time, each stage's seconds (summary.json's `stage_seconds`), the threads
-and the load average before and after. Goals: 5 min cached, 15 min first, on the idle 2-core machine.
+~/.cache/mscp (or --cache) but has none of the methods' answers, so every method's evaluation
+generates (a rerun of `make demo` would read them and take only the patches). What the organism
+keeps of its own comes with it: its models' answers (the build's checks make them) and the patch
+cache (curves and refusals, made by the first patch on it); the figures say how many entries of
+each were there before the run. --first: nothing linked but the converted SmolLM2 model, so the
+organism is built too (the first `make demo`). Prints and writes (--json) the wall time, each
+stage's seconds (summary.json's `stage_seconds`), the threads and the load average before and
+after. Goals: 5 min cached, 15 min first, on the idle 2-core machine.
 """
 from __future__ import annotations
 
@@ -43,6 +46,9 @@ def main() -> None:
         cmd = [sys.executable, "-m", "mscp", "demo", "--cache", str(cache), "--out", str(Path(tmp) / "out"), "--quiet"]
         if args.finetune:
             cmd += ["--finetune", args.finetune]
+        organism_kept = {o.name: {part: len(list((o / part).glob("*.json"))) if (o / part).is_dir() else 0
+                                  for part in ("responses", "patch_cache")}
+                         for o in sorted((cache / "organism").glob("*"))} if (cache / "organism").exists() else {}
         load_before = os.getloadavg()
         clock = time.perf_counter()
         subprocess.run(cmd, check=True)
@@ -50,7 +56,7 @@ def main() -> None:
         summary = json.loads((Path(tmp) / "out" / "summary.json").read_text())
     result = {"case": "first (organism built)" if args.first else "organism cached, answers not",
               "wall_s": wall, "stage_seconds": summary["stage_seconds"], "finetune": summary["finetune"],
-              "goal_s": 900 if args.first else 300, "cpus": os.cpu_count(),
+              "goal_s": 900 if args.first else 300, "cpus": os.cpu_count(), "organism_kept_before": organism_kept,
               "load_before": load_before, "load_after": os.getloadavg()}
     for name, seconds in result["stage_seconds"].items():
         print(f"{name:<28}{seconds:>8.1f} s")

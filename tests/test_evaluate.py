@@ -1,5 +1,6 @@
 """`mscp eval`, the baselines and the demo on the tiny organism (see test_organism)."""
 import json
+import os
 
 import pytest
 import torch
@@ -109,15 +110,16 @@ def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
 
     org, cfg, base = tiny_organism
     run_demo(tmp_path / "demo", cache=org.root.parent / "cache", judge="keyword", max_new_tokens=3, progress=False,
-             organism_cfg=OrganismConfig(**TINY), base_dir=base, safe_lora_tau=0.5, answer_workers=2)
+             organism_cfg=OrganismConfig(**TINY), base_dir=base, safe_lora_tau=0.5)  # default workers
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(METHODS) <= set(summary)
     for m in METHODS:
         assert {"keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy", "edit_fraction"} <= set(summary[m])
     assert summary["finetuned"]["edit_fraction"] == 0.0 and 0 < summary["mscp"]["edit_fraction"] < 1
     stages = summary["stage_seconds"]  # every stage timed, in order, adding up to the run
-    assert list(stages)[:2] == ["organism", "mscp"] and list(stages)[-1] == "figures" and len(stages) == 14
-    assert list(stages)[4] == "answers"  # the methods' answers, two processes side by side
+    parallel = (os.cpu_count() or 1) >= 2  # the methods' answers, two processes side by side
+    assert list(stages)[:2] == ["organism", "mscp"] and list(stages)[-1] == "figures"
+    assert len(stages) == 13 + parallel and (list(stages)[4] == "answers") == parallel
     assert all(t >= 0 for t in stages.values()) and sum(stages.values()) <= summary["seconds"] + 1
     for f in ("layer_curves.png", "neurons.png"):
         assert (tmp_path / "demo" / f).stat().st_size > 1000

@@ -145,10 +145,10 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     from mscp.harness.evaluate import answer_in_parallel, evaluate, print_table
     from mscp.harness.judges import get_judge
 
-    stages = Stages(["organism", "mscp", "mscp (paper's score)", "baselines"]
-                    + (["answers"] if answer_workers > 1 else []) + [f"evaluate {m}" for m in METHODS] + ["figures"])
     if answer_workers is None:
         answer_workers = 2 if (os.cpu_count() or 1) >= 2 else 1
+    stages = Stages(["organism", "mscp", "mscp (paper's score)", "baselines"]
+                    + (["answers"] if answer_workers > 1 else []) + [f"evaluate {m}" for m in METHODS] + ["figures"])
     stages.next("the organism (built once, then cached)")
     out, org, sp, ft = organism_for(out, cache, organism_cfg, base_dir, progress, finetune)
     pc = config or PatchConfig(progress=progress)
