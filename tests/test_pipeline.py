@@ -297,6 +297,25 @@ def test_the_command_serves_large_allocations_by_mmap_unless_the_environment_set
     assert libc.calls == calls
 
 
+@pytest.mark.parametrize("command, mmapped", [("patch", True), ("bench", True), ("demo", False), ("eval", False),
+                                              ("organism", False)])
+def test_only_the_streaming_commands_serve_large_allocations_by_mmap(monkeypatch, command, mmapped):
+    import importlib
+
+    from mscp import cli
+
+    libc = FakeGlibc()
+    monkeypatch.setattr(mscp.core.streaming, "_glibc", lambda: libc)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    seen = []
+    monkeypatch.setattr(importlib.import_module(f"mscp.cli.{command}"), "run", lambda args: seen.append(command) or 0)
+    argv = {"patch": ["--base", "b", "--aligned", "a", "--adapter", "l", "--out", "o"],
+            "bench": ["--base", "b", "--aligned", "a", "--adapter", "l"], "eval": ["--model", "m", "--harmful", "h"],
+            "organism": ["build"], "demo": []}[command]
+    assert cli.main([command, *argv]) == 0 and seen == [command]
+    assert libc.calls == ([(-3, 131072)] if mmapped else [])
+
+
 def test_bfloat16_compute_gives_close_curves_and_the_same_report_fields(llama_trio):
     fp32, bf16 = run(llama_trio), run(llama_trio, dtype="bfloat16")
     assert bf16.report["compute_dtype"] == "bfloat16"
