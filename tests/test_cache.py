@@ -100,3 +100,17 @@ def test_the_command_takes_a_cache_folder(trio, tmp_path, capsys):
     assert main(args + ["--out", str(tmp_path / "b")]) == 0
     report = json.loads((tmp_path / "b" / "mscp_report.json").read_text())
     assert report["cache"]["curves"] == "hit" and report["cache"]["folder"] == str((tmp_path / "cache").resolve())
+
+
+def test_a_file_rewritten_gets_its_new_digest(tmp_path):
+    import hashlib
+    import os
+
+    from mscp.core.checkpoint import sha256_file
+
+    f = tmp_path / "w.bin"
+    f.write_bytes(b"a" * 100)
+    assert sha256_file(f) == hashlib.sha256(b"a" * 100).hexdigest()
+    f.write_bytes(b"b" * 100)  # same size: the modification time tells it apart
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 1_000_000))
+    assert sha256_file(f) == hashlib.sha256(b"b" * 100).hexdigest()

@@ -9,7 +9,6 @@ never a stale hit. Entries are JSON files written atomically.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -20,17 +19,9 @@ from mscp.core.checkpoint import sha256_file
 VERSION = 1  # part of every key: bump when what an entry holds, or how it is computed, changes
 
 
-@functools.lru_cache(maxsize=256)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    return sha256_file(Path(path))
-
-
 def files_sha256(paths) -> str:
-    """One digest of several files (each hashed once per process while its size and mtime hold)."""
-    parts = []
-    for p in sorted(Path(p).resolve() for p in paths):
-        st = p.stat()
-        parts.append(f"{p.name}:{_file_sha256(str(p), st.st_size, st.st_mtime_ns)}")
+    """One digest of several files (each read once per process while its size and mtime hold)."""
+    parts = [f"{p.name}:{sha256_file(p)}" for p in sorted(Path(p).resolve() for p in paths)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

@@ -12,8 +12,10 @@ Pickle checkpoints (`.bin`, `.pt`) are refused unless allowed, and are then load
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
+import os
 import struct
 import warnings
 from pathlib import Path
@@ -355,6 +357,14 @@ def resolve_model_path(path: str | Path, label: str, *, revision: str | None = N
 
 
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
+    """The file's SHA-256, read once per process while its size and modification time hold (a
+    patch's report, its cache keys and the evaluation's answer cache all ask for the same models)."""
+    st = os.stat(path)
+    return _sha256_of(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         while block := f.read(chunk):

@@ -14,7 +14,6 @@ never a guess.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -171,17 +170,12 @@ def _answer_job(model, adapter, prompts, max_new_tokens, batch_size, dtype, cach
 GENERATION_VERSION = 2  # part of the response cache key: bump when generation changes (2: shared-prefix decoding)
 
 
-@functools.lru_cache(maxsize=64)
-def _file_digest(path: str, size: int, mtime: int) -> str:
-    from mscp.core.checkpoint import sha256_file
-
-    return sha256_file(Path(path))
-
-
 def folder_digest(folder, suffixes=(".safetensors", ".json")) -> str:
     """A digest of a model or adapter folder's weight and config files (the reports beside them left out)."""
+    from mscp.core.checkpoint import sha256_file
+
     files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in suffixes)
-    parts = [f"{p.name}:{_file_digest(str(p), p.stat().st_size, p.stat().st_mtime_ns)}" for p in files
+    parts = [f"{p.name}:{sha256_file(p)}" for p in files
              if p.name not in ("finetune.json", "organism.json", "responses_eval.json", "baseline_report.json",
                                "mscp_report.json")]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
