@@ -134,7 +134,10 @@ def test_answers_made_in_parallel_are_the_ones_evaluate_reads(tiny_organism, tmp
     splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=sp / "task_eval.jsonl")
     adapters = [None, org.finetuned("benign")]
     plain = [evaluate(org.aligned, a, **splits, judge="keyword", max_new_tokens=4, progress=False) for a in adapters]
-    answer_in_parallel(org.aligned, adapters, **splits, max_new_tokens=4, cache=tmp_path / "answers", workers=2)
+    done = []
+    answer_in_parallel(org.aligned, adapters, **splits, max_new_tokens=4, cache=tmp_path / "answers", workers=2,
+                       on_done=lambda k, n: done.append((k, n)))
+    assert done == [(1, 2), (2, 2)]
 
     def no_generation(*args, **kwargs):
         raise AssertionError("evaluate generated an answer the workers should have left in the cache")

@@ -182,8 +182,15 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     if answer_workers > 1:
         stages.next(f"answering {n_prompts} held-out prompts with {len(generated)} methods, {answer_workers} "
                     "processes side by side")
+        begun = time.time()
+
+        def answered(k: int, n: int) -> None:  # what is left, from the pace so far
+            spent = time.time() - begun
+            print(f"  answers of {k}/{n} methods ({spent / 60:.1f} min; about {spent / k * (n - k) / 60:.1f} min left)",
+                  flush=True)
+
         answer_in_parallel(org.aligned, [adapters[m] for m in generated], **splits, max_new_tokens=max_new_tokens,
-                           cache=method_answers, workers=answer_workers)
+                           cache=method_answers, workers=answer_workers, on_done=answered if progress else None)
     for i, name in enumerate(METHODS):
         stages.next(f"evaluating {name} on {n_prompts} held-out prompts", prompts_left=n_prompts * (len(METHODS) - i))
         clock = time.time()

@@ -140,14 +140,15 @@ def prompt_sets(harmful=None, benign=None, task=None) -> tuple[list[str], list[s
 
 
 def answer_in_parallel(model, adapters: list, *, harmful=None, benign=None, task=None, max_new_tokens: int,
-                       cache: str | Path, workers: int = 2, batch_size: int = 64, dtype: str = "float32") -> None:
+                       cache: str | Path, workers: int = 2, batch_size: int = 64, dtype: str = "float32",
+                       on_done=None) -> None:
     """Fill `cache` with the answers `evaluate` would generate for each adapter, `workers` processes
-    side by side with the CPUs split between them; `evaluate` then reads them. On the 2-core machine,
-    two one-thread processes answer 17 % more per second than one with two threads (70-74 s for two
-    evaluations against 43.5 s for one; docs/results/evaluation.md), the small decode matmuls
-    using one core each better than two."""
+    side by side with the CPUs split between them; `evaluate` then reads them. On the 2-core machine
+    two one-thread processes beat one with two threads by 1.21x (4 fine-tunes of the organism:
+    157.5 s against 190.7 s, medians of 2; benchmarks/answer_workers.py). on_done(k, n): called as
+    the k-th of n adapters is answered."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     hp, bp, items = prompt_sets(harmful, benign, task)
     prompts = hp + bp + [p for p, _ in items]
@@ -155,8 +156,10 @@ def answer_in_parallel(model, adapters: list, *, harmful=None, benign=None, task
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         jobs = [pool.submit(_answer_job, str(model), str(a) if a else None, prompts, max_new_tokens, batch_size, dtype,
                             str(cache), threads) for a in adapters]
-        for job in jobs:
+        for k, job in enumerate(as_completed(jobs), 1):
             job.result()
+            if on_done is not None:
+                on_done(k, len(jobs))
 
 
 def _answer_job(model, adapter, prompts, max_new_tokens, batch_size, dtype, cache, threads) -> None:
