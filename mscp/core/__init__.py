@@ -10,6 +10,7 @@
     scoring    level 2: per-row scores (Wanda and the others) and the row selection
     project    the masked low-rank projection (fast_project)
     pipeline   patch() / patch_many(): the passes, selection, projection, report
+    cache      what depends on base, aligned and the prompts alone, kept between patches (cache=DIR)
     report     the report, checksums, versions, OUT checked against the inputs, atomic output folders
     atomic     the one atomic folder writer: temporary siblings, swaps, stale ones removed, signals held
     textfiles  strict UTF-8 and JSON reading of prompt files, configs, shard indexes and state.json
