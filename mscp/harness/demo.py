@@ -24,6 +24,7 @@ from mscp.harness.organism import DEFAULT_FINETUNE
 METHODS = ("aligned", "finetuned", "mscp", "mscp_paper", "safe_lora", "safe_lora_10pct", "wanda_zero",
            "drop_safety_layers")
 PAPER = dict(PAPER_SETTING, layers=None)  # the criterion's window, whatever --layers says
+ORGANISM_OWN = ("aligned", "finetuned")  # rows whose answers the organism keeps (its build's checks made them)
 
 
 class Stages:
@@ -178,7 +179,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     results = {}
     splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=sp / "task_eval.jsonl")
     n_prompts = sum(len(p.read_text().splitlines()) for p in splits.values())
-    generated = [m for m in METHODS if m not in ("aligned", "finetuned")]
+    generated = [m for m in METHODS if m not in ORGANISM_OWN]
     if answer_workers > 1:
         stages.next(f"answering {n_prompts} held-out prompts with {len(generated)} methods, {answer_workers} "
                     "processes side by side")
@@ -195,7 +196,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
         stages.next(f"evaluating {name} on {n_prompts} held-out prompts", prompts_left=n_prompts * (len(METHODS) - i))
         clock = time.time()
         r = evaluate(org.aligned, adapters[name], **splits, judge=judge_obj, max_new_tokens=max_new_tokens,
-                     progress=progress, cache=org.responses if name in ("aligned", "finetuned") else method_answers)
+                     progress=progress, cache=org.responses if name in ORGANISM_OWN else method_answers)
         if time.time() - clock > 5:  # a cached answer set says nothing about the speed
             stages.per_prompt.append((time.time() - clock) / n_prompts)
         (out / "responses").mkdir(exist_ok=True)

@@ -50,10 +50,11 @@ class Generator:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         self.eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
 
-    def _forward(self, ids, mask, cache, keep_last: bool = True):
+    def _forward(self, ids, mask, cache):
+        """The next-token logits after `ids` (the cache extended in place); positions count real tokens."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -ids.shape[1]:]
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                         logits_to_keep=1 if keep_last else 0)
+                         logits_to_keep=1)
         return out.logits[:, -1]
 
     def _prefix_cache(self, prefix: list[int]):
