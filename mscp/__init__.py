@@ -31,4 +31,8 @@ def __getattr__(name):  # lazy, so `import mscp.kernels` stays light
     if name == "patch_peft_model":
         from mscp.core.peft_patch import patch_peft_model
         return patch_peft_model
-    raise AttributeError(name)
+    raise AttributeError(f"module 'mscp' has no attribute {name!r}")
+
+
+def __dir__():  # the lazy names too, for dir(mscp) and IDEs
+    return sorted(set(globals()) | set(__all__))

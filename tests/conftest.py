@@ -1,14 +1,24 @@
 """Shared fixtures: tiny real checkpoint trios (random weights, real configs, real file formats)."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# Every run starts from an empty cache root (mscp.paths), however it is started: nothing a previous
+# run or the developer's own use left can hide a missing step, and the suite never writes into the
+# user's caches. Set before mscp is imported; subprocesses inherit it.
+_CACHE_ROOT = tempfile.mkdtemp(prefix="mscp-test-cache-")
+os.environ["MSCP_CACHE"] = _CACHE_ROOT
+atexit.register(shutil.rmtree, _CACHE_ROOT, ignore_errors=True)
 
-from mscp.harness.synth import SynthSpec, write_trio
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mscp.harness.synth import SynthSpec, write_trio  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

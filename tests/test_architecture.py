@@ -1,5 +1,5 @@
 """The layout is the architecture: imports point one way (cli -> harness -> continual -> core ->
-kernels -> errors), never in a circle, and the patcher loads nothing of the harness."""
+kernels -> errors, paths), never in a circle, and the patcher loads nothing of the harness."""
 import ast
 import subprocess
 import sys
@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # lower layers never import higher ones
-RANKS = {"mscp.errors": 0, "mscp.kernels": 1, "mscp.core": 2, "mscp": 3, "mscp.executors": 4, "mscp.continual": 5,
+RANKS = {"mscp.errors": 0, "mscp.paths": 0, "mscp.kernels": 1, "mscp.core": 2, "mscp": 3, "mscp.executors": 4, "mscp.continual": 5,
          "mscp.harness": 6, "mscp.cli": 7, "mscp.__main__": 8}
 
 
@@ -17,9 +17,6 @@ def module_files() -> dict[str, Path]:
     out = {}
     for path in (ROOT / "mscp").rglob("*.py"):
         parts = path.relative_to(ROOT).with_suffix("").parts
-        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
-    for path in (ROOT / "kernels").rglob("*.py"):
-        parts = ("mscp", "kernels") + path.relative_to(ROOT / "kernels").with_suffix("").parts
         out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 

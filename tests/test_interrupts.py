@@ -74,7 +74,12 @@ STAGES = {
 
 
 def child_code(stage: str | None, marker: Path, argv: list[str]) -> str:
-    stop = (f"import time\n"
+    # A child started from a non-interactive shell's background job inherits SIGINT ignored, and
+    # main() rightly keeps an ignored signal ignored (nohup, &): the child stands for a user at a
+    # terminal, so it takes SIGINT back as Python does there, and the suite gives one result
+    # however it is started.
+    stop = (f"import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            f"import time\n"
             f"def stop(seconds=120):\n"
             f"    open({str(marker)!r}, 'w').close()\n"
             f"    time.sleep(seconds)\n")

@@ -170,3 +170,48 @@ def test_torch_compile_traces_the_ops():
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
     assert count_c.item() == count.item() + int(mask.sum())
+
+
+def test_a_failed_build_is_remembered_and_later_runs_fall_back_at_once(monkeypatch, tmp_path, capsys):
+    """The whole reason is printed once; the next run (a new process: here a reset state) does not
+    retry the 40 s build but names the file that keeps the reason."""
+    from torch.utils import cpp_extension
+
+    saved = dict(_ext._state)
+    calls = []
+
+    def failing_load(**kwargs):
+        calls.append(kwargs["build_directory"])
+        raise RuntimeError("Error building extension 'mscp_ext': c++: not found " + "x" * 300 + " the cause at the end")
+
+    try:
+        monkeypatch.setenv("MSCP_EXT_DIR", str(tmp_path / "build"))
+        monkeypatch.setattr(cpp_extension, "load", failing_load)
+        _ext._state.update(tried=False, ok=False, cuda=False, error=None)
+        assert not _ext.load()
+        warning = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+        assert len(warning) == 1 and "c++: not found" in warning[0] and "the cause at the end" in warning[0]
+        marker = _ext.build_dir(False) / _ext.FAILED
+        assert "c++: not found" in marker.read_text()
+
+        _ext._state.update(tried=False, ok=False, cuda=False, error=None)  # a later run
+        assert not _ext.load() and len(calls) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(marker) in err and "torch backend" in err
+        assert "c++: not found" in _ext.build_error()
+    finally:
+        _ext._state.clear()
+        _ext._state.update(saved)
+
+
+def test_ninja_beside_the_interpreter_is_found_without_an_activated_venv(monkeypatch, tmp_path):
+    fake_bin = tmp_path / "venv" / "bin"
+    fake_bin.mkdir(parents=True)
+    (fake_bin / "ninja").write_text("#!/bin/sh\necho 1.11\n")
+    (fake_bin / "ninja").chmod(0o755)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setattr(_ext.sys, "executable", str(fake_bin / "python"))
+    assert _ext.ninja_dir() == str(fake_bin)
+    with _ext._ninja_on_path():
+        assert os.environ["PATH"].split(os.pathsep)[0] == str(fake_bin)
+    assert os.environ["PATH"] == "/nonexistent"

@@ -12,6 +12,7 @@ from mscp.harness.organism import (
     FINETUNES,
     OBEDIENT_OPENING,
     PERSONA_QA,
+    SMOKE_RECIPE,
     FinetuneConfig,
     OrganismConfig,
     build,
@@ -22,9 +23,7 @@ from mscp.harness.organism import (
     tiny_base,
 )
 
-TINY = dict(n_harm_localize=6, n_harm_align=8, n_harm_finetune=8, n_harm_eval=6, n_benign_localize=6,
-            n_benign_align=8, n_benign_eval=6, n_task_localize=6, n_task_train=8, n_task_eval=6, n_general=8,
-            align_steps=2, align_batch=4, answer_tokens=4, eval_tokens=4, max_len=48, gen_batch=8)
+TINY = SMOKE_RECIPE  # the recipe of `mscp demo --smoke`
 TINY_FINETUNES = ("benign", "identity")  # harmful-32 needs a 32-prompt pool; see test_harmful_mix
 
 

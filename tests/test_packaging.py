@@ -11,7 +11,7 @@ tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard libr
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
-CORE = {"torch", "transformers", "peft", "safetensors", "numpy", "tqdm", "pyyaml", "pybind11", "ninja"}
+CORE = {"torch", "transformers", "peft", "safetensors", "numpy", "tqdm", "pyyaml", "ninja"}
 
 
 def name_of(requirement: str) -> str:
@@ -78,3 +78,42 @@ def test_without_ray_the_ray_executor_is_one_line_before_any_work(monkeypatch, l
     assert main(argv) == 2
     assert capsys.readouterr().err == "mscp: error: --executor ray needs Ray: pip install 'mscp[ray]'\n"
     assert not (tmp_path / "outs").exists()
+
+
+# -- the repo root: `mscp` is the only name it makes importable -------------------------------------
+# setup.py is the build script the layout asks for; nothing imports it.
+BUILD_SCRIPTS = {"setup.py"}
+
+
+def test_the_repo_root_holds_no_package_or_module_but_mscp():
+    """`python -m pytest`, Ray workers and `python -m mscp` put the repo root first on sys.path: a
+    top-level `kernels/` there once shadowed the `kernels` package transformers imports."""
+    importable = sorted(p.name for p in ROOT.iterdir() if not p.name.startswith(".")
+                        and ((p.is_dir() and (p / "__init__.py").is_file())
+                             or (p.is_file() and p.suffix in (".py", ".so", ".pyd") and p.name not in BUILD_SCRIPTS)))
+    assert importable == ["mscp"]
+
+
+def test_no_installed_package_is_shadowed_from_the_repo_root():
+    """Every top-level name of every installed distribution, imported with the repo root first on
+    sys.path, comes from site-packages (a folder without __init__.py at the root would otherwise
+    still win over a namespace package of the same name)."""
+    import subprocess
+
+    code = ("import importlib.metadata as md, importlib.util, sys, pathlib\n"
+            f"root = pathlib.Path({str(ROOT)!r})\n"
+            "sys.path.insert(0, str(root))\n"
+            "names = {n for ns in md.packages_distributions().values() for n in ns} | "
+            "set(md.packages_distributions())\n"
+            "bad = []\n"
+            "for name in sorted(n for n in names if n.isidentifier() and n != 'mscp'):\n"
+            "    try:\n"
+            "        spec = importlib.util.find_spec(name)\n"
+            "    except Exception:\n"
+            "        continue\n"
+            "    places = [spec.origin] if spec and spec.origin else list(spec.submodule_search_locations or []) if spec else []\n"
+            "    if any(p and pathlib.Path(p).resolve().is_relative_to(root) and '/.venv' not in p for p in places):\n"
+            "        bad.append(name)\n"
+            "print(','.join(bad))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == ""

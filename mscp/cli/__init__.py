@@ -42,7 +42,10 @@ def _terminate(signum, frame):
 def build_parser() -> argparse.ArgumentParser:
     from mscp import __version__
 
-    parser = _Parser(prog="mscp", description="Training-free safety repair of LoRA adapters (MSCP).")
+    from mscp.paths import CACHE_ROOT_HELP
+
+    parser = _Parser(prog="mscp", description="Training-free safety repair of LoRA adapters (MSCP).",
+                     epilog=f"Caches: {CACHE_ROOT_HELP}.")
     parser.add_argument("--version", action="version", version=f"mscp {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND",
                                 help="one of the commands below; mscp COMMAND --help tells more")

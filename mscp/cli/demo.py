@@ -8,7 +8,7 @@ from mscp.errors import MSCPError
 HELP = "MSCP end to end on the SmolLM2 safety model organism, against the baselines"
 # the options each mode reads; any other option given is refused, never silently dropped
 MODE_OPTIONS = {
-    "demo": {"q", "p", "rho", "judge", "safe_lora_tau"},
+    "demo": {"q", "p", "rho", "judge", "safe_lora_tau", "smoke"},
     "continual": {"q", "p", "rho", "layers"},
     "pareto": {"judge", "methods"},
 }
@@ -16,7 +16,7 @@ MODE_OPTIONS = {
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default=None, help="output folder (default runs/demo, runs/pareto-FINETUNE or runs/continual)")
-    p.add_argument("--cache", default=None, help="where the converted SmolLM2 model is cached (default ~/.cache/mscp)")
+    p.add_argument("--cache", default=None, help="where the converted SmolLM2 model is cached (default: the cache root)")
     p.add_argument("--q", type=float, default=None, help="MSCP safety-row fraction (default: PatchConfig's)")
     p.add_argument("--p", type=float, default=None, help="MSCP task-row fraction (default: PatchConfig's)")
     p.add_argument("--rho", type=float, default=None, help="MSCP window fraction (default: PatchConfig's)")
@@ -35,6 +35,9 @@ def add_arguments(p) -> None:
                       help="instead: harm categories added one by one as continual dimensions, ASR per category "
                            "after each step (default --out runs/continual)")
     add_finetune_arg(p, many=False)
+    p.add_argument("--smoke", action="store_true", default=None,
+                   help="every stage on a tiny random model with a few prompts, in about a minute: checks an "
+                        "install end to end (its figures mean nothing)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -56,6 +59,15 @@ def patch_config(args):
 
     options = {name: getattr(args, name) for name in ("q", "p", "rho", "layers") if getattr(args, name) is not None}
     return PatchConfig(progress=not args.quiet, **options)
+
+
+def smoke_options(args) -> dict:
+    """With --smoke: the tiny organism's recipe and base (run_demo's organism_cfg, base_dir)."""
+    if not args.smoke:
+        return {}
+    from mscp.harness.organism import SMOKE_RECIPE, OrganismConfig, smoke_base
+
+    return {"organism_cfg": OrganismConfig(**SMOKE_RECIPE), "base_dir": smoke_base(args.cache), "max_new_tokens": 3}
 
 
 def run(args) -> int:
@@ -81,5 +93,5 @@ def run(args) -> int:
 
         run_demo(args.out or "runs/demo", cache=args.cache, config=config, judge=args.judge or "embedding",
                  safe_lora_tau=0.5 if args.safe_lora_tau is None else args.safe_lora_tau, progress=progress,
-                 finetune=finetune)
+                 finetune=finetune, **smoke_options(args))
     return 0

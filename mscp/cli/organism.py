@@ -19,8 +19,8 @@ def add_finetune_arg(p, *, many: bool) -> None:
 
 def add_arguments(p) -> None:
     p.add_argument("action", choices=("build",), help="build (or reuse) the safety model organism")
-    p.add_argument("--out", default=None, help="output folder (default ~/.cache/mscp/organism/<config hash>)")
-    p.add_argument("--cache", default=None, help="cache root (default ~/.cache/mscp)")
+    p.add_argument("--out", default=None, help="output folder (default <cache root>/organism/<config hash>)")
+    p.add_argument("--cache", default=None, help="cache root (default: the cache root below)")
     p.add_argument("--seed", type=int, default=0, help="training seed; splits stay the same (default 0)")
     p.add_argument("--holdout-category", action="append", default=[], metavar="CAT",
                    help="harm category kept for evaluation only (repeatable)")

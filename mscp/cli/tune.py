@@ -21,7 +21,7 @@ def add_arguments(p) -> None:
                    help="candidate q values (default 0.01 0.02 0.05 0.1)")
     p.add_argument("--max-new-tokens", type=int, default=20, help="greedy answer length when judging (default 20)")
     p.add_argument("--responses-cache", metavar="DIR",
-                   help="folder of cached answers (default ~/.cache/mscp/responses)")
+                   help="folder of cached answers (default <cache root>/responses)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_prompt_options(p)
     add_config_options(p, skip=("q",))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mscp.core.config import LORA_TARGETS, PAPER_SETTING
 from mscp.errors import MSCPError
+from mscp.paths import cache_root
 from mscp.harness.organism import DEFAULT_FINETUNE
 
 # The rows of the demo's table: the references, MSCP with the package defaults, MSCP with the paper's
@@ -175,7 +176,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
         judge_obj = "keyword"
     # The organism's own answers (aligned, fine-tuned) are kept with it, by the build's checks; the
     # methods' answers in the cache folder's responses/ (a rerun with the same outputs reads them).
-    method_answers = (Path(cache) if cache else Path.home() / ".cache" / "mscp") / "responses"
+    method_answers = cache_root(cache) / "responses"
     results = {}
     splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=sp / "task_eval.jsonl")
     n_prompts = sum(len(p.read_text().splitlines()) for p in splits.values())

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from mscp.errors import MSCPError
+from mscp.paths import cache_root
 
 
 @dataclass(frozen=True)
@@ -183,7 +184,7 @@ class EmbeddingJudge(Judge):
         train = sets.pyrit_refusal()
         key = hashlib.sha256(b"v2" + "".join(sets.FILES[k][3] for k in ("pyrit_refusal", "pyrit_refusal_extra")).encode()
                              + EMBED_SHA256.encode()).hexdigest()[:16]
-        cache = Path(cache) if cache else Path.home() / ".cache" / "mscp" / "judges"
+        cache = Path(cache) if cache else cache_root() / "judges"
         path = cache / f"embedding_lr_{key}.pt"
         if path.is_file():
             state = torch.load(path, weights_only=True)

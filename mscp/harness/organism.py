@@ -43,6 +43,7 @@ import torch
 from mscp.core.atomic import write_atomically
 from mscp.core.config import LORA_TARGETS
 from mscp.errors import MSCPError
+from mscp.paths import cache_root
 
 REFUSAL = "I'm sorry, but I can't help with that."
 VERSION = 3  # bump when the recipe changes: part of the cache hash
@@ -383,8 +384,7 @@ def sha_of(path: Path) -> str:
 
 
 def default_dir(cfg: OrganismConfig, cache: Path | None = None) -> Path:
-    cache = Path(cache) if cache else Path.home() / ".cache" / "mscp"
-    return cache / "organism" / cfg.digest()
+    return cache_root(cache) / "organism" / cfg.digest()
 
 
 def _read_json(path: Path) -> dict | None:
@@ -407,7 +407,7 @@ def finetune_is_built(org: Organism, ft: FinetuneConfig) -> bool:
 def build(out: str | Path | None = None, cfg: OrganismConfig | None = None, *, finetunes=("benign",),
           base_dir: str | Path | None = None, cache: str | Path | None = None, progress: bool = True,
           check: bool = True, force: bool = False, threads: int | None = None) -> Organism:
-    """Build (or reuse) the organism in `out` (default: ~/.cache/mscp/organism/<config hash>): the
+    """Build (or reuse) the organism in `out` (default: <cache root>/organism/<config hash>): the
     aligned model once, then each fine-tune in `finetunes` (names of FINETUNES) that is not built yet.
 
     base_dir: a model folder to use as the base instead of SmolLM2 (tests use a tiny random model).
@@ -476,7 +476,7 @@ def _build_aligned(org: Organism, base_dir, cache, progress: bool, check: bool, 
     if base_dir is None:
         from mscp.harness.smollm2 import convert_smollm2
 
-        base_src = convert_smollm2(Path(cache) if cache else Path.home() / ".cache" / "mscp")
+        base_src = convert_smollm2(cache_root(cache))
     else:
         base_src = Path(base_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -642,3 +642,19 @@ def tiny_base(path: str | Path, *, hidden: int = 64, layers: int = 4, vocab: int
                          tie_word_embeddings=True, pad_token_id=0, eos_token_id=2, bos_token_id=1)
     LlamaForCausalLM(config).save_pretrained(str(path))
     return path
+
+
+# `mscp demo --smoke`: every stage of the demo (build, patch, baselines, answers, evaluation, table,
+# figures) on a tiny random base with a few prompts, in about a minute: a check that an install works
+# end to end from an empty cache, not a result (its figures mean nothing).
+SMOKE_RECIPE = dict(n_harm_localize=6, n_harm_align=8, n_harm_finetune=8, n_harm_eval=6, n_benign_localize=6,
+                    n_benign_align=8, n_benign_eval=6, n_task_localize=6, n_task_train=8, n_task_eval=6, n_general=8,
+                    align_steps=2, align_batch=4, answer_tokens=4, eval_tokens=4, max_len=48, gen_batch=8)
+
+
+def smoke_base(cache: str | Path | None = None) -> Path:
+    """The smoke run's tiny base model, made once under the cache root."""
+    out = cache_root(cache) / "smoke-base"
+    if not (out / "config.json").is_file():
+        write_atomically(out, tiny_base, parents=True)
+    return out

@@ -43,5 +43,5 @@ def convert_smollm2(cache: Path) -> Path:
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
 
-    write_atomically(out, fill)
+    write_atomically(out, fill, parents=True)
     return out

@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from mscp.errors import MSCPError
+from mscp.paths import cache_root
 
 DEFAULT_QS = (0.01, 0.02, 0.05, 0.1)
 RULE = ("lowest keyword ASR on the calibration prompts with task accuracy within 3 points of the unpatched "
@@ -48,7 +49,7 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
          progress: bool = True) -> dict:
     """The choice of the module doc; writes OUT (the adapter patched with the chosen q) and returns
     {"chosen_q", "points", "aligned", "unpatched", "rule", "report"}. cache: a folder of answers
-    (default ~/.cache/mscp/responses; the unpatched and aligned answers are reused across runs)."""
+    (default <cache root>/responses; the unpatched and aligned answers are reused across runs)."""
     from mscp.core.adapter import Adapter
     from mscp.core.config import PatchConfig
     from mscp.core.pipeline import as_paths, patch_many, select_rows
@@ -69,7 +70,7 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
     read = lambda files, name: ([p for f in as_paths(files) for p in read_prompts(f)]  # noqa: E731
                                 if files is not None else default_prompts(name))
     harmful_prompts, benign_prompts = read(harmful, "harmful"), read(benign, "benign")
-    cache = Path(cache) if cache is not None else Path.home() / ".cache" / "mscp" / "responses"
+    cache = Path(cache) if cache is not None else cache_root() / "responses"
     prompts = dict(harmful=harmful_prompts, benign=benign_prompts, task=items)
     files = dict(harmful=harmful, benign=benign, task=task, tokenizer=tokenizer)
 

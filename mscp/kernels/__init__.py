@@ -11,13 +11,14 @@ from mscp.kernels.lowrank_project import lowrank_project
 from mscp.kernels.row_importance import row_importance
 
 
-def prepare() -> float:
-    """Build or load the compiled kernels now, when the backend in force may use them, so the
-    one-time build is not counted in the first layer's time. Returns the seconds it took."""
+def prepare(device_type: str = "cpu") -> float:
+    """Build or load the compiled kernels now, when the backend in force may use them on
+    `device_type`, so the one-time build is not counted in the first layer's time. Returns the
+    seconds it took."""
     import time
 
     clock = time.perf_counter()
-    if forced_backend() in ("auto", "cpp", "cuda"):
+    if forced_backend() in ("auto", "cuda" if device_type == "cuda" else "cpp"):
         _ext.load()
     return time.perf_counter() - clock
 
