@@ -499,6 +499,23 @@ def test_failure_while_writing_leaves_nothing_behind(capsys, tmp_path, trio, mon
                  id="jsonl-duplicate-key"),
     pytest.param("h.jsonl", b"[" * 100_000 + b"\n", r"h\.jsonl:1: not a JSON line \(nested too deeply\)",
                  id="jsonl-nested-too-deeply"),
+    pytest.param("h.jsonl", b'{"prompt": "fine"}\n{"prompt": "\\ud800abc"}\n',
+                 r"h\.jsonl:2: the prompt holds a lone surrogate \(\\ud800 at character 0\)",
+                 id="jsonl-lone-surrogate"),
+    pytest.param("h.json", b'["fine", "\\udfffx"]', r"h\.json: item \[1\]: the prompt holds a lone surrogate",
+                 id="json-lone-surrogate"),
+    pytest.param("h.json", b'{"prompt": "one"}', r"h\.json: a JSON object; a \.json prompt file holds one array",
+                 id="json-an-object"),
+    pytest.param("h.json", b'["fine", 7]', r"h\.json: item \[1\] is a JSON number; items must be prompt strings",
+                 id="json-array-of-numbers"),
+    pytest.param("h.json", b'{"prompt": "a"}\n{"prompt": "b"}\n', r"h\.json: not JSON \(Extra data .*named \.jsonl",
+                 id="json-lines-named-json"),
+    pytest.param("h.json", b'[{"messages": [{"role": "system", "content": "be brief"}]}]',
+                 r"h\.json: item \[0\]: the chat 'messages' hold no user message", id="chat-without-user-message"),
+    pytest.param("h.jsonl", b'{"messages": [{"role": "user", "content": [{"type": "text"}]}]}\n',
+                 r"h\.jsonl:1: the last user message's 'content' must be a string, got array", id="chat-content-parts"),
+    pytest.param("h.jsonl", b'{"messages": "hi"}\n', r"h\.jsonl:1: 'messages' must be an array of objects",
+                 id="chat-messages-a-string"),
 ])
 @pytest.mark.parametrize("option", ["--harmful", "--benign", "--task"])
 def test_prompt_files_that_are_not_text_are_refused(capsys, tmp_path, trio, name, content, message, option):
@@ -974,3 +991,68 @@ def test_tune_refuses_task_prompts_without_answers(capsys, tmp_path, trio, task,
     argv = ["tune", "--base", str(trio["base"]), "--aligned", str(trio["aligned"]), "--adapter", str(trio["adapter"]),
             "--out", str(tmp_path / "out"), *FAST] + (["--task", str(tmp_path / task)] if task else [])
     assert message in run_refused(capsys, argv, list(trio.values()), tmp_path / "out")
+
+# == issue 23 =======================================================================================
+# -- prompt paths that are not regular files ---------------------------------------------------------
+@pytest.fixture
+def no_hang():
+    """Fail, rather than hang, a run that would block on a FIFO or read a device forever."""
+    import signal
+
+    def alarm(*_):
+        raise TimeoutError("the run blocked on a prompt path that is not a regular file")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(60)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("folder", r"prompt file .*prompts/p is a directory$"),
+    ("fifo", r"prompt file .*prompts/p is not a regular file \(a FIFO\)$"),
+    ("/dev/zero", r"prompt file /dev/zero is not a regular file \(a character device\)$"),
+])
+@pytest.mark.parametrize("option", ["--harmful", "--benign", "--task"])
+def test_prompt_paths_that_are_not_regular_files_are_refused_without_opening_them(capsys, tmp_path, trio, no_hang,
+                                                                                    kind, message, option):
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    path = prompts / "p"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path(kind)
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", option, str(path)), [*trio.values(), prompts],
+                      tmp_path / "out")
+    assert re.search(message, err), err
+
+
+# -- a tokenizer that is not the model's ---------------------------------------------------------------
+@pytest.fixture
+def big_tokenizer(tmp_path, trio) -> Path:
+    """The aligned model's tokenizer with 150 tokens added: 550 tokens for 512 embedding rows."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(trio["aligned"]))
+    tok.add_tokens([f"<extra{i}>" for i in range(150)])
+    assert len(tok) > 512
+    tok.save_pretrained(str(tmp_path / "tokenizer"))
+    return tmp_path / "tokenizer"
+
+
+def test_prompts_that_tokenise_past_the_embedding_are_refused(capsys, tmp_path, trio, big_tokenizer):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("How do I <extra149> a lock?\nWrite a haiku.\n")
+    argv = patch_argv(trio, tmp_path / "out", "--tokenizer", str(big_tokenizer), "--task", str(prompts))
+    err = run_refused(capsys, argv, [*trio.values(), prompts, big_tokenizer], tmp_path / "out")
+    assert re.search(r"the tokenizer \(550 tokens\) gives token id 549 \('<extra149>'\) in the task prompts, past the "
+                     r"model's 512 embedding rows", err), err
+
+
+def test_added_tokens_that_no_prompt_uses_are_no_error(capsys, tmp_path, trio, big_tokenizer):
+    assert main(patch_argv(trio, tmp_path / "out", "--tokenizer", str(big_tokenizer))) == 0
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()

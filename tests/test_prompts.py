@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 
 import pytest
 import torch
@@ -96,10 +97,76 @@ def test_bad_prompt_files_raise(tmp_path, name, content, message):
         read_prompts(path)
 
 
-@pytest.mark.parametrize("path", ["missing.txt", "."], ids=["missing-file", "a-folder"])
-def test_prompt_path_that_is_not_a_file_raises(tmp_path, path):
-    with pytest.raises(MSCPError, match="prompt file not found"):
+@pytest.mark.parametrize("path, message", [("missing.txt", r"prompt file not found: .*missing\.txt$"),
+                                           (".", r"prompt file .* is a directory$")], ids=["missing-file", "a-folder"])
+def test_prompt_path_that_is_not_a_file_raises(tmp_path, path, message):
+    with pytest.raises(MSCPError, match=message):
         read_prompts(tmp_path / path)
+
+
+def test_a_fifo_is_refused_without_being_opened(tmp_path):
+    """Opening a FIFO would block until a writer comes: the kind of file is checked first."""
+    fifo = tmp_path / "p.txt"
+    os.mkfifo(fifo)
+    with pytest.raises(MSCPError, match=r"p\.txt is not a regular file \(a FIFO\)$"):
+        read_prompts(fifo)
+
+
+# -- .json files and chat records --------------------------------------------------------------------
+CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "first question"},
+                     {"role": "assistant", "content": "an answer"}, {"role": "user", "content": "  the last question "},
+                     {"role": "assistant", "content": "another answer"}]}
+
+
+@pytest.mark.parametrize("items, expected", [
+    pytest.param(["one", "  two ", "", "three\nlines"], ["one", "two", "three\nlines"], id="array-of-strings"),
+    pytest.param([{"prompt": "one", "id": 1}, {"prompt": "two"}], ["one", "two"], id="array-of-prompt-records"),
+    pytest.param([CHAT, "plain"], ["the last question", "plain"], id="chat-record-gives-its-last-user-message"),
+    pytest.param([{"prompt": "the prompt", **CHAT}], ["the prompt"], id="prompt-preferred-over-messages"),
+])
+def test_json_holds_one_array_of_prompts_or_records(tmp_path, items, expected):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(items, indent=2))
+    assert read_prompts(path) == expected
+
+
+def test_jsonl_chat_records_give_their_last_user_message(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(CHAT) + "\n" + json.dumps({"prompt": "plain"}) + "\n")
+    assert read_prompts(path) == ["the last question", "plain"]
+
+
+@pytest.mark.parametrize("name, content, message", [
+    pytest.param("p.json", "[1, 2]", r"p\.json: item \[0\] is a JSON number", id="json-array-of-numbers"),
+    pytest.param("p.json", '"one prompt"', r"p\.json: a JSON string; a \.json prompt file holds one array",
+                 id="json-string"),
+    pytest.param("p.json", "[\n", r"p\.json: not JSON", id="json-broken"),
+    pytest.param("p.json", "[]", r"prompt file is empty", id="json-empty-array"),
+    pytest.param("p.json", '[{"text": "x"}]', r"p\.json: item \[0\]: no 'prompt' field nor chat 'messages'",
+                 id="json-record-without-prompt"),
+    pytest.param("p.jsonl", '{"messages": [{"content": "no role"}]}\n', r"p\.jsonl:1: 'messages' must be an array of "
+                 r"objects with a 'role'", id="chat-message-without-role"),
+    pytest.param("p.jsonl", '{"messages": [{"role": "assistant", "content": "x"}]}\n',
+                 r"p\.jsonl:1: the chat 'messages' hold no user message", id="chat-without-user"),
+    pytest.param("p.jsonl", '{"messages": [{"role": "user", "content": null}]}\n',
+                 r"p\.jsonl:1: the last user message's 'content' must be a string, got null", id="chat-content-null"),
+    pytest.param("p.jsonl", '{"prompt": "a\\ud800"}\n', r"p\.jsonl:1: the prompt holds a lone surrogate \(\\ud800 at "
+                 r"character 1\), which is not Unicode text", id="jsonl-lone-surrogate"),
+    pytest.param("p.json", '[{"messages": [{"role": "user", "content": "\\udc00"}]}]',
+                 r"p\.json: item \[0\]: the prompt holds a lone surrogate", id="chat-lone-surrogate"),
+])
+def test_json_prompt_files_of_another_shape_raise(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(MSCPError, match=message) as info:
+        read_prompts(path)
+    assert "\n" not in str(info.value)
+
+
+def test_a_surrogate_pair_is_one_character_not_an_error(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "smile \\ud83d\\ude00"}\n')
+    assert read_prompts(path) == ["smile \U0001f600"]
 
 
 @pytest.mark.parametrize("kind", ["harmful", "benign"])

@@ -29,6 +29,7 @@ from mscp.core.config import PatchConfig
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
 from mscp.core.project import project_adapters
 from mscp.core.prompts import (
+    check_token_ids,
     default_prompts,
     encode,
     load_tokenizer,
@@ -128,6 +129,8 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     tok = load_tokenizer(tokenizer_path(tokenizer, aligned_model))
     calib = encode_batches(tok, [(sets["harmful"], HARMFUL), (sets["benign"], BENIGN)], config)
     task_batches = encode_batches(tok, [(sets["task"], TASK)], config)
+    check_token_ids(tok, calib + task_batches, getattr(aligned_model.config, "vocab_size", None),
+                    {HARMFUL: "harmful", BENIGN: "benign", TASK: "task"})
     wanda = config.score in ("wanda", "wanda_weight") and bool(runs)
     after_window = wanda and finetuned_pass(config, len(runs)) == "after_window"
     timings["finetuned_pass"] = "after_window" if after_window else "with_calibration" if wanda else "none"

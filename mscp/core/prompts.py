@@ -1,9 +1,10 @@
 """Prompt files and calibration batches.
 
-Prompt files: `.txt` (one prompt a line), `.jsonl` (a "prompt" field), `.csv` (a "prompt" or
-"goal" column). Prompts are rendered with the tokenizer's chat template (generation prompt added)
-when it has one, tokenised, truncated to `max_length`, and right-padded into micro-batches, so a
-prompt's last token sits at `length - 1` and its positions match an unpadded forward.
+Prompt files (`read_prompts`): `.txt` (one prompt a line), `.jsonl` (one record a line), `.json`
+(one array), `.csv` (a "prompt" or "goal" column). Prompts are rendered with the tokenizer's chat
+template (generation prompt added) when it has one, tokenised, truncated to `max_length`, and
+right-padded into micro-batches, so a prompt's last token sits at `length - 1` and its positions
+match an unpadded forward.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mscp.core.textfiles import json_type, parse_json, read_text
+from mscp.core.textfiles import json_type, parse_json, read_text, unicode_problem
 from mscp.errors import MSCPError, MSCPWarning
 
 DEFAULT_SETS = {"harmful": "harmful_default.txt", "benign": "benign_default.txt"}
@@ -25,22 +26,25 @@ SAMPLE_SEED = 0  # the seed of `sample_prompts`, recorded with every sample
 
 
 def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a prompt file, read by its suffix:
+
+      .jsonl  one JSON object a line; .json  one JSON array, of prompt strings or of such objects.
+              An object gives its "prompt" string, or, as a chat record ({"messages": [{"role":
+              "user", "content": "..."}, ...]}), the content of its last user message.
+      .csv    the "prompt" column, else the "goal" column (AdvBench, JailbreakBench).
+      other   (.txt) one prompt a line.
+
+    Prompts are stripped and blank ones dropped. Anything else (a record of another shape, a file
+    with no prompt, text that is not Unicode, a path that is not a regular file) is one MSCPError
+    line naming the file and the line or item."""
     path = Path(path)
-    if not path.is_file():
-        raise MSCPError(f"prompt file not found: {path}")
-    text = read_text(path, "prompt file")
+    text = read_text(path, "prompt file")  # a folder, FIFO or device is refused before it is opened
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            record = parse_json(line, f"{path}:{n}: not a JSON line")
-            if not isinstance(record, dict) or "prompt" not in record:
-                raise MSCPError(f"{path}:{n}: no 'prompt' field")
-            if not isinstance(record["prompt"], str):  # null must not become the prompt "None"
-                raise MSCPError(f"{path}:{n}: 'prompt' must be a string, got {json_type(record['prompt'])}")
-            prompts.append(record["prompt"])
+        prompts = [_record_prompt(parse_json(line, f"{path}:{n}: not a JSON line"), f"{path}:{n}")
+                   for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    elif suffix == ".json":
+        prompts = _json_prompts(text, path)
     elif suffix == ".csv":
         reader = csv.DictReader(io.StringIO(text, newline=""))  # keeps newlines inside quoted fields
         try:
@@ -57,6 +61,61 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise MSCPError(f"prompt file is empty: {path}")
     return prompts
+
+
+def _json_prompts(text: str, path: Path) -> list[str]:
+    """A .json prompt file: one array of prompt strings or records."""
+    if not text.strip():
+        return []
+    try:
+        items = parse_json(text, f"{path}: not JSON")
+    except MSCPError as e:
+        if "Extra data" in str(e):  # several values: most likely JSON Lines under a .json name
+            raise MSCPError(f"{e}; a file of one JSON record a line is read as JSON Lines when named .jsonl") from None
+        raise
+    if not isinstance(items, list):
+        raise MSCPError(f"{path}: a JSON {json_type(items)}; a .json prompt file holds one array of prompt strings "
+                        "or of objects with a 'prompt' field or chat 'messages'")
+    prompts = []
+    for i, item in enumerate(items):
+        where = f"{path}: item [{i}]"
+        if isinstance(item, str):
+            prompts.append(_unicode(item, where))
+        elif isinstance(item, dict):
+            prompts.append(_record_prompt(item, where))
+        else:
+            raise MSCPError(f"{where} is a JSON {json_type(item)}; items must be prompt strings or objects with a "
+                            "'prompt' field or chat 'messages'")
+    return prompts
+
+
+def _record_prompt(record, where: str) -> str:
+    """A JSON record's prompt: its "prompt" string, or a chat record's last user message."""
+    if not isinstance(record, dict):
+        raise MSCPError(f"{where}: no 'prompt' field (a JSON {json_type(record)}, not an object)")
+    if "prompt" in record:
+        if not isinstance(record["prompt"], str):  # null must not become the prompt "None"
+            raise MSCPError(f"{where}: 'prompt' must be a string, got {json_type(record['prompt'])}")
+        return _unicode(record["prompt"], where)
+    if "messages" not in record:
+        raise MSCPError(f"{where}: no 'prompt' field nor chat 'messages'")
+    messages = record["messages"]
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise MSCPError(f"{where}: 'messages' must be an array of objects with a 'role' and a 'content'")
+    users = [m for m in messages if m["role"] == "user"]
+    if not users:
+        raise MSCPError(f"{where}: the chat 'messages' hold no user message")
+    content = users[-1].get("content")
+    if not isinstance(content, str):
+        raise MSCPError(f"{where}: the last user message's 'content' must be a string, got {json_type(content)}")
+    return _unicode(content, where)
+
+
+def _unicode(prompt: str, where: str) -> str:
+    problem = unicode_problem(prompt)
+    if problem:
+        raise MSCPError(f"{where}: the prompt {problem}")
+    return prompt
 
 
 def sample_prompts(prompts: list[str], limit: int, what: str) -> tuple[list[str], dict | None]:
@@ -109,6 +168,24 @@ def encode(tokenizer, prompts: list[str], *, max_length: int, chat_template: boo
             raise MSCPError(f"prompt tokenises to nothing: {prompt[:60]!r}")
         out.append(ids)
     return out
+
+
+def check_token_ids(tokenizer, batches: list["Batch"], n_embeddings: int | None, names: dict[int, str]) -> None:
+    """Every token id of the batches must index a row of the model's embedding: a tokenizer with
+    tokens added past it would fail deep inside the forward (IndexError). Checked on the ids the
+    prompts produce, so unused added tokens pass. names: group label -> prompt set."""
+    if not n_embeddings:
+        return
+    for batch in batches:
+        over = (batch.input_ids >= n_embeddings).nonzero()
+        if len(over):
+            row, col = over[0].tolist()
+            token = int(batch.input_ids[row, col])
+            text = tokenizer.convert_ids_to_tokens(token) if hasattr(tokenizer, "convert_ids_to_tokens") else None
+            raise MSCPError(f"the tokenizer ({len(tokenizer)} tokens) gives token id {token}"
+                            f"{f' ({text!r})' if text else ''} in the {names.get(int(batch.group[row]), '')} prompts, "
+                            f"past the model's {n_embeddings} embedding rows: the tokenizer is not the model's "
+                            "(--tokenizer DIR picks another)")
 
 
 @dataclass

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
+import stat
 from pathlib import Path
 
 from mscp.errors import MSCPError
@@ -17,7 +19,27 @@ _WIDE_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
               (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))  # UTF-32 LE starts like UTF-16 LE
 
 
+_KINDS = ((stat.S_ISDIR, "is a directory"), (stat.S_ISFIFO, "is not a regular file (a FIFO)"),
+          (stat.S_ISCHR, "is not a regular file (a character device)"),
+          (stat.S_ISBLK, "is not a regular file (a block device)"), (stat.S_ISSOCK, "is not a regular file (a socket)"))
+
+
+def check_regular_file(path: Path, what: str) -> None:
+    """`path` is a regular file, checked by os.stat before any open: opening a FIFO blocks until a
+    writer comes, and a device such as /dev/zero never ends."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise MSCPError(f"{what} not found: {path}") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise MSCPError(f"cannot read {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not stat.S_ISREG(mode):
+        kind = next((words for test, words in _KINDS if test(mode)), "is not a regular file")
+        raise MSCPError(f"{what} {path} {kind}")
+
+
 def read_bytes(path: Path, what: str) -> bytes:
+    check_regular_file(path, what)
     try:
         return Path(path).read_bytes()
     except OSError as e:
@@ -40,6 +62,16 @@ def decode_text(data: bytes, what: str, path) -> str:
 
 def read_text(path: Path, what: str) -> str:
     return decode_text(read_bytes(path, what), what, path)
+
+
+def unicode_problem(text: str) -> str | None:
+    """Why `text` is not Unicode text, or None. A JSON string may spell a lone surrogate
+    ("\\ud800"), which no UTF-8 encoder (a tokenizer's included) accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"holds a lone surrogate (\\u{ord(text[e.start]):04x} at character {e.start}), which is not Unicode text"
+    return None
 
 
 class _Invalid(ValueError):
