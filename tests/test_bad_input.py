@@ -560,6 +560,31 @@ def _rank_zero(trio):
     pytest.param(lambda trio: edit_adapter_config(trio["adapter"], peft_type=["LORA"]),
                  r"peft_type in .* must be a string, got array", id="peft_type-a-list"),
     pytest.param(_rank_zero, r"layers\.2\.mlp\.up_proj has rank 0", id="lora-rank-0"),
+    # the config must describe the tensors as peft reads them: OUT keeps it, and peft must load OUT
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], r=0),
+                 r"r in .*adapter_config\.json must be a positive integer \(a LoRA rank\), got number 0", id="r-0"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], r=-8), r"r in .* must be a positive integer .*-8",
+                 id="r-negative"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], r=1e40),
+                 r"r in .* must be a positive integer .*1e\+40", id="r-1e40"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], r=8),
+                 r"module model\.layers\.0\.mlp\.down_proj has rank 4, but r in .*adapter_config\.json says 8: "
+                 r"peft could not load", id="r-contradicts-the-tensors"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], rank_pattern={"up_proj": 8}),
+                 r"module model\.layers\.0\.mlp\.up_proj has rank 4, but rank_pattern\['up_proj'\] in .* says 8",
+                 id="rank_pattern-contradicts-the-tensors"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], rank_pattern={"up_proj": "4"}),
+                 r"rank_pattern\['up_proj'\] in .* must be a positive integer", id="rank_pattern-a-string"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], target_modules=5),
+                 r"target_modules in .* must be a list of module names or a regex string, got number 5",
+                 id="target_modules-a-number"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], target_modules="(q|v_proj"),
+                 r"target_modules in .*: '\(q\|v_proj' is not a regular expression", id="target_modules-invalid-regex"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], target_modules=["q_proj", "v_proj"]),
+                 r"module model\.layers\.0\.mlp\.down_proj is not in target_modules of .*: peft would not load",
+                 id="target_modules-list-misses-a-module"),
+    pytest.param(lambda trio: edit_adapter_config(trio["adapter"], target_modules=r".*\.self_attn\.(q|k|v|o)_proj"),
+                 r"module model\.layers\.0\.mlp\.down_proj is not in target_modules", id="target_modules-regex-misses"),
 ])
 def test_adapter_config_of_the_wrong_shape_is_refused(capsys, tmp_path, trio, breaker, message):
     breaker(trio)

@@ -45,7 +45,8 @@ class Adapter:
         self.tensors = tensors
         self.files = files or []
         self.path = path
-        self.modules = _pair_modules(config, tensors)
+        where = str(path / "adapter_config.json") if path is not None else "the adapter config"
+        self.modules = _pair_modules(config, tensors, where)
 
     @classmethod
     def load(cls, path: str | Path, *, allow_pickle: bool = False, revision: str | None = None) -> "Adapter":
@@ -99,6 +100,9 @@ def check_lora_config(config: dict, where: str) -> None:
         raise MSCPError(f"LoRA adapters with a trained bias are not supported ({where} has lora_bias=true)")
     if "lora_alpha" in config:
         _check_number(config["lora_alpha"], f"lora_alpha in {where}")
+    if "r" in config:  # peft builds lora_A with r rows: a rank it cannot build, OUT cannot load
+        _check_rank(config["r"], f"r in {where}")
+    _check_target_modules(config.get("target_modules"), where)
     if not isinstance(config.get("use_rslora", False), bool):
         raise MSCPError(f"use_rslora in {where} must be true or false, got {json_type(config['use_rslora'])}")
     for name, what in (("alpha_pattern", "lora_alpha"), ("rank_pattern", "rank")):
@@ -112,7 +116,29 @@ def check_lora_config(config: dict, where: str) -> None:
                 re.compile(_pattern_regex(pattern))
             except (re.error, RecursionError, OverflowError) as e:
                 raise MSCPError(f"{name} in {where}: {pattern!r} is not a regular expression ({e})") from None
-            _check_number(value, f"{name}[{pattern!r}] in {where}")
+            (_check_rank if name == "rank_pattern" else _check_number)(value, f"{name}[{pattern!r}] in {where}")
+
+
+def _check_target_modules(targets, where: str) -> None:
+    """peft's target_modules: None, a list of module names (or name suffixes), or one regex that
+    must match a module's whole name."""
+    if targets is None:
+        return
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except (re.error, RecursionError, OverflowError) as e:
+            raise MSCPError(f"target_modules in {where}: {targets!r:.80} is not a regular expression ({e})") from None
+    elif not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        shown = f" {targets!r:.60}" if isinstance(targets, (int, float)) and not isinstance(targets, bool) else ""
+        raise MSCPError(f"target_modules in {where} must be a list of module names or a regex string, "
+                        f"got {json_type(targets)}{shown}")
+
+
+def _check_rank(value, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        shown = f" {value!r:.60}" if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+        raise MSCPError(f"{what} must be a positive integer (a LoRA rank), got {json_type(value)}{shown}")
 
 
 def _check_number(value, what: str) -> None:
@@ -121,7 +147,8 @@ def _check_number(value, what: str) -> None:
         raise MSCPError(f"{what} must be a finite number, got {json_type(value)}{shown}")
 
 
-def _pair_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, LoraModule]:
+def _pair_modules(config: dict, tensors: dict[str, torch.Tensor], where: str = "the adapter config"
+                  ) -> dict[str, LoraModule]:
     found: dict[str, dict[str, str]] = {}
     for name in tensors:
         if "lora_magnitude_vector" in name:
@@ -149,8 +176,28 @@ def _pair_modules(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, L
             raise MSCPError(f"adapter module {module} has rank 0 (lora_A {tuple(a.shape)}): nothing to project")
         if not (a.is_floating_point() and b.is_floating_point()):
             raise MSCPError(f"adapter module {module}: lora_A and lora_B must be floating point, got {a.dtype} and {b.dtype}")
+        _check_against_config(config, module, rank, where)
         modules[module] = LoraModule(module, keys["A"], keys["B"], rank, _scale(config, module, rank))
     return modules
+
+
+def _check_against_config(config: dict, module: str, rank: int, where: str) -> None:
+    """The config must describe the tensors as peft reads them, or OUT (which keeps the config)
+    cannot be loaded: the module's rank (rank_pattern, else r) and its place in target_modules."""
+    pattern = next((k for k in config.get("rank_pattern") or {} if re.match(_pattern_regex(k), module)), None)
+    said = config["rank_pattern"][pattern] if pattern is not None else config.get("r")
+    if said is not None and said != rank:
+        source = f"rank_pattern[{pattern!r}]" if pattern is not None else "r"
+        raise MSCPError(f"adapter module {module} has rank {rank}, but {source} in {where} says {said}: "
+                        "peft could not load the adapter")
+    targets = config.get("target_modules")
+    if config.get("target_parameters") or targets is None or targets == "all-linear":
+        return  # peft's own defaults or parameter targets: not a module-name rule to check
+    matched = (re.fullmatch(targets, module) if isinstance(targets, str)
+               else module in targets or any(module.endswith(f".{t}") for t in targets))
+    if not matched:
+        raise MSCPError(f"adapter module {module} is not in target_modules of {where}: peft would not load its "
+                        "tensors")
 
 
 def _pattern_value(patterns: dict, module: str, default):
