@@ -1081,3 +1081,31 @@ def test_prompts_that_tokenise_past_the_embedding_are_refused(capsys, tmp_path, 
 def test_added_tokens_that_no_prompt_uses_are_no_error(capsys, tmp_path, trio, big_tokenizer):
     assert main(patch_argv(trio, tmp_path / "out", "--tokenizer", str(big_tokenizer))) == 0
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+
+
+# -- --config files ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, text, message", [
+    pytest.param("c.yaml", "q: 0.1\nalpha: 0.5\nq: 0.2\n", r"c\.yaml is not valid YAML: duplicate key 'q' \(line 3\)",
+                 id="yaml-duplicate-key"),
+    pytest.param("c.yaml", "extra:\n  note: a\n  note: b\n", r"duplicate key 'note' \(line 3\)",
+                 id="yaml-nested-duplicate"),
+    pytest.param("c.json", '{"q": 0.1, "q": 0.2}', r"c\.json is not valid JSON \(duplicate key 'q'\)",
+                 id="json-duplicate-key"),
+    pytest.param("c.yaml", "alpha: '5e-1'\n", r"alpha must be a finite number, got '5e-1'", id="yaml-quoted-number"),
+    pytest.param("c.yaml", "alpha: 0.5\n".encode("utf-16"), r"config file .*c\.yaml is UTF-16 text", id="yaml-utf-16"),
+])
+def test_config_files_that_say_two_things_are_refused(capsys, tmp_path, trio, name, text, message):
+    config = tmp_path / name
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", "--config", str(config)), [*trio.values(), config],
+                      tmp_path / "out")
+    assert re.search(message, err), err
+
+
+def test_config_file_numbers_are_read_as_yaml_1_2_reads_them(capsys, tmp_path, trio):
+    """PyYAML (YAML 1.1) reads 5e-1 and 1e-2 as strings; YAML 1.2, and every reader, as numbers."""
+    config = tmp_path / "c.yaml"
+    config.write_text("alpha: 5e-1\nq: 1e-2\nrho: .5\n")
+    assert main(patch_argv(trio, tmp_path / "out", "--config", str(config))) == 0
+    recorded = json.loads((tmp_path / "out" / "mscp_report.json").read_text())["config"]
+    assert (recorded["alpha"], recorded["q"], recorded["rho"]) == (0.5, 0.01, 0.5)

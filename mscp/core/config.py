@@ -7,7 +7,6 @@ whole dataclass is written into each run's report (`mscp_report.json`, key "conf
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,20 +173,45 @@ def config_from_mapping(values: dict, *, where: str = "config") -> dict:
 
 
 def read_config_file(path) -> dict:
-    """The fields of a YAML or JSON config file (`--config FILE`)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise MSCPError(f"cannot read config file {path}: {e}") from None
-    try:
-        if path.suffix.lower() == ".json":
-            values = json.loads(text)
-        else:
-            import yaml
+    """The fields of a YAML or JSON config file (`--config FILE`). A key given twice is refused (which
+    one wins is the parser's whim); YAML numbers are read as YAML 1.2 reads them (`5e-1` is 0.5)."""
+    from mscp.core.textfiles import parse_json, read_text
 
-            values = yaml.safe_load(text)
-    except Exception as e:  # noqa: BLE001 - json and yaml parse errors
-        raise MSCPError(f"config file {path} is not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'}: "
-                        f"{' '.join(str(e).split())[:160]}") from None
+    path = Path(path)
+    text = read_text(path, "config file")
+    if path.suffix.lower() == ".json":
+        values = parse_json(text, f"config file {path} is not valid JSON")
+    else:
+        import yaml
+
+        try:
+            values = yaml.load(text, Loader=_yaml_loader())  # noqa: S506 - a SafeLoader subclass
+        except Exception as e:  # noqa: BLE001 - yaml parse errors and duplicate keys
+            raise MSCPError(f"config file {path} is not valid YAML: {' '.join(str(e).split())[:160]}") from None
     return config_from_mapping(values or {}, where=f"config file {path}")
+
+
+def _yaml_loader():
+    """yaml.SafeLoader, but a key given twice in one mapping is an error and YAML 1.2 floats such as
+    5e-1 or 1e5 (strings to YAML 1.1, which wants a dot and a signed exponent) are numbers."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` merges, explicit keys override it
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float)) and (type(key), key) in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+                seen.add((type(key), key))
+            return super().construct_mapping(node, deep=deep)
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                                 re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+                                 list("-+.0123456789"))
+    return Loader
