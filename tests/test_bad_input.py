@@ -1018,6 +1018,36 @@ def test_tune_refuses_task_prompts_without_answers(capsys, tmp_path, trio, task,
     assert message in run_refused(capsys, argv, list(trio.values()), tmp_path / "out")
 
 # == issue 23 =======================================================================================
+# -- the result cache is written where it may be ------------------------------------------------------
+@pytest.mark.parametrize("where, message", [
+    pytest.param(lambda trio, out: trio["adapter"] / "cachex",
+                 r"cache folder .*adapter/cachex overlaps input .*adapter", id="cache-inside-the-adapter"),
+    pytest.param(lambda trio, out: trio["adapter"], r"cache folder .*adapter overlaps input .*adapter",
+                 id="cache-equals-the-adapter"),
+    pytest.param(lambda trio, out: trio["base"].parent, r"cache folder .*in overlaps input",
+                 id="cache-holds-the-inputs"),
+    pytest.param(lambda trio, out: out, r"cache folder .*out is the output folder .*out, which is replaced whole",
+                 id="cache-equals-out"),
+    pytest.param(lambda trio, out: out / "cache", r"cache folder .*out/cache is inside the output folder",
+                 id="cache-inside-out"),
+])
+def test_the_cache_may_not_overlap_an_input_or_out(capsys, tmp_path, trio, where, message):
+    out = tmp_path / "out"
+    cache = where(trio, out)
+    existed = cache.exists()
+    err = run_refused(capsys, patch_argv(trio, out, "--cache", str(cache)), list(trio.values()), out)
+    assert re.search(message, err), err
+    assert cache.exists() == existed
+
+
+def test_a_cache_that_is_a_file_is_refused_before_any_work(capsys, tmp_path, trio):
+    cache = tmp_path / "cache"
+    cache.write_text("not a folder")
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", "--cache", str(cache)), list(trio.values()),
+                      tmp_path / "out")
+    assert re.search(r"cache path .*cache exists and is not a folder", err), err
+
+
 # -- prompt paths that are not regular files ---------------------------------------------------------
 @pytest.fixture
 def no_hang():

@@ -59,7 +59,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     config = config_from_args(args)
     check_paths_given(args, ("base", "aligned", "adapter", "adapters", "out", "out_dir", "harmful", "benign", "task",
-                             "tokenizer"))
+                             "tokenizer", "cache"))
     if args.adapter and args.adapters:
         raise MSCPError("give --adapter (one or more) or --adapters FILE_OR_GLOB, not both")
     if not args.adapter and not args.adapters:

@@ -39,6 +39,7 @@ from mscp.core.prompts import (
 )
 from mscp.core.report import (
     build_report,
+    check_cache_dir,
     check_out_dir,
     input_checksums,
     package_versions,
@@ -363,13 +364,16 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
         raise MSCPError("no adapter given")
     if outs is not None and len(outs) != len(adapters):
         raise MSCPError("one output folder per adapter is needed")
+    inputs = [*as_paths([x for x in (base, aligned, *adapters, tokenizer) if isinstance(x, (str, Path))]),
+              *as_paths(harmful), *as_paths(benign), *as_paths(task)]
+    inputs = [p for p in inputs if p.exists()]
     if outs is not None:
-        inputs = [*as_paths([x for x in (base, aligned, *adapters, tokenizer) if isinstance(x, (str, Path))]),
-                  *as_paths(harmful), *as_paths(benign), *as_paths(task)]
         if len({Path(o).resolve() for o in outs}) != len(outs):
             raise MSCPError("two adapters would be written to the same output folder")
         for out in outs:
-            check_out_dir(out, overwrite, [p for p in inputs if p.exists()], parents=parents)
+            check_out_dir(out, overwrite, inputs, parents=parents)
+    if cache is not None:
+        check_cache_dir(cache, inputs, outs or [])
 
     with record_backends() as backends:
         loc = localize(base, aligned, adapters, harmful=harmful, benign=benign, task=task, prompts=prompts,

@@ -151,13 +151,9 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[Path], *, parents: bo
     if out.is_symlink():
         raise MSCPError(f"output path {out} is a symbolic link{'' if out.exists() else ' to nothing'}; "
                         "give the real path")
-    out_chain = _identities(out)  # OUT and every folder above it
-    out_id = _identity(out)
-    for p in inputs:
-        p = Path(os.path.abspath(p))
-        p_id = _identity(p)
-        if p_id is not None and (p_id in out_chain or (out_id is not None and out_id in _identities(p))):
-            raise MSCPError(f"output folder {out} overlaps input {p}; inputs are never modified")
+    hit = _overlapping_input(out, inputs)
+    if hit is not None:
+        raise MSCPError(f"output folder {out} overlaps input {hit}; inputs are never modified")
     remove_stale(out)  # first: it may rename back an OUT that a killed swap had moved aside
     if out.exists() and not overwrite:
         raise MSCPError(f"output folder {out} already exists (pass --overwrite to replace it)")
@@ -166,6 +162,39 @@ def check_out_dir(out: Path, overwrite: bool, inputs: list[Path], *, parents: bo
     if not out.parent.exists() and not parents:
         raise MSCPError(f"parent folder of the output does not exist: {out.parent}")
     check_writable(out)
+
+
+def check_cache_dir(cache, inputs: list[Path], outs: list[Path]) -> None:
+    """Fail before any work when the result cache (`--cache`) would write where it must not: into
+    an input (the same identity check as OUT's), or into an OUT, which is replaced whole."""
+    if not str(cache).strip():
+        raise MSCPError("the cache path is empty")
+    cache = Path(os.path.abspath(cache))
+    hit = _overlapping_input(cache, inputs)
+    if hit is not None:
+        raise MSCPError(f"cache folder {cache} overlaps input {hit}; inputs are never modified")
+    for out in outs:
+        out = Path(os.path.abspath(out))
+        # OUT may not exist yet: compare resolved paths too, not only identities
+        inside = _identity(out) is not None and _identity(out) in _identities(cache)
+        if inside or Path(os.path.realpath(cache)).is_relative_to(os.path.realpath(out)):
+            raise MSCPError(f"cache folder {cache} is {'the' if cache == out else 'inside the'} output folder {out}, "
+                            "which is replaced whole; give the cache a folder of its own")
+    if cache.exists() and not cache.is_dir():
+        raise MSCPError(f"cache path {cache} exists and is not a folder")
+
+
+def _overlapping_input(path: Path, inputs: list[Path]) -> Path | None:
+    """The first input that `path` equals, lies inside or holds, compared by identity (device and
+    inode): a bind mount, a symbolic link or `..` does not hide an overlap."""
+    chain = _identities(path)  # path and every folder above it
+    path_id = _identity(path)
+    for p in inputs:
+        p = Path(os.path.abspath(p))
+        p_id = _identity(p)
+        if p_id is not None and (p_id in chain or (path_id is not None and path_id in _identities(p))):
+            return p
+    return None
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
