@@ -1017,6 +1017,7 @@ def test_tune_refuses_task_prompts_without_answers(capsys, tmp_path, trio, task,
             "--out", str(tmp_path / "out"), *FAST] + (["--task", str(tmp_path / task)] if task else [])
     assert message in run_refused(capsys, argv, list(trio.values()), tmp_path / "out")
 
+
 # == issue 23 =======================================================================================
 # -- the result cache is written where it may be ------------------------------------------------------
 @pytest.mark.parametrize("where, message", [

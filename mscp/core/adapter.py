@@ -67,6 +67,8 @@ class Adapter:
         config = dict(config or {"peft_type": "LORA"})
         check_lora_config(config, "adapter config")
         for name, t in tensors.items():
+            if t.is_meta:  # no data to check, project or write
+                raise MSCPError(f"adapter tensor {name} is on the meta device, which has no data")
             check_finite(t, "adapter", name)
         return cls(config, dict(tensors))
 

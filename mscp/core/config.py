@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -36,6 +39,8 @@ def parse_layer_range(text) -> tuple[int, int]:
             first, last = s.split("-", 1) if "-" in s[1:] else (s, s)
         except ValueError:
             raise MSCPError(f"--layers must look like A-B (e.g. 10-15), got {text!r}") from None
+    if any(isinstance(x, (bool, float)) for x in (first, last)):  # int() would cut 1.5 to 1
+        raise MSCPError(f"--layers must look like A-B (e.g. 10-15), got {text!r}")
     try:
         return int(first), int(last)
     except (TypeError, ValueError):
@@ -115,8 +120,10 @@ class PatchConfig:
 
         for name in ("rho", "q", "p", "alpha"):
             value = getattr(self, name)
-            check(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
-                  f"{name} must be a finite number, got {value!r}")
+            check(_finite_number(value), f"{name} must be a finite number, got {value!r:.60}")
+        for name in ("chat_template", "allow_pickle", "hash_inputs", "progress"):  # "no" would be true
+            value = getattr(self, name)
+            check(isinstance(value, bool), f"{name} must be True or False, got {value!r:.60}")
         check(0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}")
         for name in ("q", "p"):
             check(0 <= getattr(self, name) <= 1, f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
@@ -148,6 +155,13 @@ class PatchConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _finite_number(value) -> bool:
+    try:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        return False
 
 
 def _valid_device(device: str) -> bool:
@@ -215,3 +229,85 @@ def _yaml_loader():
                                  re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
                                  list("-+.0123456789"))
     return Loader
+
+
+# -- the public API's arguments ----------------------------------------------------------------
+def _is_path(x) -> bool:
+    if not isinstance(x, (str, os.PathLike)):
+        return False
+    text = os.fspath(x)  # a PathLike may give bytes
+    return isinstance(text, str) and bool(text.strip()) and "\0" not in text
+
+
+_KINDS = {  # kind -> (test, what a value must be)
+    "path": (_is_path, "a path (a non-empty str or os.PathLike)"),
+    "file": (_is_path, "a prompt file's path (prompt lists go in prompts={set: [...]})"),
+    "str": (lambda x: isinstance(x, str), "a string"),
+    "bool": (lambda x: isinstance(x, bool), "True or False"),
+    "config": (lambda x: isinstance(x, PatchConfig), "a PatchConfig (PatchConfig(**values), or keyword overrides)"),
+}
+PROMPT_SETS = ("harmful", "benign", "task")
+
+
+def check_arguments(**named) -> None:
+    """The public API's arguments, each name=(value, kind, *other accepted types): the first of the
+    wrong kind is one MSCPError line naming it, never a TypeError from deep inside.
+
+    kind: one of _KINDS; 'kind?' also accepts None; '[kind]' a list or tuple of it (each item
+    named `name[i]`); 'files' one prompt file or a list of them; 'prompts' the `prompts=`
+    mapping of prompt set -> list of prompts; 'data' a mapping whose tensors hold data (none on
+    the meta device; other types pass)."""
+    for name, (value, kind, *also) in named.items():
+        if kind.endswith("?"):
+            if value is None:
+                continue
+            kind = kind[:-1]
+        if (also and isinstance(value, tuple(also))) or (kind == "files" and _is_path(value)):
+            continue
+        if kind == "files":
+            if not isinstance(value, (list, tuple)):
+                raise MSCPError(f"{name} must be a prompt file's path or a list of them, got {_shown(value)}")
+            kind = "[file]"
+        if kind.startswith("["):
+            if not isinstance(value, (list, tuple)):
+                raise MSCPError(f"{name} must be a list, got {_shown(value)}")
+            check_arguments(**{f"{name}[{i}]": (v, kind[1:-1], *also) for i, v in enumerate(value)})
+        elif kind == "prompts":
+            _check_prompt_lists(value, name)
+        elif kind == "data":
+            meta = next((k for k, v in value.items() if getattr(v, "is_meta", False) is True), None) \
+                if isinstance(value, Mapping) else None
+            if meta is not None:
+                raise MSCPError(f"{name} holds a tensor on the meta device, which has no data ({meta!r:.80})")
+        elif not _KINDS[kind][0](value):
+            raise MSCPError(f"{name} must be {_KINDS[kind][1]}, got {_shown(value)}")
+
+
+def _check_prompt_lists(prompts, name: str) -> None:
+    from mscp.core.textfiles import unicode_problem
+
+    if not isinstance(prompts, Mapping):
+        raise MSCPError(f"{name} must be a dict of prompt lists by set ({', '.join(PROMPT_SETS)}), "
+                        f"got {_shown(prompts)}")
+    unknown = next((k for k in prompts if k not in PROMPT_SETS), None)
+    if unknown is not None:  # a typo would silently fall back to the built-in set
+        raise MSCPError(f"{name} has an unknown key {unknown!r} (allowed: {', '.join(PROMPT_SETS)})")
+    for key, texts in prompts.items():
+        if texts is None:
+            continue
+        if not isinstance(texts, (list, tuple)):
+            raise MSCPError(f"{name}[{key!r}] must be a list of prompt strings, got {_shown(texts)}")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise MSCPError(f"{name}[{key!r}][{i}] must be a prompt string, got {_shown(text)}")
+            problem = unicode_problem(text)
+            if problem:
+                raise MSCPError(f"{name}[{key!r}][{i}] {problem}")
+
+
+def _shown(value) -> str:
+    """A value for a one-line message: its type and a short repr."""
+    if value is None:
+        return "None"
+    text = " ".join(reprlib.repr(value).split())
+    return f"{type(value).__name__} {text[:80]}"

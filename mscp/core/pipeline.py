@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from mscp.core.adapter import Adapter, LoraModule, check_against_model
 from mscp.core.attribution import attribution_scores, greedy_answers
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
-from mscp.core.config import PatchConfig
+from mscp.core.config import PatchConfig, check_arguments
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
 from mscp.core.project import project_adapters
 from mscp.core.prompts import (
@@ -48,7 +48,7 @@ from mscp.core.report import (
 )
 from mscp.core.scoring import LoraAdded, WandaScores, global_safety_rows, safety_rows, top_rows, weight_safety_mass
 from mscp.core.sequential import Step, advance_with, sweep
-from mscp.core.streaming import ModelShell, Stream
+from mscp.core.streaming import InMemoryModel, ModelShell, Stream
 from mscp.errors import MSCPError
 from mscp.kernels import prepare, record_backends, use_backend
 
@@ -87,6 +87,7 @@ def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=N
     cache: a folder that keeps what depends on base, aligned and the prompts alone (the layer
     curves, the aligned model's answers to the harmful prompts) for the next patch (core/cache.py).
     """
+    check_arguments(adapter=(adapter, "path", Adapter), out=(out, "path?"))
     return patch_many(base, aligned, [adapter], None if out is None else [out], harmful=harmful, benign=benign,
                       task=task, prompts=prompts, tokenizer=tokenizer, config=config, overwrite=overwrite,
                       revision=revision, cache=cache, **overrides)[0]
@@ -359,7 +360,12 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
     adapter alone. report_extra: per adapter, more keys for its report (the batch runner's). parents:
     create the outputs' missing parent folders (only when writing them). cache: as in `patch`.
     """
-    config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
+    check_arguments(base=(base, "path", InMemoryModel), aligned=(aligned, "path", InMemoryModel),
+                    adapters=(adapters, "[path]", Adapter), outs=(outs, "[path]?"), harmful=(harmful, "files?"),
+                    benign=(benign, "files?"), task=(task, "files?"), prompts=(prompts, "prompts?"),
+                    tokenizer=(tokenizer, "path?"), config=(config, "config?"), overwrite=(overwrite, "bool"),
+                    revision=(revision, "str?"), parents=(parents, "bool"), cache=(cache, "path?"))
+    config = (config or PatchConfig()).replace(**overrides) if overrides else (config or PatchConfig())
     if not adapters:
         raise MSCPError("no adapter given")
     if outs is not None and len(outs) != len(adapters):

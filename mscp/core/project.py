@@ -7,6 +7,7 @@ C and B A are never built; rows outside S are untouched bit for bit; A is unchan
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 
 from mscp.core.adapter import _LORA_KEY, PEFT_PREFIX, Adapter, LoraModule
 from mscp.core.checkpoint import check_finite, open_source
+from mscp.core.config import check_arguments
 from mscp.core.streaming import read_ahead
 from mscp.errors import MSCPError
 from mscp.kernels import lowrank_project, use_backend
@@ -135,6 +137,10 @@ def fast_project(adapter, base, aligned=None, masks: dict[str, object] | None = 
     check_projection_options(alpha=alpha, projector=projector, device=device, backend=backend)
     if masks is None or not isinstance(masks, Mapping):
         raise MSCPError(f"masks must be a mapping of lora_B tensor names to rows, got {type(masks).__name__}")
+    paths = {name: (x, "path") for name, x in (("adapter", adapter), ("base", base), ("aligned", aligned))
+             if isinstance(x, (str, os.PathLike))}  # '' would be the current folder
+    check_arguments(**paths, allow_pickle=(allow_pickle, "bool"), revision=(revision, "str?"),
+                    adapter_name=(adapter_name, "str?"), masks=(masks, "data"))
     if is_peft_model(adapter):
         name = adapter_name or "default"
         lora = adapter_of_peft_model(adapter, name)
@@ -155,6 +161,7 @@ def fast_project(adapter, base, aligned=None, masks: dict[str, object] | None = 
                             f"got {type(source).__name__}")
     base = dict(base) if isinstance(base, Mapping) else base
     aligned = dict(aligned) if isinstance(aligned, Mapping) else aligned
+    check_arguments(base=(base, "data"), aligned=(aligned, "data"))  # a PeftModel's own weights included
     masks = mask_keys(lora, masks)
     tensors, _ = project_adapter(lora, base, aligned, masks, alpha=float(alpha), projector=projector,
                                  device=str(device) if device is not None else None, backend=backend,
