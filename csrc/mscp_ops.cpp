@@ -1,14 +1,16 @@
-// mscp's CPU kernels, registered as torch.ops.mscp_ext.{channel_sumsq,row_importance,lowrank_project}.
+// mscp's CPU kernels, registered as torch.ops.mscp_ext.{channel_sumsq,row_importance,lowrank_project,
+// lora_attribution}.
 //
 // Semantics are those of the pure-torch references in kernels/*.py (the definition of correct).
-// Design, common to the three ops:
+// Design, common to the ops:
 //  * inputs are read in their storage dtype (bf16 / fp16 / fp32 / fp64) a row segment at a time,
 //    converted into a small stack buffer (L1-resident), never into a full fp32 copy;
 //  * the arithmetic runs on GCC/Clang vector types (64 bytes: one AVX-512 register, two AVX2
 //    registers, four NEON ones), register-blocked, with fp32 accumulation (fp64 when an input of
-//    lowrank_project is fp64, as in the reference);
+//    lowrank_project is fp64, as in the reference; fp64 throughout lora_attribution);
 //  * at::parallel_for splits rows (row_importance, lowrank_project pass 2), column strips
-//    (lowrank_project pass 1) or token chunks (channel_sumsq, deterministic two-stage reduction).
+//    (lowrank_project pass 1, lora_attribution) or token chunks (channel_sumsq, and lora_attribution
+//    when the columns are too few; deterministic two-stage reductions).
 // Built with -O3 -march=native by kernels/_ext.py.
 
 #include <ATen/ATen.h>
@@ -602,18 +604,153 @@ std::tuple<at::Tensor, at::Tensor> lowrank_project_cpu(const at::Tensor& W_a, co
              : lowrank_project_impl<float>(W_a, W_b, B, rows, alpha);
 }
 
+// ------------------------------------------------------------------------------------------
+// lora_attribution: a[i] = scale * sum_k E[i, k] P[k, i],   P = (G^T u)^T,  G (T, D), u (T, R)
+// P accumulates in fp64. Tasks own (a range of 16-column vectors) x (a range of tokens), each with
+// its own P partial (R_pad x d_pad); the token-range partials are summed in a fixed order
+// (deterministic for a given thread count). Per 16 tokens x 16 columns x KC ranks the
+// accumulators stay in registers (2 KC fp64 vectors); the G block stays in L1 across k chunks.
+// ------------------------------------------------------------------------------------------
+using VD = VecT<double>::type;
+constexpr int64_t LA_TOKENS = 16;  // tokens per register pass over a column vector
+
+// 16 consecutive values of storage kind KD as two fp64 vectors (n < 16: the rest are zero).
+template <Kind KD>
+inline void load16d(const char* base, int64_t off, int64_t n, VD& lo, VD& hi) {
+  if constexpr (KD == Kind::F64) {
+    const double* p = reinterpret_cast<const double*>(base) + off;
+    if (n == 16) {
+      lo = vload<VD>(p);
+      hi = vload<VD>(p + 8);
+    } else {
+      alignas(64) double tmp[16] = {};
+      std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(double));
+      lo = vload<VD>(tmp);
+      hi = vload<VD>(tmp + 8);
+    }
+  } else {
+    typedef float VF8 __attribute__((vector_size(32)));
+    const VecT<float>::type x = load16<KD>(base, off, n);
+    VF8 a, b;
+    std::memcpy(&a, &x, sizeof(a));
+    std::memcpy(&b, reinterpret_cast<const char*>(&x) + sizeof(a), sizeof(b));
+    lo = __builtin_convertvector(a, VD);
+    hi = __builtin_convertvector(b, VD);
+  }
+}
+
+template <Kind KD, int KC>
+void la_task(const char* g, int64_t ldg, int64_t D, int64_t t0, int64_t t1, int64_t c0, int64_t c1,
+             const double* __restrict__ U, int64_t R_pad, double* __restrict__ P, int64_t d_pad) {
+  for (int64_t i0 = t0; i0 < t1; i0 += LA_TOKENS) {
+    const int64_t nt = std::min(LA_TOKENS, t1 - i0);
+    for (int64_t jv = c0; jv < c1; jv += 16) {
+      const int64_t n = std::min<int64_t>(16, D - jv);
+      for (int64_t k0 = 0; k0 < R_pad; k0 += KC) {
+        VD lo[KC], hi[KC];
+        for (int kk = 0; kk < KC; ++kk) {
+          lo[kk] = vload<VD>(P + (k0 + kk) * d_pad + jv);
+          hi[kk] = vload<VD>(P + (k0 + kk) * d_pad + jv + 8);
+        }
+        for (int64_t tt = 0; tt < nt; ++tt) {
+          VD gl, gh;
+          load16d<KD>(g, (i0 + tt) * ldg + jv, n, gl, gh);
+          const double* uu = U + (i0 + tt) * R_pad + k0;
+          for (int kk = 0; kk < KC; ++kk) {
+            lo[kk] += gl * uu[kk];
+            hi[kk] += gh * uu[kk];
+          }
+        }
+        for (int kk = 0; kk < KC; ++kk) {
+          vstore<VD>(P + (k0 + kk) * d_pad + jv, lo[kk]);
+          vstore<VD>(P + (k0 + kk) * d_pad + jv + 8, hi[kk]);
+        }
+      }
+    }
+  }
+}
+
+template <Kind KD>
+void la_task_kc(int KC, const char* g, int64_t ldg, int64_t D, int64_t t0, int64_t t1, int64_t c0, int64_t c1,
+                const double* U, int64_t R_pad, double* P, int64_t d_pad) {
+  if (KC == 4)
+    la_task<KD, 4>(g, ldg, D, t0, t1, c0, c1, U, R_pad, P, d_pad);
+  else
+    la_task<KD, 8>(g, ldg, D, t0, t1, c0, c1, U, R_pad, P, d_pad);
+}
+
+at::Tensor lora_attribution_cpu(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& edit, double scale) {
+  TORCH_CHECK(grad.dim() >= 1 && u.dim() == grad.dim() && grad.sizes().slice(0, grad.dim() - 1) ==
+                  u.sizes().slice(0, u.dim() - 1),
+              "grad [..., d_out] and u [..., r] must share their leading dims");
+  TORCH_CHECK(edit.dim() == 2 && edit.size(0) == grad.size(-1) && edit.size(1) == u.size(-1),
+              "edit must be (d_out, r)");
+  const int64_t D = grad.size(-1), R = u.size(-1);
+  int64_t T = 1;  // the tokens: not reshape(-1, D), which fails when D or R is 0
+  for (int64_t d = 0; d + 1 < grad.dim(); ++d) T *= grad.size(d);
+  at::Tensor G = grad.reshape({T, D});
+  if (G.size(0) > 0 && D > 1 && G.stride(1) != 1) G = G.contiguous();
+  at::Tensor out = at::zeros({D}, grad.options().dtype(at::kDouble));
+  if (D == 0 || T == 0 || R == 0) return out;
+  const int64_t ldg = T > 1 ? G.stride(0) : D;
+  const int KC = R <= 4 ? 4 : 8;
+  const int64_t R_pad = round_up(R, KC), d_pad = round_up(D, 16);
+  const auto f64 = grad.options().dtype(at::kDouble);
+  at::Tensor U = at::zeros({T, R_pad}, f64);  // u in fp64, padded ranks are zero
+  U.narrow(1, 0, R).copy_(u.reshape({T, R}));
+  // Tasks: column parts first (no reduction); token parts when the columns cannot feed the threads.
+  const int nthreads = at::get_num_threads();
+  const int64_t nvec = (D + 15) / 16;
+  const int64_t cparts = std::max<int64_t>(1, std::min<int64_t>(nthreads, nvec));
+  const int64_t tparts = std::max<int64_t>(1, std::min<int64_t>(nthreads / cparts, T / 256));
+  at::Tensor P = at::zeros({tparts, R_pad, d_pad}, f64);
+  const char* gp = static_cast<const char*>(G.data_ptr());
+  const Kind kind = kind_of(G);
+  const double* up = U.data_ptr<double>();
+  double* pp = P.data_ptr<double>();
+  at::parallel_for(0, cparts * tparts, 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      const int64_t cp = w % cparts, tp = w / cparts;
+      const int64_t c0 = (cp * nvec / cparts) * 16, c1 = std::min(D, ((cp + 1) * nvec / cparts) * 16);
+      const int64_t t0 = tp * T / tparts, t1 = (tp + 1) * T / tparts;
+      double* part = pp + tp * R_pad * d_pad;
+      switch (kind) {
+        case Kind::F32: la_task_kc<Kind::F32>(KC, gp, ldg, D, t0, t1, c0, c1, up, R_pad, part, d_pad); break;
+        case Kind::F64: la_task_kc<Kind::F64>(KC, gp, ldg, D, t0, t1, c0, c1, up, R_pad, part, d_pad); break;
+        case Kind::BF16: la_task_kc<Kind::BF16>(KC, gp, ldg, D, t0, t1, c0, c1, up, R_pad, part, d_pad); break;
+        case Kind::F16: la_task_kc<Kind::F16>(KC, gp, ldg, D, t0, t1, c0, c1, up, R_pad, part, d_pad); break;
+      }
+    }
+  });
+  const at::Tensor E = edit.to(at::kDouble).contiguous();
+  const double* ep = E.data_ptr<double>();
+  double* op = out.data_ptr<double>();
+  for (int64_t i = 0; i < D; ++i) {
+    double a = 0.0;
+    for (int64_t k = 0; k < R; ++k) {
+      double p = 0.0;
+      for (int64_t tp = 0; tp < tparts; ++tp) p += pp[(tp * R_pad + k) * d_pad + i];
+      a += ep[i * R + k] * p;
+    }
+    op[i] = scale * a;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(mscp_ext, m) {
   m.def("channel_sumsq(Tensor x, Tensor token_mask, Tensor(a!) acc, Tensor(b!) count) -> ()");
   m.def("row_importance(Tensor W, Tensor? B, Tensor? A, float scale, Tensor N) -> Tensor");
   m.def("lowrank_project(Tensor W_a, Tensor W_b, Tensor B, Tensor rows, float alpha) -> (Tensor, Tensor)");
+  m.def("lora_attribution(Tensor grad, Tensor u, Tensor edit, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(mscp_ext, CPU, m) {
   m.impl("channel_sumsq", &channel_sumsq_cpu);
   m.impl("row_importance", &row_importance_cpu);
   m.impl("lowrank_project", &lowrank_project_cpu);
+  m.impl("lora_attribution", &lora_attribution_cpu);
 }
 
 }  // namespace mscp_ext

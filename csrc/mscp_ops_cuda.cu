@@ -1,7 +1,8 @@
 // mscp's CUDA kernels: the CUDA dispatch key of torch.ops.mscp_ext.{channel_sumsq,
-// row_importance,lowrank_project} (schemas are defined in mscp_ops.cpp). Semantics are those of
-// the pure-torch references in kernels/*.py. Storage dtypes (bf16/fp16/fp32/fp64) are read
-// directly and upcast in registers; accumulation is fp32 (fp64 for fp64 lowrank_project inputs).
+// row_importance,lowrank_project,lora_attribution} (schemas are defined in mscp_ops.cpp). Semantics
+// are those of the pure-torch references in kernels/*.py. Storage dtypes (bf16/fp16/fp32/fp64) are
+// read directly and upcast in registers; accumulation is fp32 (fp64 for fp64 lowrank_project and
+// lora_attribution inputs; lora_attribution's sum over the ranks and its output are fp64).
 //
 // NOTE: compiled in CI with nvcc (tests/test_cuda_compile.py) but, at the time of writing, never
 // run on a GPU: the Triton backend is the tested GPU path until these kernels are validated.
@@ -299,12 +300,100 @@ std::tuple<at::Tensor, at::Tensor> lowrank_project_cuda(const at::Tensor& W_a, c
   return {out, norm};
 }
 
+// ------------------------------------------------------------------------------------------
+// lora_attribution: a[i] = scale * sum_k E[i, k] (G^T u)[i, k]. One thread per row i (a column
+// of G: coalesced across the threads for each token), a range of tokens per grid row and 16 ranks
+// per grid z; u for 32 tokens at a time in shared memory; P[i, k0:k0+16] accumulates in registers
+// (fp32; fp64 for fp64 inputs), then sum_k E[i, k] P[i, k] in fp64 is atomically added to out[i].
+// ------------------------------------------------------------------------------------------
+constexpr int kLaR = 16;
+constexpr int kLaTok = 32;
+
+template <typename scalar_t, typename acc_t>
+__global__ void lora_attribution_kernel(const scalar_t* __restrict__ G, int64_t ldg, const acc_t* __restrict__ U,
+                                        const double* __restrict__ E, double* __restrict__ out, int64_t T,
+                                        int64_t D, int64_t r, int64_t tokens_per_block) {
+  __shared__ acc_t u_sh[kLaTok][kLaR];
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.z) * kLaR;
+  const int64_t t_begin = static_cast<int64_t>(blockIdx.y) * tokens_per_block;
+  const int64_t t_end = min(T, t_begin + tokens_per_block);
+  acc_t p[kLaR];
+#pragma unroll
+  for (int k = 0; k < kLaR; ++k) p[k] = 0;
+  for (int64_t t0 = t_begin; t0 < t_end; t0 += kLaTok) {
+    __syncthreads();
+    for (int s = threadIdx.x; s < kLaTok * kLaR; s += blockDim.x) {
+      const int64_t tt = t0 + s / kLaR, kk = k0 + s % kLaR;
+      u_sh[s / kLaR][s % kLaR] = (tt < t_end && kk < r) ? U[tt * r + kk] : acc_t(0);
+    }
+    __syncthreads();
+    if (i < D) {
+      const int64_t n = min(static_cast<int64_t>(kLaTok), t_end - t0);
+      for (int64_t tt = 0; tt < n; ++tt) {
+        const acc_t g = static_cast<acc_t>(G[(t0 + tt) * ldg + i]);
+#pragma unroll
+        for (int k = 0; k < kLaR; ++k) p[k] += g * u_sh[tt][k];
+      }
+    }
+  }
+  if (i < D) {
+    double a = 0.0;
+#pragma unroll
+    for (int k = 0; k < kLaR; ++k)
+      if (k0 + k < r) a += static_cast<double>(p[k]) * E[i * r + k0 + k];
+    atomicAdd(out + i, a);
+  }
+}
+
+at::Tensor lora_attribution_cuda(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& edit, double scale) {
+  TORCH_CHECK(grad.dim() >= 1 && u.dim() == grad.dim(), "grad [..., d_out] and u [..., r] must share their leading dims");
+  TORCH_CHECK(edit.dim() == 2 && edit.size(0) == grad.size(-1) && edit.size(1) == u.size(-1),
+              "edit must be (d_out, r)");
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const int64_t D = grad.size(-1), r = u.size(-1);
+  int64_t T = 1;  // the tokens: not reshape(-1, D), which fails when D or R is 0
+  for (int64_t d = 0; d + 1 < grad.dim(); ++d) T *= grad.size(d);
+  at::Tensor G = grad.reshape({T, D});
+  if (G.size(0) > 0 && D > 1 && G.stride(1) != 1) G = G.contiguous();
+  TORCH_CHECK(u.numel() == T * r, "grad and u must share their leading dims");
+  at::Tensor out = at::zeros({D}, grad.options().dtype(at::kDouble));
+  if (D == 0 || T == 0 || r == 0) return out;
+  const int64_t ldg = T > 1 ? G.stride(0) : D;
+  const bool f64 = grad.scalar_type() == at::kDouble || u.scalar_type() == at::kDouble;
+  at::Tensor U = u.reshape({T, r}).to(f64 ? at::kDouble : at::kFloat).contiguous();
+  at::Tensor E = edit.to(grad.device(), at::kDouble).contiguous();
+  const int64_t col_blocks = ceil_div(D, kThreads), r_blocks = ceil_div(r, kLaR);
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, grad.device().index()));
+  // Enough blocks to fill the device: the tokens are split, their partial scores added atomically.
+  const int64_t want = std::max<int64_t>(1, ceil_div(4 * sms, col_blocks * r_blocks));
+  const int64_t tokens_per_block = std::max<int64_t>(kLaTok, ceil_div(ceil_div(T, want), kLaTok) * kLaTok);
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(ceil_div(T, tokens_per_block)),
+                  static_cast<unsigned>(r_blocks));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, G.scalar_type(), "lora_attribution_cuda", [&] {
+    if (f64) {
+      lora_attribution_kernel<scalar_t, double><<<grid, kThreads, 0, stream>>>(
+          G.data_ptr<scalar_t>(), ldg, U.data_ptr<double>(), E.data_ptr<double>(), out.data_ptr<double>(), T, D, r,
+          tokens_per_block);
+    } else {
+      lora_attribution_kernel<scalar_t, float><<<grid, kThreads, 0, stream>>>(
+          G.data_ptr<scalar_t>(), ldg, U.data_ptr<float>(), E.data_ptr<double>(), out.data_ptr<double>(), T, D, r,
+          tokens_per_block);
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out.mul_(scale);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mscp_ext, CUDA, m) {
   m.impl("channel_sumsq", &channel_sumsq_cuda);
   m.impl("row_importance", &row_importance_cuda);
   m.impl("lowrank_project", &lowrank_project_cuda);
+  m.impl("lora_attribution", &lora_attribution_cuda);
 }
 
 }  // namespace mscp_ext

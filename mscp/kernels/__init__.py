@@ -7,6 +7,7 @@ time. Call them as plain functions or as `torch.ops.mscp.<name>`.
 from mscp.kernels import _ext
 from mscp.kernels._backend import BACKENDS, available_backends, forced_backend, record_backends, select, use_backend
 from mscp.kernels.channel_sumsq import channel_sumsq
+from mscp.kernels.lora_attribution import lora_attribution
 from mscp.kernels.lowrank_project import lowrank_project
 from mscp.kernels.row_importance import row_importance
 
@@ -27,6 +28,7 @@ __all__ = [
     "BACKENDS",
     "available_backends",
     "channel_sumsq",
+    "lora_attribution",
     "lowrank_project",
     "prepare",
     "record_backends",
