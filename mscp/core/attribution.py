@@ -35,6 +35,7 @@ from mscp.core.prompts import Batch, make_target_batches
 from mscp.core.scoring import LoraAdded, linears_of
 from mscp.core.sequential import Observer, Step, advance_with, sweep
 from mscp.core.streaming import Head, ModelShell, Stream, hooks
+from mscp.kernels import lora_attribution
 
 Lora = tuple[Adapter, dict[int, dict[str, LoraModule]]]  # an adapter and its modules by layer
 
@@ -137,17 +138,17 @@ def _target_loglik_grads(head: Head, stream: Stream) -> tuple[list[torch.Tensor]
 
 def _attribution_hook(A, B, s, E, acc):
     """Forward hook: adds the LoRA (gradients flow through it) and, for a scored module, records
-    sum over tokens of grad(y) * s (E A x) into `acc` (float64, d_out) during the backward pass."""
+    sum over tokens of grad(y) * s (E A x) into `acc` (float64, d_out) during the backward pass,
+    as s * sum_k E[i, k] (grad^T u)[i, k] (mscp::lora_attribution): the tokens x d_out effect
+    s (u E^T) is never formed, and only u (tokens x r) is kept until the backward pass."""
     def hook(_module, args, out):
         u = args[0] @ A.T
         y = out + s * (u @ B.T)
         if E is not None:
-            with torch.no_grad():
-                effect = s * (u.detach() @ E.T)
+            u_kept = u.detach()
 
             def record(grad):
-                dims = tuple(range(grad.dim() - 1))
-                acc.add_((grad.float() * effect.float()).sum(dim=dims).double().to(acc.device))
+                acc.add_(lora_attribution(grad, u_kept, E, float(s)).to(acc.device))
 
             y.register_hook(record)
         return y
