@@ -7,13 +7,16 @@ pytest-benchmark:
     pytest benchmarks/bench_ops.py --benchmark-enable
 
 Columns: median wall time of the op for each backend, the speed-up over the pure-torch reference,
-and for lowrank_project the dense Safe LoRA formulation (C = V V^T / ||V|| built, then C B). On a
-GPU, also the achieved memory bandwidth (bytes the op must move / time) as a fraction of a
-measured device copy (torch clone of 1 GiB).
+and over the formulation the op replaces, timed alongside: for lowrank_project the dense Safe LoRA
+formulation (C = V V^T / ||V|| built, then C B), for lora_attribution the attribution hook's former
+formula (the tokens x d_out effect s u E^T, then grad * effect summed over the tokens). On a GPU,
+also the achieved memory bandwidth (bytes the op must move / time) as a fraction of a measured
+device copy (torch clone of 1 GiB).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -24,6 +27,7 @@ from mscp.kernels import (
     _ext,
     available_backends,
     channel_sumsq,
+    lora_attribution,
     lowrank_project,
     row_importance,
     use_backend,
@@ -35,6 +39,9 @@ SHAPES = {
 }
 RANK = 16
 SELECTED = 0.05  # fraction of rows projected (the paper edits ~5 %)
+# lora_attribution: one micro-batch of 2048 tokens through a 1536-row module (Qwen2-1.5B's hidden
+# size) with a rank-8 LoRA
+ATTRIBUTION = dict(tokens=2048, d_out=1536, r=8)
 
 
 def _sync(device):
@@ -106,6 +113,26 @@ def dense_safe_lora(W_a, W_b, B, rows, alpha):
     return out, norm.float()
 
 
+def hook_formula(grad, u, edit, scale):
+    """What mscp/core/attribution.py's hook computed before mscp::lora_attribution: the effect
+    s u E^T (tokens x d_out, in the forward pass), then grad * effect summed over the tokens."""
+    effect = scale * (u @ edit.T)
+    return (grad.float() * effect.float()).sum(dim=tuple(range(grad.dim() - 1))).double()
+
+
+def attribution_cases(device, dtypes):
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    T, d_out, r = ATTRIBUTION["tokens"], ATTRIBUTION["d_out"], ATTRIBUTION["r"]
+    for dtype in dtypes:
+        grad, u, E = (torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+                      for shape in ((T, d_out), (T, r), (d_out, r)))
+        dn = str(dtype).replace("torch.", "")
+        yield dict(op="lora_attribution", shape=f"{T} tokens x {d_out} rows r{r}", dtype=dn,
+                   fn=lambda g=grad, u=u, E=E: lora_attribution(g, u, E, 2.0),
+                   baseline="hook formula", baseline_fn=lambda g=grad, u=u, E=E: hook_formula(g, u, E, 2.0),
+                   bytes=(grad.numel() + u.numel() + E.numel()) * grad.element_size())
+
+
 def cases(device, large: bool, dtypes):
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -143,7 +170,8 @@ def cases(device, large: bool, dtypes):
             rows = torch.randperm(d_out, generator=gen)[: int(SELECTED * d_out)].to(device)
             yield dict(op="lowrank_project", shape=f"{size} {d_out}x{d_in} r{RANK} 5% rows", dtype=dn,
                        fn=lambda a=W_a, b=W_b, B=B, r=rows: lowrank_project(a, b, B, r, 1.0),
-                       dense=lambda a=W_a, b=W_b, B=B, r=rows: dense_safe_lora(a, b, B, r, 1.0),
+                       baseline="dense", baseline_fn=lambda a=W_a, b=W_b, B=B, r=rows: dense_safe_lora(a, b, B, r, 1.0),
+                       slow_baseline=True, result=lambda out: out[0],
                        bytes=2 * W_a.numel() * W_a.element_size())
 
 
@@ -153,13 +181,13 @@ def _with_backend(name, fn):
 
 
 OPS = {"channel_sumsq": "mscp::channel_sumsq", "row_importance": "mscp::row_importance",
-       "lowrank_project": "mscp::lowrank_project"}
+       "lowrank_project": "mscp::lowrank_project", "lora_attribution": "mscp::lora_attribution"}
 
 
 def run(device, large: bool, reps: int, dtypes, dense_reps: int, idle_wait: float = 0.0, ops=None) -> list[dict]:
     bw = copy_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    for case in cases(device, large, dtypes):
+    for case in itertools.chain(cases(device, large, dtypes), attribution_cases(device, dtypes)):
         if ops and case["op"] not in ops:
             continue
         backends = [b for b in available_backends(OPS[case["op"]], device.type) if b != "triton" or device.type == "cuda"]
@@ -167,35 +195,38 @@ def run(device, large: bool, reps: int, dtypes, dense_reps: int, idle_wait: floa
         # Round-robin over the variants, one call each per round, so that load from other
         # processes (shared machines) hits every variant alike; medians per variant.
         fns = {b: (lambda b=b, fn=case["fn"]: _with_backend(b, fn)) for b in backends}
-        if "dense" in case:
-            fns["dense"] = case["dense"]
+        base = case.get("baseline")  # the formulation the op replaces, timed alongside
+        slow = case.get("slow_baseline", False)  # timed dense_reps times, no warm-up on CPU
+        if base:
+            fns[base] = case["baseline_fn"]
         wait_idle(idle_wait)
         for name, fn in fns.items():
-            if name != "dense" or device.type == "cuda":
+            if name != base or not slow or device.type == "cuda":
                 fn()  # warm-up (first-use builds, allocator)
         _sync(device)
         samples = {name: [] for name in fns}
         for rep in range(reps):
             for name, fn in fns.items():
-                if name == "dense" and rep >= dense_reps:
+                if name == base and slow and rep >= dense_reps:
                     continue
                 samples[name].extend(timeit(fn, device, 1, warmup=0))
         times = {name: statistics.median(v) for name, v in samples.items()}
         mins = {name: min(v) for name, v in samples.items()}
         diffs = {}
-        if "dense" in case:  # the same result: each backend's output against the dense formulation's
-            want = fns["dense"]()[0].double()
+        if base:  # the same result: each backend's output against the replaced formulation's
+            result = case.get("result", lambda out: out)
+            want = result(fns[base]()).double()
             for b in backends:
-                diffs[b] = ((fns[b]()[0].double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
-        for b in backends + (["dense"] if "dense" in case else []):
+                diffs[b] = ((result(fns[b]()).double() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+        for b in backends + ([base] if base else []):
             rows.append(dict(op=case["op"], shape=case["shape"], dtype=case["dtype"], backend=b,
                              ms=times[b] * 1e3, min_ms=mins[b] * 1e3, vs_ref=times["torch"] / times[b],
-                             vs_ref_min=mins["torch"] / mins[b],
-                             vs_dense=(times["dense"] / times[b]) if "dense" in times else None,
-                             vs_dense_min=(mins["dense"] / mins[b]) if "dense" in mins else None,
-                             max_rel_diff_vs_dense=diffs.get(b),
-                             bw_frac=(case["bytes"] / times[b] / bw) if bw and b != "dense" else None))
-        print(_fmt(rows[-len(backends) - ("dense" in case):], header=False), flush=True)
+                             vs_ref_min=mins["torch"] / mins[b], baseline=base,
+                             vs_base=(times[base] / times[b]) if base else None,
+                             vs_base_min=(mins[base] / mins[b]) if base else None,
+                             max_rel_diff_vs_base=diffs.get(b),
+                             bw_frac=(case["bytes"] / times[b] / bw) if bw and b != base else None))
+        print(_fmt(rows[-len(backends) - bool(base):], header=False), flush=True)
     return rows
 
 
@@ -203,14 +234,17 @@ def _fmt(rows, header=True) -> str:
     lines = []
     if header:
         lines.append("| op | shape | dtype | backend | median ms | min ms | vs torch ref (median / min) "
-                     "| vs dense Safe LoRA (median / min) | bandwidth / copy bw |")
+                     "| vs the formulation it replaces (median / min) | bandwidth / copy bw |")
         lines.append("|---|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        vd = (f"{r['vs_dense']:.0f}x / {r['vs_dense_min']:.0f}x (max rel. diff {r['max_rel_diff_vs_dense']:.1e})"
-              if r["vs_dense"] is not None and r["backend"] != "dense" else "")
+        big = r["vs_base"] is not None and r["vs_base"] >= 20  # dense Safe LoRA: hundreds of x
+        vd = (f"{r['vs_base']:.{0 if big else 2}f}x / {r['vs_base_min']:.{0 if big else 2}f}x vs {r['baseline']} "
+              f"(max rel. diff {r['max_rel_diff_vs_base']:.1e})"
+              if r["vs_base"] is not None and r["backend"] != r["baseline"] else "")
         bw = f"{r['bw_frac']:.0%}" if r["bw_frac"] is not None else ""
-        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {r['ms']:.1f} | "
-                     f"{r['min_ms']:.1f} | {r['vs_ref']:.2f}x / {r['vs_ref_min']:.2f}x | {vd} | {bw} |")
+        ms, mn = (f"{t:.{1 if t >= 10 else 2}f}" for t in (r["ms"], r["min_ms"]))  # sub-ms ops: 2 decimals
+        lines.append(f"| {r['op']} | {r['shape']} | {r['dtype']} | {r['backend']} | {ms} | {mn} | "
+                     f"{r['vs_ref']:.2f}x / {r['vs_ref_min']:.2f}x | {vd} | {bw} |")
     return "\n".join(lines)
 
 
@@ -259,14 +293,17 @@ def main(argv=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# pytest-benchmark entry points (8B shapes, bf16; run with --benchmark-enable)
+# pytest-benchmark entry points (8B shapes, bf16; lora_attribution fp32, beside the hook's former
+# formula; run with --benchmark-enable)
 # ----------------------------------------------------------------------------------------------
 def _bench_cases():
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = []
-    for case in cases(dev, False, [torch.bfloat16]):
+    for case in itertools.chain(cases(dev, False, [torch.bfloat16]), attribution_cases(dev, [torch.float32])):
         for b in ["torch"] + [b for b in available_backends(OPS[case["op"]], dev.type) if b not in ("torch", "triton") or dev.type == "cuda"]:
             out.append((case, b))
+        if case.get("baseline") and not case.get("slow_baseline"):
+            out.append((case, case["baseline"]))
     return out
 
 
@@ -277,8 +314,11 @@ try:
                              ids=lambda v: v if isinstance(v, str) else f"{v['op']}-{v['shape']}")
     def test_bench_op(benchmark, case, backend):
         def call():
-            with use_backend(backend):
-                case["fn"]()
+            if backend == case.get("baseline"):
+                case["baseline_fn"]()
+            else:
+                with use_backend(backend):
+                    case["fn"]()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
         benchmark.pedantic(call, rounds=5, warmup_rounds=1)
