@@ -50,5 +50,5 @@ def test_cuda_sources_compile(source, tmp_path):
     assert obj.stat().st_size > 0
     if shutil.which("nm"):
         symbols = subprocess.run(["nm", "-C", str(obj)], capture_output=True, text=True).stdout
-        for name in ("channel_sumsq_cuda", "row_importance_cuda", "lowrank_project_cuda"):
+        for name in ("channel_sumsq_cuda", "row_importance_cuda", "lowrank_project_cuda", "lora_attribution_cuda"):
             assert name in symbols, f"{name} missing from {obj.name}"

@@ -235,3 +235,68 @@ def test_no_output_tensor_shares_memory_with_an_input(llama_trio, source):
                        {KEY: [0, 5]})
     inputs = {p.untyped_storage().data_ptr() for p in model.state_dict().values()}
     assert not [k for k, t in out.items() if t.untyped_storage().data_ptr() in inputs]
+
+
+# -- the record travels with the weights ----------------------------------------------------------------
+def test_a_result_saved_from_the_peft_route_loads_in_peft_with_its_report_and_card(from_model, llama_trio, tmp_path):
+    import json
+
+    model, _, result = from_model
+    out = result.save(tmp_path / "repaired")
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                                     "mscp_report.json", "report.html"]
+    assert json.loads((out / "mscp_report.json").read_text())["edit_fraction"] == result.report["edit_fraction"]
+    assert "Safety repair with mscp" in (out / "README.md").read_text()
+    aligned = AutoModelForCausalLM.from_pretrained(str(llama_trio["aligned"]), dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(aligned, str(out))
+    for key in result.report["projected_modules"]:
+        assert torch.equal(live_lora_b(loaded, key), result.tensors[key])
+    with pytest.raises(MSCPError, match="already exists"):
+        result.save(out)
+
+
+def test_a_folder_result_saves_the_input_adapter_config_unchanged(from_folders, llama_trio, tmp_path):
+    out = from_folders.save(tmp_path / "again")
+    assert (out / "adapter_config.json").read_bytes() == (llama_trio["adapter"] / "adapter_config.json").read_bytes()
+
+
+def test_repairing_a_repaired_peft_adapter_again_warns(llama_trio, caplog):
+    import logging
+
+    model = peft_model(llama_trio)
+    patch_peft_model(model, llama_trio["base"], **OPTS)
+    with pytest.warns(UserWarning, match="already repaired by mscp"), caplog.at_level(logging.WARNING, logger="mscp"):
+        patch_peft_model(model, llama_trio["base"], **OPTS)
+    assert any("already repaired" in r.getMessage() for r in caplog.records if r.name == "mscp")
+
+
+def test_dir_of_the_package_lists_the_lazy_api():
+    import mscp
+
+    assert {"patch", "patch_many", "patch_peft_model", "fast_project", "PatchConfig", "MSCPError"} <= set(dir(mscp))
+
+
+def test_the_api_shows_no_progress_bars_unless_asked_and_routes_warnings_to_logging(llama_trio, capfd, caplog):
+    import logging
+
+    from mscp import PatchConfig
+
+    assert PatchConfig().progress is False
+    few = {"harmful": PROMPTS["harmful"][:4], "benign": PROMPTS["benign"], "task": PROMPTS["task"]}
+    with caplog.at_level(logging.WARNING, logger="mscp"):
+        result = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], prompts=few,
+                       hash_inputs=False, batch_size=4, q=0.5, p=0.2)
+    err = capfd.readouterr().err
+    assert "it/s" not in err and "layer/s" not in err and "%|" not in err
+    assert result.report["warnings"]
+    logged = [r.getMessage() for r in caplog.records if r.name == "mscp"]
+    assert all(any(w in m for m in logged) for w in result.report["warnings"])
+
+
+def test_the_command_line_shows_progress_bars_unless_quiet():
+    from mscp.cli import build_parser
+    from mscp.cli.options import config_from_args
+
+    argv = ["patch", "--base", "b", "--aligned", "a", "--adapter", "l", "--out", "o"]
+    assert config_from_args(build_parser().parse_args(argv)).progress is True
+    assert config_from_args(build_parser().parse_args(argv + ["--quiet"])).progress is False

@@ -23,6 +23,16 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed "
                                                              "(apt-get install chromium; .ci/run installs it)")
 CARD = "---\nlibrary_name: peft\n---\n# Ledger adapter\n\nFine-tuned on ledger dates.\n"
+CARD_BODY = CARD.split("---\n", 2)[2]
+
+
+def split_card(text: str) -> tuple[dict, str]:
+    """(the YAML front matter, the Markdown after it)."""
+    import yaml
+
+    assert text.startswith("---\n")
+    head, body = text[4:].split("\n---\n", 1)
+    return yaml.safe_load(head), body
 SAVED = "base_model.model.lm_head.weight"
 
 
@@ -72,8 +82,9 @@ def test_modules_passed_through_unchanged_are_named_in_the_report(patched):
 
 def test_the_model_card_keeps_peft_card_and_adds_an_mscp_section(patched):
     out, report, _ = patched
-    card = (out / "README.md").read_text()
-    assert card.startswith(CARD.rstrip("\n"))
+    meta, card = split_card((out / "README.md").read_text())
+    assert meta["library_name"] == "peft" and meta["tags"] == ["mscp", "safety"]  # the input's, and mscp's tags
+    assert card.startswith(CARD_BODY.rstrip("\n"))
     section = card[card.index(CARD_BEGIN):]
     layers = report["safety_layers"]
     for text in (f"safety layers: {layers[0]}-{layers[-1]} of 5", "q 0.5, p 0.2", "alpha 1.0",
@@ -87,8 +98,21 @@ def test_the_mscp_section_is_added_once(patched, card):
     _, report, _ = patched
     text = model_card_with_mscp_section(card, report)
     assert text.count(CARD_BEGIN) == 1 and "old section" not in text
+    meta, body = split_card(text)
+    assert meta["tags"] == ["mscp", "safety"]
+    assert model_card_with_mscp_section(text, report) == text  # a second repair keeps one section, one set of tags
     if card:
-        assert text.startswith(CARD.rstrip("\n")) and text.rstrip().endswith("After.") == ("After." in card)
+        assert body.startswith(CARD_BODY.rstrip("\n")) and body.rstrip().endswith("After.") == ("After." in card)
+
+
+def test_the_card_fills_peft_templates_empty_base_model_and_keeps_other_tags(patched):
+    _, report, _ = patched
+    report = {**report, "adapter": {**report.get("adapter", {}), "base_model_name_or_path": "org/aligned-7b"}}
+    card = "---\nbase_model: ''\nlibrary_name: peft\ntags:\n- lora\n---\n# Model Card\n"
+    meta, _ = split_card(model_card_with_mscp_section(card, report))
+    assert meta == {"base_model": "org/aligned-7b", "library_name": "peft", "tags": ["lora", "mscp", "safety"]}
+    counts = ", ".join(f"{n} {name}" for name, n in report["prompts"].items())  # as text, not a dict
+    assert f"calibration prompts: {counts}\n" in model_card_with_mscp_section(card, report)
 
 
 def variants(report: dict) -> dict[str, dict]:

@@ -34,9 +34,10 @@ def add_config_options(p: argparse.ArgumentParser, *, skip: tuple = ()) -> None:
         kind = hints[f.name]
         default = f.default
         if kind is bool:
-            # a flag that flips the default (e.g. --no-hash sets hash_inputs False)
-            p.add_argument(flag, dest=f.name, action="store_const", const=not default, default=_UNSET,
-                           help=meta["help"])
+            # a flag that flips the command line's default (e.g. --no-hash sets hash_inputs False)
+            shown = default if meta.get("cli_default") is None else meta["cli_default"]
+            p.add_argument(flag, dest=f.name, action="store_const", const=not shown, default=_UNSET,
+                           help=meta.get("flag_help") or meta["help"])
             continue
         parse = meta.get("parse") or (kind if kind in (int, float) else str)
         extra = f" (default {default_text(f.name, default)})"
@@ -51,8 +52,10 @@ def default_text(name: str, default) -> str:
 
 
 def config_from_args(args, **fixed) -> PatchConfig:
-    """PatchConfig defaults, then the --config file, then the options given, then `fixed`."""
-    values = {}
+    """PatchConfig defaults (the command line's where they differ), then the --config file, then the
+    options given, then `fixed`."""
+    values = {f.name: f.metadata["cli_default"] for f in dataclasses.fields(PatchConfig)
+              if f.metadata.get("cli_default") is not None}
     if getattr(args, "config", None):
         values.update(read_config_file(args.config))
     for f in dataclasses.fields(PatchConfig):

@@ -60,6 +60,7 @@ def greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_to
         masks.append(mask)
         step_ids.append(ids)
         caches.append(DynamicCache(config=model.config))
+    bar = progress(total=n_tokens, desc="answer tokens") if progress else None  # one bar for the stage
     for step in range(n_tokens):
         batches, extra = [], []
         for g, rows in enumerate(groups):
@@ -70,8 +71,7 @@ def greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_to
             extra.append({"cache": caches[g], "use_cache": True, "position_ids": positions.to(model.device)})
         stream = model.capture({"gen": batches}, extra={"gen": extra})["gen"]
         observers = [LoraAdded(stream, *lora)] if lora else []
-        sweep([Step(model, i, [stream]) for i in range(model.n_layers)], advance_with(observers), progress=progress,
-              desc="answer token")
+        sweep([Step(model, i, [stream]) for i in range(model.n_layers)], advance_with(observers))
         with torch.no_grad():
             for g, rows in enumerate(groups):
                 tokens = head.logits(stream.hidden[g][:, -1]).argmax(dim=-1)
@@ -81,8 +81,12 @@ def greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_to
                         done[i] = int(tokens[r]) in eos
                 step_ids[g] = tokens[:, None].cpu()
                 masks[g] = torch.cat([masks[g], torch.ones((len(rows), 1), dtype=torch.int64)], dim=1)
+        if bar is not None:
+            bar.update(1)
         if all(done):
             break
+    if bar is not None:
+        bar.close()
     return answers
 
 

@@ -23,9 +23,9 @@ DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
 BACKEND_CHOICES = ("auto", "torch", "triton", "cpp", "cuda")
 FINETUNED_PASSES = ("auto", "with_calibration", "after_window")
 SCORES = ("wanda", "wanda_weight", "attribution")
-# The linear modules of a Llama-family decoder layer: the usual LoRA targets (organism, synth, plots)
-# The paper's own setting (METHOD.md): Wanda rows, q = p = 0.3, the σ window at rho 0.2.
+# The paper's own setting (docs/method.md): Wanda rows, q = p = 0.3, the σ window at rho 0.2.
 PAPER_SETTING = MappingProxyType(dict(score="wanda", q=0.3, p=0.3, rho=0.2))  # read-only: shared
+# The linear modules of a Llama-family decoder layer: the usual LoRA targets (organism, synth, plots)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -47,14 +47,17 @@ def parse_layer_range(text) -> tuple[int, int]:
         raise MSCPError(f"--layers must look like A-B (e.g. 10-15), got {text!r}") from None
 
 
-def option(default, help: str, *, choices=None, flag: str | None = None, metavar: str | None = None,
-           parse=None, cli: bool = True):
+def option(default, help: str, *, choices=None, flag: str | None = None, flag_help: str | None = None,
+           metavar: str | None = None, parse=None, cli: bool = True, cli_default=None):
     """A PatchConfig field with its command-line description.
 
-    flag: the option's name when it is not --field-name (e.g. '--no-hash' for a True default);
-    parse: turns the option's text into the value; cli=False: API and config files only."""
-    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "metavar": metavar,
-                                            "parse": parse, "cli": cli})
+    help: what the field means; flag: the option's name when it is not --field-name (e.g.
+    '--no-hash' for a True default), with `flag_help` saying what the flag does; parse: turns the
+    option's text into the value; cli=False: API and config files only; cli_default: the command
+    line's default where it differs from the API's (progress bars: shown there, not in a library)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag, "flag_help": flag_help,
+                                            "metavar": metavar, "parse": parse, "cli": cli,
+                                            "cli_default": cli_default})
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,9 @@ class PatchConfig:
                               "warning. Calibration needs hundreds of prompts; a 50,000-line file would take an hour")
     max_length: int = option(256, "prompts longer than this many tokens (after the chat template) are truncated")
     batch_size: int = option(16, "prompts per forward call through a decoder layer")
-    chat_template: bool = option(True, "tokenise prompts as plain text, without the tokenizer's chat template",
-                                 flag="--no-chat-template")
+    chat_template: bool = option(True, "tokenise prompts with the tokenizer's chat template, when it has one",
+                                 flag="--no-chat-template",
+                                 flag_help="tokenise prompts as plain text, without the tokenizer's chat template")
 
     # Execution
     device: str = option("cpu", "compute device: cpu or cuda[:N]")
@@ -107,8 +111,10 @@ class PatchConfig:
                                  "layer), 'auto' (after_window for several adapters without --layers)",
                                  choices=FINETUNED_PASSES)
     allow_pickle: bool = option(False, "accept .bin/.pt checkpoints (loaded with weights_only=True)")
-    hash_inputs: bool = option(True, "skip the sha256 of the input files in the report", flag="--no-hash")
-    progress: bool = option(True, "no progress bars", flag="--quiet")
+    hash_inputs: bool = option(True, "record the sha256 of every input file in the report", flag="--no-hash",
+                               flag_help="skip the sha256 of the input files in the report")
+    progress: bool = option(False, "progress bars on stderr (the command line shows them unless --quiet)",
+                            flag="--quiet", flag_help="no progress bars", cli_default=True)
 
     extra: dict = field(default_factory=dict, metadata={"help": "free-form notes carried into the report",
                                                         "cli": False})
@@ -144,6 +150,12 @@ class PatchConfig:
         check(self.max_prompts >= 1, f"max_prompts must be positive, got {self.max_prompts}")
         check(isinstance(self.device, str) and _valid_device(self.device),
               f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        # known before any work (a first C++ build takes 40 s): which backends a device can run
+        on_cuda = self.device.startswith("cuda")
+        check(not (self.backend == "cuda" and not on_cuda),
+              "backend 'cuda' is not available on the cpu device: it runs on CUDA (--device cuda)")
+        check(not (self.backend == "cpp" and on_cuda),
+              "backend 'cpp' is not available on a CUDA device: it runs on the cpu device")
         check(isinstance(self.extra, dict), "extra must be a dict")
 
     def replace(self, **changes) -> "PatchConfig":

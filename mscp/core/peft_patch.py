@@ -3,6 +3,7 @@
     from mscp import patch_peft_model
     result = patch_peft_model(peft_model, "base-model-folder-or-hub-id", harmful=["advbench.csv"])
     result.report["status"], result.report["edit_fraction"]     # lora_B of the adapter is now repaired
+    result.save("repaired-adapter")   # weights, adapter_config.json, report and model card, as `mscp patch` writes
 
 The aligned weights are the PeftModel's own base weights, read in place (no copy of the model, on
 whatever device they are); only the base model is read from disk.
@@ -22,7 +23,9 @@ from mscp.core.peft_interop import (
     tokenizer_of_peft_model,
 )
 from mscp.core.pipeline import PatchResult, patch_many
-from mscp.errors import MSCPError
+from mscp.errors import MSCPError, warn
+
+MARK = "mscp_repaired"  # attribute of a PeftModel: adapter name -> report of its in-place repair
 
 
 def patch_peft_model(model, base, *, adapter_name: str = "default", harmful=None, benign=None, task=None,
@@ -43,6 +46,11 @@ def patch_peft_model(model, base, *, adapter_name: str = "default", harmful=None
     if not is_peft_model(model):
         raise MSCPError(f"patch_peft_model needs a peft PeftModel, got {type(model).__name__}")
     check_adapter_name(model, adapter_name)
+    earlier = repaired_adapters(model).get(adapter_name)
+    if earlier is not None:
+        warn(f"adapter {adapter_name!r} of this PeftModel was already repaired by mscp (status {earlier['status']}, "
+             f"edit fraction {earlier['edit_fraction']:.4g}); projecting it again moves its rows further from the "
+             "fine-tune")
     config = config or PatchConfig()
     if not isinstance(config, PatchConfig):
         raise MSCPError(f"config must be a PatchConfig, got {type(config).__name__}")
@@ -60,4 +68,13 @@ def patch_peft_model(model, base, *, adapter_name: str = "default", harmful=None
     result.tensors = {k: v.to("cpu") for k, v in fresh(result.tensors, lora.tensors.values()).items()}
     if inplace:
         set_lora_b(model, adapter_name, lora, result.tensors, result.report["projected_modules"])
+        repaired_adapters(model)[adapter_name] = result.report
     return result
+
+
+def repaired_adapters(model) -> dict:
+    """The reports of the adapters of `model` that mscp repaired in place: the record a live
+    PeftModel carries (`PatchResult.save` writes it beside the weights)."""
+    if not hasattr(model, MARK):
+        object.__setattr__(model, MARK, {})  # a plain attribute, not a submodule or parameter
+    return getattr(model, MARK)

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig, check_arguments
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
-from mscp.core.project import project_adapters
+from mscp.core.project import project_for
 from mscp.core.prompts import (
     check_token_ids,
     default_prompts,
@@ -38,6 +39,7 @@ from mscp.core.prompts import (
     sample_prompts,
 )
 from mscp.core.report import (
+    REPORT_NAME,
     build_report,
     check_cache_dir,
     check_out_dir,
@@ -49,7 +51,7 @@ from mscp.core.report import (
 from mscp.core.scoring import LoraAdded, WandaScores, global_safety_rows, safety_rows, top_rows, weight_safety_mass
 from mscp.core.sequential import Step, advance_with, sweep
 from mscp.core.streaming import InMemoryModel, ModelShell, Stream
-from mscp.errors import MSCPError
+from mscp.errors import MSCPError, log, warn
 from mscp.kernels import prepare, record_backends, use_backend
 
 
@@ -58,6 +60,22 @@ class PatchResult:
     report: dict
     tensors: dict[str, torch.Tensor]  # the patched adapter's state dict
     scores: dict[str, dict[str, torch.Tensor]]  # lora_B key -> {"harmful": I^H, "task": I^T}
+    adapter_config: dict | None = None  # the input adapter's adapter_config.json
+    model_card: str | None = None  # the input adapter's README.md, if it had one
+
+    def save(self, folder: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the repaired adapter as `mscp patch` writes OUT (adapter_config.json, the weights,
+        mscp_report.json, report.html and the model card with its mscp section), atomically; peft's
+        `PeftModel.from_pretrained` loads it. The record travels with the weights."""
+        if not isinstance(folder, (str, Path)) or not str(folder):
+            raise MSCPError(f"save needs a folder path, got {type(folder).__name__}")
+        if self.adapter_config is None:
+            raise MSCPError("this result has no adapter_config to save with (made by an older mscp?)")
+        out = Path(folder)
+        check_out_dir(out, overwrite, [], parents=True)
+        write_adapter_atomically(out, self.adapter_config, self.tensors, self.report, overwrite, self.model_card,
+                                 parents=True)
+        return out
 
 
 @dataclass
@@ -148,7 +166,7 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     timings["load"] = time.perf_counter() - clock
 
     with use_backend(config.backend):
-        timings["kernels_load"] = prepare()  # a first-time C++ build is not counted as layer time
+        timings["kernels_load"] = prepare(torch.device(config.device).type)  # a first C++ build is not layer time
         clock = time.perf_counter()
         need_base = layer_curves is None
         task_stream = None
@@ -243,9 +261,7 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
         clock = time.perf_counter()
         every_row = {m.key_b: torch.arange(run.lora.tensors[m.key_b].shape[0])
                      for index in window for m in run.by_layer.get(index, {}).values()}
-        (projected, _), = project_adapters([run.lora], base_model.ckpt, aligned_model.ckpt, [every_row],
-                                           alpha=config.alpha, projector=config.projector,
-                                           exact_rank=config.exact_rank, device=config.device, backend=config.backend)
+        (projected, _), = project_for(config, [run.lora], base_model.ckpt, aligned_model.ckpt, [every_row])
         edits = {key: projected[key].float() - run.lora.tensors[key].float() for key in every_row}
         timings["edits_all_rows"] = time.perf_counter() - clock
         common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress)
@@ -389,9 +405,8 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
         masks = [select_masks(run, chosen, config, aligned_model.ckpt) for run in runs]
         with use_backend(config.backend):
             clock = time.perf_counter()
-            projected = project_adapters([run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
-                                         alpha=config.alpha, projector=config.projector, exact_rank=config.exact_rank,
-                                         device=config.device, backend=config.backend, progress=progress_bar(config))
+            projected = project_for(config, [run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
+                                    progress=progress_bar(config))
             timings["project"] = time.perf_counter() - clock
 
     sets, prompt_files = loc.sets, loc.prompt_files
@@ -411,7 +426,8 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
                            else "not computed (hash_inputs=False)"),
             paths=report_paths(base_model, aligned_model, run, adapters[k], tokenizer),
             adapter={"target_modules": lora.config.get("target_modules"), "modules": len(lora.modules),
-                     "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha")},
+                     "r": lora.config.get("r"), "lora_alpha": lora.config.get("lora_alpha"),
+                     "base_model_name_or_path": lora.config.get("base_model_name_or_path")},
             passed_through=passed_through(lora),
             adapters_in_pass=len(runs), torch_threads=torch.get_num_threads(),
             **({"score_details": run.details} if run.details else {}),
@@ -419,10 +435,12 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             **({"cache": loc.cache} if loc.cache else {}),
             **(report_extra[k] if report_extra else {}),
             bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read})
+        for warning in report["warnings"]:  # the CLI prints them from the report; a library routes them
+            log.warning("%s: %s", report["paths"].get("adapter", "adapter"), warning)
+        config_file, card = adapter_config_file(lora), model_card(lora)
         if outs is not None:
-            write_adapter_atomically(Path(outs[k]), lora.config, tensors, report, overwrite, model_card(lora),
-                                     parents=parents)
-        results.append(PatchResult(report, tensors, run.scores))
+            write_adapter_atomically(Path(outs[k]), config_file, tensors, report, overwrite, card, parents=parents)
+        results.append(PatchResult(report, tensors, run.scores, adapter_config=config_file, model_card=card))
     return results
 
 
@@ -497,6 +515,9 @@ def _open_adapter(path, aligned_model: ModelShell, config: PatchConfig, revision
     """(Adapter, its modules by layer), checked against the model: from a folder, a hub id or an
     `Adapter` already in memory (the peft API)."""
     lora = path if isinstance(path, Adapter) else Adapter.load(path, allow_pickle=config.allow_pickle, revision=revision)
+    if lora.path is not None and (lora.path / REPORT_NAME).is_file():
+        warn(f"adapter {lora.path} was already repaired by mscp (it holds {REPORT_NAME}); projecting it again "
+             "moves its rows further from the fine-tune")
     check_against_model(lora, aligned_model.weight_shapes().get)
     return lora, modules_by_layer(lora, aligned_model)
 
@@ -541,6 +562,19 @@ def passed_through(lora: Adapter) -> dict:
     lora_keys = {k for m in lora.modules.values() for k in (m.key_a, m.key_b)}
     return {"modules_to_save": list(lora.config.get("modules_to_save") or []),
             "tensors": sorted(set(lora.tensors) - lora_keys)}
+
+
+def adapter_config_file(lora: Adapter) -> bytes | dict:
+    """adapter_config.json as the input holds it, byte for byte (OUT copies it unchanged); the
+    parsed config for an adapter in memory, or a file that changed since it was read."""
+    path = lora.path / "adapter_config.json" if lora.path is not None else None
+    try:
+        data = path.read_bytes() if path is not None else None
+        if data is not None and json.loads(data) == lora.config:
+            return data
+    except (OSError, ValueError):
+        pass
+    return lora.config
 
 
 def model_card(lora: Adapter) -> str | None:

@@ -1,4 +1,4 @@
-"""The projection: masked, low-rank, training-free (METHOD.md, "Projection").
+"""The projection: masked, low-rank, training-free (docs/method.md, "Projection").
 
 For each LoRA module with a row mask S:  B'[S] = (1 - alpha) B[S] + alpha (C B)[S],  C = V V^T / ||V||_F,
 V = W_aligned - W_base, computed as V (V^T B) / ||V||_F by the `mscp::lowrank_project` op.
@@ -216,6 +216,15 @@ def mask_keys(adapter: Adapter, masks: Mapping) -> dict[str, object]:
             raise MSCPError(f"two mask keys name the same lora_B tensor {found}")
         out[found] = rows
     return out
+
+
+def project_for(config, adapters: list[Adapter], base, aligned, masks: list[dict[str, object]], *, progress=None
+                ) -> list[tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]]:
+    """`project_adapters` with a PatchConfig's projection settings: the one way a patch, a Pareto
+    point and `mscp tune` project rows."""
+    return project_adapters(adapters, base, aligned, masks, alpha=config.alpha, projector=config.projector,
+                            exact_rank=config.exact_rank, device=config.device, backend=config.backend,
+                            allow_pickle=config.allow_pickle, progress=progress)
 
 
 def edit_fraction(adapter: Adapter, edits: dict[str, ModuleEdit]) -> float:

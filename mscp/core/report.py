@@ -243,16 +243,19 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | 
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=metadata or {"format": "pt"})
 
 
-def write_adapter_atomically(out: Path, adapter_config: dict, tensors: dict[str, torch.Tensor], report: dict,
+def write_adapter_atomically(out: Path, adapter_config: dict | bytes, tensors: dict[str, torch.Tensor], report: dict,
                              overwrite: bool, model_card: str | None = None, *, parents: bool = False) -> None:
     """OUT = adapter_config.json, adapter_model.safetensors, the report (JSON and HTML) and the model
-    card (the input's README.md, if any, with an mscp section), swapped in at once."""
+    card (the input's README.md, if any, with an mscp section), swapped in at once. adapter_config:
+    the input file's bytes (copied unchanged), or a dict (an adapter held in memory)."""
     from mscp.core.report_html import model_card_with_mscp_section, render_html
 
     check_all_finite(tensors, "patched adapter")
 
     def fill(tmp: Path):
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        (tmp / "adapter_config.json").write_bytes(
+            adapter_config if isinstance(adapter_config, bytes)
+            else (json.dumps(adapter_config, indent=2, sort_keys=True) + "\n").encode())
         weights = tmp / "adapter_model.safetensors"
         with safetensors_write_errors(weights):
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(weights), metadata={"format": "pt"})

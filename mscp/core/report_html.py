@@ -376,20 +376,57 @@ def mscp_card_section(report: dict) -> str:
         f"- skipped: {len(report.get('skipped_modules', {}))} modules",
         f"- settings: score `{config.get('score')}`, q {config.get('q')}, p {config.get('p')}, "
         f"alpha {config.get('alpha')}, projector `{config.get('projector')}`, rho {config.get('rho')}",
-        f"- calibration prompts: {report.get('prompts')}",
+        f"- calibration prompts: {prompt_counts(report.get('prompts'))}",
         "- details: `mscp_report.json` (every setting, per-module rows, checksums of the inputs) and `report.html`",
         CARD_END,
     ]
     return "\n".join(lines) + "\n"
 
 
+def prompt_counts(prompts) -> str:
+    """{"harmful": 32, "benign": 32} -> "32 harmful, 32 benign"."""
+    if not isinstance(prompts, dict):
+        return str(prompts)
+    return ", ".join(f"{n} {name}" for name, n in prompts.items()) or "none"
+
+
+CARD_TAGS = ("mscp", "safety")
+
+
+def front_matter(card: str, report: dict) -> str:
+    """The card's YAML front matter (the hub reads it) with mscp's tags and, where the card leaves it
+    empty (peft's template writes `base_model: ''`), the base model the adapter was trained on."""
+    import yaml
+
+    meta, body = {}, card
+    if card.startswith("---\n") and "\n---" in card[4:]:
+        head, body = card[4:].split("\n---", 1)
+        body = body.split("\n", 1)[1] if "\n" in body else ""
+        try:
+            loaded = yaml.safe_load(head)
+        except yaml.YAMLError:
+            return card  # a front matter we cannot read is left as it is
+        if not isinstance(loaded, dict):
+            return card
+        meta = loaded
+    base = (report.get("adapter") or {}).get("base_model_name_or_path")
+    if base and not meta.get("base_model"):
+        meta["base_model"] = base
+    tags = meta.get("tags") if isinstance(meta.get("tags"), list) else []
+    meta["tags"] = tags + [t for t in CARD_TAGS if t not in tags]
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n" + body.lstrip("\n")
+
+
 def model_card_with_mscp_section(card: str | None, report: dict) -> str:
-    """The input's model card with the mscp section appended (or replacing an earlier one)."""
+    """The input's model card with the mscp section appended (or replacing an earlier one), and
+    mscp's tags in its front matter."""
     section = mscp_card_section(report)
     if not card:
-        return f"# {report.get('paths', {}).get('adapter', 'LoRA adapter')} (repaired with mscp)\n\n{section}"
-    if CARD_BEGIN in card and CARD_END in card:
+        card = f"# {report.get('paths', {}).get('adapter', 'LoRA adapter')} (repaired with mscp)\n\n{section}"
+    elif CARD_BEGIN in card and CARD_END in card:
         before, rest = card.split(CARD_BEGIN, 1)
         after = rest.split(CARD_END, 1)[1].lstrip("\n")
-        return before + section + (("\n" + after) if after else "")
-    return card.rstrip("\n") + "\n\n" + section
+        card = before + section + (("\n" + after) if after else "")
+    else:
+        card = card.rstrip("\n") + "\n\n" + section
+    return front_matter(card, report)
