@@ -1,5 +1,6 @@
 """The one atomic folder writer: a folder's new contents are built in a temporary sibling, flushed
-to disk, then swapped in, so a reader sees the old folder or the new one, never a mix.
+to disk, then swapped in, so a reader sees the old folder or the new one, never a mix; and the one
+single-file writer (`write_file_atomically`), the same for a file.
 
 Temporary siblings are named `.NAME.tmp-HOST-PID-START` (and `.NAME.old-...` during a two-rename
 swap), so a later run to the same place can tell which were left by a process that no longer runs
@@ -237,6 +238,33 @@ def write_atomically(out, fill, *, overwrite: bool = False, keep: tuple = (), mo
             raise MSCPError(f"cannot write {out}: {_reason(e)}; nothing was written") from None
         raise
     return out
+
+
+def write_file_atomically(path, data: bytes | str) -> Path:
+    """Write one file the way `write_atomically` writes a folder: `data` goes to a temporary
+    sibling, is flushed to disk, then renamed over `path`, so a reader sees the old file or the new
+    one. Missing parents are made. On any error or interrupt the temporary file is removed and
+    `path` is as it was; an OSError becomes an MSCPError."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in stale_siblings(path):  # left by a killed writer: rmtree in remove_stale skips files
+            stale.unlink(missing_ok=True)
+        tmp = sibling(path, "tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        if tmp is not None:
+            with signals_deferred(), contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise MSCPError(f"cannot write {path}: {_reason(e)}; nothing was written") from None
+        raise
+    return path
 
 
 def _reason(e: OSError) -> str:
