@@ -1,5 +1,5 @@
 """The result cache of `patch(cache=DIR)`: a hit gives the patch it would have computed, and any
-change to what an entry depends on is a miss."""
+change to what an entry depends on is a miss. The store it is built on: tests/test_store.py."""
 from __future__ import annotations
 
 import json
@@ -89,6 +89,17 @@ def test_a_damaged_entry_is_a_miss_and_is_replaced(trio, tmp_path):
     assert second.report["layer_curves"] == first.report["layer_curves"]
     entry, = (tmp_path / "cache").glob("curves-*.json")
     assert json.loads(entry.read_text()) == first.report["layer_curves"]
+
+
+def test_entries_are_store_entries_named_by_kind_version_and_digest(trio, tmp_path):
+    import re
+
+    from mscp.core.cache import VERSIONS
+
+    run(trio, tmp_path / "cache", **SCORES[0])
+    names = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert [re.sub(r"[0-9a-f]{64}", "<digest>", n) for n in names] == [
+        f"curves-v{VERSIONS['curves']}-<digest>.json", f"targets_harmful-v{VERSIONS['targets_harmful']}-<digest>.json"]
 
 
 def test_the_command_takes_a_cache_folder(trio, tmp_path, capsys):
