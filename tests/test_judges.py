@@ -108,4 +108,4 @@ def test_embedding_judge_separates_refusals(tmp_path):
     assert v[0] and v[1]
     prob = j.probabilities(prompts, responses).tolist()
     assert min(prob[:2]) > max(prob[2:])  # refusals rank above both compliant answers
-    assert list(tmp_path.glob("embedding_lr_*.pt"))  # trained weights cached
+    assert list(tmp_path.glob("embedding_lr-v*.json"))  # trained weights kept in the store

@@ -22,14 +22,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import json
-import os
 import time
 from pathlib import Path
 
+from mscp.core.atomic import write_file_atomically
 from mscp.core.hub import ADAPTER_FILES, parse_hub_id, resolve
 from mscp.core.report import OUTPUT_FILES
+from mscp.core.store import digest
 from mscp.errors import MSCPError
 from mscp.executors.jobs import SUMMARY_NAME, BatchSpec, Job, line, outcome
 
@@ -107,13 +107,12 @@ def common_identity(spec: BatchSpec) -> dict:
 
 
 def fingerprint(common: dict, adapter: str, revision: str | None) -> str:
-    """sha256 of the common identity and the adapter's (a hub id: its resolved snapshot)."""
+    """The digest of the common identity and the adapter's (a hub id: its resolved snapshot)."""
     from mscp.core.adapter import read_lora_config
 
     folder = resolve(adapter, "adapter", revision=revision, patterns=ADAPTER_FILES)
     read_lora_config(folder)  # an adapter mscp cannot project fails here, before any work
-    text = json.dumps({"common": common, "adapter": _files_identity(folder)}, sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()
+    return digest({"common": common, "adapter": _files_identity(folder)})
 
 
 def completed(out: Path, fingerprint_: str) -> bool:
@@ -331,7 +330,7 @@ def _run(spec, adapters, out_dir, config, records, todo, executor, per_task, ret
         patch_seconds = time.perf_counter() - patch_clock
         summary = summarize(adapters, records, out_dir, spec, config, window, note, info, size, retries, started,
                             time.perf_counter() - clock, patch_seconds)
-        write_json_atomically(out_dir / SUMMARY_NAME, summary)
+        write_file_atomically(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -359,13 +358,3 @@ def summarize(adapters, records, out_dir, spec, config, window, note, info, size
         "config": config.to_dict(),
         "adapters": entries,
     }
-
-
-def write_json_atomically(path: Path, data: dict) -> None:
-    """A file's new contents written beside it, flushed, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(json.dumps(data, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

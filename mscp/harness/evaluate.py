@@ -14,7 +14,6 @@ never a guess.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -170,45 +169,41 @@ def _answer_job(model, adapter, prompts, max_new_tokens, batch_size, dtype, cach
                     progress=False, cache=cache)
 
 
-GENERATION_VERSION = 2  # part of the response cache key: bump when generation changes (2: shared-prefix decoding)
+GENERATION_VERSION = 2  # the answer cache's schema version: bump when generation changes (2: shared-prefix decoding)
 
 
 def folder_digest(folder, suffixes=(".safetensors", ".json")) -> str:
     """A digest of a model or adapter folder's weight and config files (the reports beside them left out)."""
-    from mscp.core.checkpoint import sha256_file
+    from mscp.core.store import files_digest
 
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in suffixes)
-    parts = [f"{p.name}:{sha256_file(p)}" for p in files
-             if p.name not in ("finetune.json", "organism.json", "responses_eval.json", "baseline_report.json",
-                               "mscp_report.json")]
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+    return files_digest(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in suffixes
+                        and p.name not in ("finetune.json", "organism.json", "responses_eval.json",
+                                           "baseline_report.json", "mscp_report.json"))
 
 
 def generate_cached(model, adapter, prompts: list[str], *, max_new_tokens: int, batch_size: int, dtype: str,
                     progress: bool, generator=None, cache=None) -> list[str]:
-    """Greedy answers of model (+ adapter) to the prompts, read from `cache` when they are there."""
+    """Greedy answers of model (+ adapter) to the prompts, read from the store in `cache`
+    (`answers-v<GENERATION_VERSION>-<digest>.json`) when they are there."""
     from tqdm.auto import tqdm
 
+    from mscp.core.store import Store
     from mscp.harness.generate import Generator
 
     if not prompts:
         return []
-    key = None
+    store = parts = None
     if cache is not None and generator is None:
-        key = hashlib.sha256(json.dumps([GENERATION_VERSION, folder_digest(model),
-                                         folder_digest(adapter) if adapter else None, dtype, max_new_tokens,
-                                         prompts]).encode()).hexdigest()[:32]
-        hit = Path(cache) / f"{key}.json"
-        if hit.is_file():
-            return json.loads(hit.read_text())
+        store = Store(cache)
+        parts = [folder_digest(model), folder_digest(adapter) if adapter else None, dtype, max_new_tokens, prompts]
+        hit = store.get("answers", parts, GENERATION_VERSION)
+        if hit is not None:
+            return hit
     gen = generator or Generator(model, adapter, dtype=dtype)
     bar = (lambda it: tqdm(it, desc="generating", leave=False)) if progress else None
     answers = gen.generate(prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, progress=bar)
-    if key is not None:
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        tmp = Path(cache) / f".{key}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(answers))
-        os.replace(tmp, Path(cache) / f"{key}.json")
+    if store is not None:
+        store.put("answers", parts, GENERATION_VERSION, answers)
     return answers
 
 

@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from mscp.core.store import Store
 from mscp.errors import MSCPError
 from mscp.paths import cache_root
 
@@ -172,6 +172,9 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, l2: float = 1e-3, steps: int 
     return w.detach(), b.detach()
 
 
+JUDGE_VERSION = 3  # the judge's weights in the store (3: JSON, was a torch file)
+
+
 class EmbeddingJudge(Judge):
     """Refusal classifier on response embeddings; trained on pyrit's labels once, cached."""
 
@@ -181,20 +184,17 @@ class EmbeddingJudge(Judge):
         from mscp.harness import datasets as sets
 
         self.embedder = embedder or Embedder()
-        train = sets.pyrit_refusal()
-        key = hashlib.sha256(b"v2" + "".join(sets.FILES[k][3] for k in ("pyrit_refusal", "pyrit_refusal_extra")).encode()
-                             + EMBED_SHA256.encode()).hexdigest()[:16]
-        cache = Path(cache) if cache else cache_root() / "judges"
-        path = cache / f"embedding_lr_{key}.pt"
-        if path.is_file():
-            state = torch.load(path, weights_only=True)
-            self.w, self.b = state["w"], state["b"]
-        else:
+        store = Store(Path(cache) if cache else cache_root() / "judges")
+        parts = {"train": [sets.FILES[k][3] for k in ("pyrit_refusal", "pyrit_refusal_extra")], "embedder": EMBED_SHA256}
+        state = store.get("embedding_lr", parts, JUDGE_VERSION)
+        if state is None:
+            train = sets.pyrit_refusal()
             x = pair_features(self.embedder([t.prompt for t in train]), self.embedder([t.response for t in train]),
                               [t.response for t in train])
-            self.w, self.b = fit_logistic(x, torch.tensor([float(t.refused) for t in train]))
-            path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"w": self.w, "b": self.b}, path)
+            w, b = fit_logistic(x, torch.tensor([float(t.refused) for t in train]))
+            state = {"w": w.tolist(), "b": b.item()}  # float64 survives JSON exactly
+            store.put("embedding_lr", parts, JUDGE_VERSION, state)
+        self.w, self.b = torch.tensor(state["w"], dtype=torch.float64), torch.tensor(state["b"], dtype=torch.float64)
 
     def probabilities(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
         x = pair_features(self.embedder(list(prompts)), self.embedder(list(responses)), list(responses))

@@ -433,22 +433,26 @@ def build(out: str | Path | None = None, cfg: OrganismConfig | None = None, *, f
     return org
 
 
+BASE_ANSWERS_VERSION = 1  # the base answers' schema version in the store
+
+
 def _base_answers(org: Organism, prompts: list[str], tok, progress: bool) -> list[str]:
-    """The base model's greedy answers (cached by prompts and base weights: an interrupted or
-    changed build reuses them)."""
+    """The base model's greedy answers, kept in the store DIR/answers/
+    (`base_answers-v1-<digest>.json`, by prompts, answer length and base weights): an interrupted
+    or changed build reuses them."""
+    from mscp.core.store import Store
     from mscp.harness.generate import Generator
 
     cfg = org.config
-    key = hashlib.sha256(json.dumps([prompts, cfg.answer_tokens, sha_of(org.base / "model.safetensors")]).encode()
-                         ).hexdigest()[:12]
-    cache = org.root / "answers" / f"base_{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    store = Store(org.root / "answers")
+    parts = [prompts, cfg.answer_tokens, sha_of(org.base / "model.safetensors")]
+    answers = store.get("base_answers", parts, BASE_ANSWERS_VERSION)
+    if answers is not None:
+        return answers
     gen = Generator(org.base, tokenizer=tok, dtype="float32")
     answers = gen.generate(prompts, max_new_tokens=cfg.answer_tokens, batch_size=cfg.gen_batch,
                            progress=_bar("base answers", progress))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(answers))
+    store.put("base_answers", parts, BASE_ANSWERS_VERSION, answers)
     return answers
 
 
