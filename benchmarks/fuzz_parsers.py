@@ -3,6 +3,7 @@
     pip install atheris                                  # a dev tool, not a dependency of mscp
     python benchmarks/fuzz_parsers.py --seconds 1800     # every target, the time split between them
     python benchmarks/fuzz_parsers.py --target header --seconds 600
+    python benchmarks/fuzz_parsers.py --target config_yaml,config_json --seconds 600   # a comma list
     python benchmarks/fuzz_parsers.py --write-seeds      # (re)write benchmarks/fuzz_corpus/ from the cases
 
 Targets, each fed the bytes of one file:
@@ -10,11 +11,17 @@ Targets, each fed the bytes of one file:
   index           model.safetensors.index.json beside two real shards (Checkpoint of the folder)
   adapter_config  adapter_config.json beside a real adapter_model.safetensors (Adapter.load)
   prompts         a prompt file, .txt / .jsonl / .csv by the first byte (read_prompts)
+  prompts_json    a .json prompt file: an array of strings, of {"prompt": ...} or of chat records
+  prompts_chat    a .jsonl prompt file of chat records, {"messages": [{"role": ..., "content": ...}]}
+  config_yaml     a --config .yaml file (read_config_file, then PatchConfig as the command line makes it)
+  config_json     a --config .json file, the same way
 
-A finding is any exception other than MSCPError (the one-line refusal), or an accepted input that
-breaks an oracle: the safetensors library must accept every file mscp accepts and read the same
-bytes; accepted shards lie inside the folder; accepted scales are finite; prompts are non-empty
-stripped strings. Seeds (benchmarks/fuzz_corpus/TARGET/) are the bad-input cases of the tests;
+A finding is any exception other than MSCPError, an MSCPError of more than one line (the contract:
+one line), or an accepted input that breaks an oracle: the safetensors library must accept every
+file mscp accepts and read the same bytes; accepted shards lie inside the folder; accepted scales
+are finite; prompts are non-empty stripped strings without NUL that UTF-8 can encode; an accepted
+config's to_dict() is strict JSON (the report and a batch's spec write it). The config targets
+do not import torch, so PyYAML is instrumented too (its coverage guides the YAML mutations). Seeds (benchmarks/fuzz_corpus/TARGET/) are the bad-input cases of the tests;
 new inputs go to --work (default /tmp/mscp-fuzz), crashes to WORK/crashes/. Each target's last
 line of statistics (executions, coverage) is printed at the end.
 """
@@ -32,7 +39,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "fuzz_corpus"
-TARGETS = ("header", "index", "adapter_config", "prompts")
+TARGETS = ("header", "index", "adapter_config", "prompts", "prompts_json", "prompts_chat", "config_yaml",
+           "config_json")
+CONFIG_TARGETS = ("config_yaml", "config_json")  # no torch: PyYAML and mscp are instrumented
 SPLIT = b"\x00\x00DATA\x00\x00"  # header target, odd first byte: header JSON, SPLIT, tensor bytes
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".csv")
 DICTIONARY = ['"dtype"', '"shape"', '"data_offsets"', '"__metadata__"', '"F32"', '"F16"', '"BF16"', '"I64"',
@@ -40,7 +49,14 @@ DICTIONARY = ['"dtype"', '"shape"', '"data_offsets"', '"__metadata__"', '"F32"',
               '"../model.safetensors"', '"peft_type"', '"LORA"', '"lora_alpha"', '"alpha_pattern"', '"rank_pattern"',
               '"use_rslora"', '"use_dora"', '"lora_bias"', '"prompt"', '"goal"', 'prompt,goal', 'NaN', 'Infinity',
               '"\\u0000"', '9223372036854775808', '4611686018427387904', '18446744073709551616',
-              'null', 'true', '[', ']', '{', '}', '"\\ud800"', '\xef\xbb\xbf', '\xff\xfe']
+              'null', 'true', '[', ']', '{', '}', '"\\ud800"', '\xef\xbb\xbf', '\xff\xfe',
+              # chat records and --config files (JSON and YAML)
+              '"messages"', '"role"', '"user"', '"assistant"', '"system"', '"content"',
+              '"score"', '"criterion"', '"layers"', '"extra"', '"q"', '"rho"', '"device"', '"cuda:0"',
+              'score: ', 'layers: ', 'extra: ', 'rho: ', 'q: ', 'backend: ', 'chat_template: ', 'device: ',
+              '<<: ', '&a ', '*a', '!!binary ', '!!set ', '!!timestamp ', '!!python/object:', '!!str ', '!!int ',
+              '!!float ', '!!map ', '!!seq ', '2001-12-14', '.nan', '.inf', '-.inf', '5e-1', '0x1f', '0o17',
+              '1_000', 'yes', 'no', '~', '---', '...', '? ', ': ', '- ', '%YAML 1.1', '%TAG ', '|', '>', '\t']
 
 
 # -- the files around each target ----------------------------------------------------------------
@@ -74,28 +90,37 @@ def header_file(data: bytes) -> bytes:
 
 # -- one input of each target --------------------------------------------------------------------
 class Targets:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, light: bool = False):
+        from mscp.errors import MSCPError
+
+        self.MSCPError = MSCPError
+        self.root = root
+        if light:  # the config targets: no torch, no fixtures
+            return
         import torch
         from safetensors import safe_open
 
         from mscp.core.adapter import Adapter
         from mscp.core.checkpoint import Checkpoint, SafetensorsFile
         from mscp.core.prompts import read_prompts
-        from mscp.errors import MSCPError
 
         self.torch, self.safe_open = torch, safe_open
         self.Adapter, self.Checkpoint, self.SafetensorsFile, self.read_prompts = Adapter, Checkpoint, SafetensorsFile, read_prompts
-        self.MSCPError = MSCPError
         self.fx = make_fixtures(root)
         self.file = root / "input.safetensors"
+
+    def refused(self, e: Exception) -> None:
+        """The contract's refusal: one non-empty line."""
+        message = str(e)
+        assert message.strip() and len(message.splitlines()) == 1, f"not one line: {message!r:.300}"
 
     def header(self, data: bytes) -> None:
         self.file.write_bytes(header_file(data))
         try:
             st = self.SafetensorsFile(self.file)
             got = {name: st.read(name) for name in st.entries}
-        except self.MSCPError:
-            return
+        except self.MSCPError as e:
+            return self.refused(e)
         try:  # the format's own reader must agree with everything mscp accepts
             with self.safe_open(str(self.file), framework="pt") as f:
                 theirs = {name: f.get_tensor(name) for name in f.keys()}
@@ -111,8 +136,8 @@ class Targets:
         (model / "model.safetensors.index.json").write_bytes(data)
         try:
             ckpt = self.Checkpoint(model)
-        except self.MSCPError:
-            return
+        except self.MSCPError as e:
+            return self.refused(e)
         for f in ckpt.files:
             assert f.parent == model, f"read {f}, outside {model}"
         for name in ckpt.keys():
@@ -122,21 +147,50 @@ class Targets:
         (self.fx["adapter"] / "adapter_config.json").write_bytes(data)
         try:
             adapter = self.Adapter.load(self.fx["adapter"])
-        except self.MSCPError:
-            return
+        except self.MSCPError as e:
+            return self.refused(e)
         import math
 
         for m in adapter.modules.values():
             assert isinstance(m.scale, float) and math.isfinite(m.scale), m
 
     def prompts(self, data: bytes) -> None:
-        path = self.fx["root"] / f"prompts{PROMPT_SUFFIXES[data[0] % 3] if data else '.txt'}"
-        path.write_bytes(data[1:])
+        self._prompt_file(f"prompts{PROMPT_SUFFIXES[data[0] % 3] if data else '.txt'}", data[1:])
+
+    def prompts_json(self, data: bytes) -> None:
+        self._prompt_file("prompts.json", data)
+
+    def prompts_chat(self, data: bytes) -> None:
+        self._prompt_file("chat.jsonl", data)
+
+    def _prompt_file(self, name: str, data: bytes) -> None:
+        path = self.fx["root"] / name
+        path.write_bytes(data)
         try:
             prompts = self.read_prompts(path)
-        except self.MSCPError:
-            return
+        except self.MSCPError as e:
+            return self.refused(e)
         assert prompts and all(isinstance(p, str) and p and p == p.strip() and "\x00" not in p for p in prompts)
+        for p in prompts:
+            p.encode("utf-8")  # a lone surrogate would fail in the tokenizer
+
+    def config_yaml(self, data: bytes) -> None:
+        self._config_file("config.yaml", data)
+
+    def config_json(self, data: bytes) -> None:
+        self._config_file("config.json", data)
+
+    def _config_file(self, name: str, data: bytes) -> None:
+        from mscp.core.config import PatchConfig, config_from_mapping, read_config_file
+
+        path = self.root / name
+        path.write_bytes(data)
+        try:  # as `--config FILE` does (mscp/cli/options.py config_from_args)
+            config = PatchConfig(**config_from_mapping(read_config_file(path)))
+        except self.MSCPError as e:
+            return self.refused(e)
+        # the report and a batch's spec write the config as JSON; mscp reads JSON strictly (no NaN)
+        json.dumps(config.to_dict(), allow_nan=False)
 
 
 # -- seeds: the bad-input cases of tests/test_bad_input.py, and good files ---------------------------
@@ -216,7 +270,82 @@ def seeds() -> dict[str, dict[str, bytes]]:
         "csv-no-column": b"\x02text\nhello\n",
         "csv-bom": b"\x02\xef\xbb\xbfprompt\nhi\n",
     }
-    return {"header": header, "index": index, "adapter_config": adapter, "prompts": prompts}
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a river."},
+                         {"role": "assistant", "content": "The Nile."}, {"role": "user", "content": "Another?"}]}
+    prompts_json = {
+        "strings": json.dumps(["How do I bake bread?", "  Name three rivers.  ", ""]).encode(),
+        "objects": json.dumps([{"prompt": "one", "category": "x"}, {"prompt": "two"}]).encode(),
+        "chat": json.dumps([chat, {"messages": [{"role": "user", "content": "hi"}]}]).encode(),
+        "mixed": json.dumps(["plain", {"prompt": "record"}, chat]).encode(),
+        "an-object": json.dumps({"prompt": "one"}).encode(),
+        "a-number": b"3",
+        "empty-array": b"[]",
+        "null-item": b'["one", null]',
+        "nested-array": b'[["one"]]',
+        "prompt-null": b'[{"prompt": null}]',
+        "lone-surrogate": b'["caf\\ud800"]',
+        "json-lines": b'{"prompt": "one"}\n{"prompt": "two"}\n',
+        "duplicate-key": b'[{"prompt": "a", "prompt": "b"}]',
+        "nan": b"[NaN]",
+        "utf-16": '["one"]'.encode("utf-16"),
+        "deep-nesting": b"[" * 5000,
+    }
+    prompts_chat = {  # .jsonl
+        "chat": (json.dumps(chat) + "\n" + json.dumps({"messages": [{"role": "user", "content": "two"}]}) + "\n").encode(),
+        "chat-and-prompt": (json.dumps({"prompt": "one"}) + "\n" + json.dumps(chat) + "\n").encode(),
+        "no-user": json.dumps({"messages": [{"role": "assistant", "content": "hi"}]}).encode(),
+        "content-array": json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}).encode(),
+        "no-role": json.dumps({"messages": [{"content": "hi"}]}).encode(),
+        "messages-an-object": json.dumps({"messages": {"role": "user", "content": "hi"}}).encode(),
+        "messages-null": b'{"messages": null}',
+        "content-null": b'{"messages": [{"role": "user", "content": null}]}',
+        "role-a-list": b'{"messages": [{"role": ["user"], "content": "hi"}]}',
+        "lone-surrogate": b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+        "a-list": b'[{"role": "user", "content": "hi"}]',
+    }
+    good = {"score": "attribution", "q": 0.05, "layers": "2-4", "backend": "torch", "chat_template": False}
+    config_yaml = {
+        "good": b"score: attribution\nq: 0.05\nlayers: 2-4\nbackend: torch\nchat_template: false\n",
+        "yaml12-floats": b"q: 5e-2\nrho: 1e0\nalpha: .5\n",
+        "layers-a-list": b"layers: [2, 4]\n",
+        "merge-key": b"base: &b {q: 0.1, p: 0.2}\nextra: {<<: *b, p: 0.3}\n",
+        "anchors": b"extra: {a: &a [x, y], b: [*a, *a]}\n",
+        "extra-notes": b"extra:\n  note: |\n    two\n    lines\n  tags: [a, b]\n",
+        "duplicate-key": b"q: 0.1\nq: 0.2\n",
+        "unknown-field": b"quality: 3\n",
+        "a-list": b"- q: 0.1\n",
+        "a-string": b"just words\n",
+        "empty": b"",
+        "documents": b"q: 0.1\n---\nq: 0.2\n",
+        "tab-indent": b"extra:\n\ta: 1\n",
+        "python-tag": b"q: !!python/object/apply:os.system [true]\n",
+        "bool-as-word": b"chat_template: no\nhash_inputs: yes\n",
+        "nan": b"q: .nan\n",
+        "mixed-keys": b"1: 2\nb: 3\n",
+        "extra-date": b"extra: {when: 2001-12-14}\n",
+        "extra-binary": b"extra: {blob: !!binary aGVsbG8=}\n",
+        "big-int": b"max_prompts: " + b"9" * 4400 + b"\n",
+        "deep-nesting": b"extra: " + b"[" * 3000,
+    }
+    config_json = {
+        "good": json.dumps(good).encode(),
+        "extra": json.dumps({"extra": {"note": "x", "n": [1, 2.5, None, True]}}).encode(),
+        "duplicate-key": b'{"q": 0.1, "q": 0.2}',
+        "nan": b'{"q": NaN}',
+        "a-list": b'[{"q": 0.1}]',
+        "null": b"null",
+        "unknown-field": b'{"quality": 3}',
+        "layers-a-number": b'{"layers": 3}',
+        "bool-a-string": b'{"chat_template": "no"}',
+        "int-a-float": b'{"batch_size": 4.0}',
+        "device": b'{"device": "cuda:0", "backend": "cpp"}',
+        "big-int": b'{"max_prompts": ' + b"9" * 4400 + b"}",
+        "not-utf8": b'{"score": "wand\xe1"}',
+        "deep-nesting": b'{"extra": ' + b"[" * 5000,
+    }
+    return {"header": header, "index": index, "adapter_config": adapter, "prompts": prompts,
+            "prompts_json": prompts_json, "prompts_chat": prompts_chat, "config_yaml": config_yaml,
+            "config_json": config_json}
 
 
 def _dict_escape(word: str) -> str:
@@ -239,17 +368,26 @@ def write_seeds() -> None:
 def fuzz_one(target: str, seconds: int, work: Path, extra: list[str]) -> None:
     """Runs in its own process: libFuzzer exits when its time is up."""
     import atheris
-    import safetensors.torch  # noqa: F401
-    import torch  # noqa: F401 - imported before instrumenting, so only mscp is instrumented
-    import transformers  # noqa: F401
 
-    with atheris.instrument_imports(include=["mscp"]):
-        import mscp.core.adapter  # noqa: F401
-        import mscp.core.checkpoint  # noqa: F401
-        import mscp.core.prompts  # noqa: F401
+    light = target in CONFIG_TARGETS
+    if light:  # yaml not yet imported, so its parser is instrumented too
+        with atheris.instrument_imports(include=["mscp", "yaml"]):
+            import yaml  # noqa: F401
+
+            import mscp.core.config  # noqa: F401
+            import mscp.core.textfiles  # noqa: F401
+    else:
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401 - imported before instrumenting, so only mscp is instrumented
+        import transformers  # noqa: F401
+
+        with atheris.instrument_imports(include=["mscp"]):
+            import mscp.core.adapter  # noqa: F401
+            import mscp.core.checkpoint  # noqa: F401
+            import mscp.core.prompts  # noqa: F401
 
     scratch = Path(tempfile.mkdtemp(prefix=f"mscp-fuzz-{target}-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
-    run = getattr(Targets(scratch), target)
+    run = getattr(Targets(scratch, light), target)
     corpus = work / target
     crashes = work / "crashes"
     corpus.mkdir(parents=True, exist_ok=True)
@@ -263,7 +401,7 @@ def fuzz_one(target: str, seconds: int, work: Path, extra: list[str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", choices=(*TARGETS, "all"), default="all")
+    ap.add_argument("--target", default="all", help=f"'all' or a comma list of {', '.join(TARGETS)}")
     ap.add_argument("--seconds", type=int, default=60, help="total fuzzing time (split evenly for 'all')")
     ap.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "mscp-fuzz",
                     help="grown corpus and crash files")
@@ -276,7 +414,10 @@ def main() -> None:
     if args.child:
         fuzz_one(args.target, args.seconds, args.work, extra)
         return
-    targets = TARGETS if args.target == "all" else (args.target,)
+    targets = TARGETS if args.target == "all" else tuple(args.target.split(","))
+    unknown = [t for t in targets if t not in TARGETS]
+    if unknown:
+        ap.error(f"unknown target {unknown[0]!r} (targets: {', '.join(TARGETS)})")
     per = max(1, args.seconds // len(targets))
     for target in targets:
         started = time.time()
