@@ -1140,3 +1140,46 @@ def test_config_file_numbers_are_read_as_yaml_1_2_reads_them(capsys, tmp_path, t
     assert main(patch_argv(trio, tmp_path / "out", "--config", str(config))) == 0
     recorded = json.loads((tmp_path / "out" / "mscp_report.json").read_text())["config"]
     assert (recorded["alpha"], recorded["q"], recorded["rho"]) == (0.5, 0.01, 0.5)
+
+
+# -- found fuzzing --config files (benchmarks/fuzz_parsers.py; docs/results/robustness.md 2026-12-06) --
+@pytest.mark.parametrize("name, text, message", [
+    pytest.param("c.yaml", "1: 2\nb: 3\n", r"c\.yaml: unknown field 'b'", id="yaml-number-and-string-keys"),
+    pytest.param("c.json", '{"max_prompts": ' + "9" * 4400 + "}",
+                 r"c\.json is not valid JSON \(an integer of more than 4300 digits\)$", id="json-integer-past-the-limit"),
+    pytest.param("c.yaml", "extra: {when: 2001-12-14}\n",
+                 r"extra must hold JSON data \(the report writes it\): it holds a date \(datetime\.date\(2001, 12, 14\)\)$",
+                 id="yaml-date-in-extra"),
+    pytest.param("c.yaml", "extra: {blob: !!binary aGVsbG8=}\n", r"extra must hold JSON data .*: it holds a bytes",
+                 id="yaml-binary-in-extra"),
+    pytest.param("c.yaml", "extra: {x: .nan}\n", r"extra must hold JSON data .*: it holds nan, which is not JSON$",
+                 id="yaml-nan-in-extra"),
+    pytest.param("c.yaml", "extra: {1: a}\n", r"extra must hold JSON data .*: it has a key that is not a string \(1\)$",
+                 id="yaml-number-key-in-extra"),
+    pytest.param("c.yaml", "extra: {n: 0x" + "f" * 4000 + "}\n", r"extra .*: it holds an integer too long to write$",
+                 id="yaml-hex-integer-past-the-limit"),
+    pytest.param("c.yaml", "extra:\n  a: &a [x, x, x, x, x, x, x, x, x, x]\n  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                 "  c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]\n  d: [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]\n",
+                 r"extra .*: it holds more than 10000 values$", id="yaml-aliases-that-multiply"),
+])
+def test_config_files_found_while_fuzzing_are_one_line(capsys, tmp_path, trio, name, text, message):
+    """Found writing the fuzz targets' seeds (the fuzzer then crashed on them): each raised a
+    TypeError or ValueError (sorting mixed keys, reading a long integer) or was accepted, to fail or
+    grow when the report writes the config as JSON."""
+    config = tmp_path / name
+    config.write_text(text)
+    err = run_refused(capsys, patch_argv(trio, tmp_path / "out", "--config", str(config)), [*trio.values(), config],
+                      tmp_path / "out")
+    assert re.search(message, err), err
+
+
+def test_patch_config_extra_must_be_json_data_in_the_api_too():
+    from mscp.core.config import PatchConfig
+    from mscp.errors import MSCPError
+
+    cyclic: dict = {}
+    cyclic["self"] = cyclic
+    for extra in ({"a": {1, 2}}, {"a": float("inf")}, {("t",): 1}, cyclic):
+        with pytest.raises(MSCPError, match=r"^extra must hold JSON data"):
+            PatchConfig(extra=extra)
+    assert PatchConfig(extra={"note": "x", "n": [1, 2.5, None, True, ("tuple",)]}).extra["note"] == "x"

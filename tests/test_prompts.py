@@ -282,3 +282,24 @@ def test_last_index_points_at_the_last_real_token():
         inside = after < b.input_ids.shape[1]
         assert torch.all(b.attention_mask[rows[inside], after[inside]] == 0)
         assert torch.equal(b.attention_mask.sum(1) - 1, b.last_index)
+
+
+# -- fuzz findings (benchmarks/fuzz_parsers.py, docs/results/robustness.md 2026-12-06) -----------------
+@pytest.mark.parametrize("name, content, message", [
+    pytest.param("p.json", '["caf\\u0000e"]', r"p\.json: item \[0\]: the prompt holds a NUL character \(\\u0000 at "
+                 r"character 3\)$", id="json-nul-escape"),
+    pytest.param("p.jsonl", '{"messages": [{"role": "user", "content": "\\u0000"}]}\n',
+                 r"p\.jsonl:1: the prompt holds a NUL character", id="chat-nul-escape"),
+    pytest.param("p.json", "[" + "9" * 4400 + "]", r"p\.json: not JSON \(an integer of more than 4300 digits\)$",
+                 id="json-integer-past-the-digit-limit"),
+    pytest.param("p.jsonl", '{"prompt": ' + "9" * 4400 + "}\n", r"p\.jsonl:1: not a JSON line \(an integer of more",
+                 id="jsonl-integer-past-the-digit-limit"),
+])
+def test_fuzz_findings_in_json_prompt_files_are_one_line(tmp_path, name, content, message):
+    """A JSON escape \\u0000 was read into the prompt (a NUL byte in a .txt file is refused; the
+    fuzzer found it), and an integer of over 4300 digits raised Python's ValueError (found by hand)."""
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(MSCPError, match=message) as info:
+        read_prompts(path)
+    assert "\n" not in str(info.value)

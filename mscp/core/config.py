@@ -84,6 +84,10 @@ class PatchConfig:
                       "removed from the safety rows")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
+    resident_gb: float | None = option(None, "attribution: GB of layers kept loaded while the greedy answers are "
+                                       "generated, so each layer is read once rather than once per token (0: "
+                                       "none; default: half the memory free on the compute device)",
+                                       parse=float, metavar="GB")
 
     # Projection
     alpha: float = option(1.0, "blend towards the projection: B' = (1 - alpha) B + alpha C B on the selected rows")
@@ -147,6 +151,8 @@ class PatchConfig:
         check(self.batch_size >= 1 and self.max_length >= 1, "batch_size and max_length must be positive")
         check(self.exact_rank >= 1, f"exact_rank must be positive, got {self.exact_rank}")
         check(self.target_tokens >= 1, f"target_tokens must be positive, got {self.target_tokens}")
+        check(self.resident_gb is None or (_finite_number(self.resident_gb) and self.resident_gb >= 0),
+              f"resident_gb must be a number of GB >= 0, got {self.resident_gb!r:.60}")
         check(self.max_prompts >= 1, f"max_prompts must be positive, got {self.max_prompts}")
         check(isinstance(self.device, str) and _valid_device(self.device),
               f"device must be cpu, cuda or cuda:N, got {self.device!r}")
@@ -157,6 +163,8 @@ class PatchConfig:
         check(not (self.backend == "cpp" and on_cuda),
               "backend 'cpp' is not available on a CUDA device: it runs on the cpu device")
         check(isinstance(self.extra, dict), "extra must be a dict")
+        problem = _json_problem(self.extra)
+        check(problem is None, f"extra must hold JSON data (the report writes it): it {problem}")
 
     def replace(self, **changes) -> "PatchConfig":
         """A copy with some fields changed (validated again)."""
@@ -176,6 +184,43 @@ def _finite_number(value) -> bool:
         return False
 
 
+def _json_problem(value, limit: int = 10_000) -> str | None:
+    """Why `value` is not plain JSON data, or None. Iterative, and at most `limit` values: a YAML
+    alias repeated inside `extra` is one object here but many copies in the report."""
+    stack, count = [value], 0
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > limit:
+            return f"holds more than {limit} values"
+        if isinstance(v, dict):
+            key = next((k for k in v if not isinstance(k, str)), None)
+            if key is not None:
+                return f"has a key that is not a string ({_brief(key)})"
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            return f"holds {v}, which is not JSON"
+        elif isinstance(v, int) and not _writable_int(v):
+            return "holds an integer too long to write"
+        elif not (v is None or isinstance(v, (str, int, float, bool))):
+            return f"holds a {type(v).__name__} ({_brief(v)})"
+    return None
+
+
+def _brief(value) -> str:
+    return " ".join(reprlib.repr(value).split())[:60]
+
+
+def _writable_int(v: int) -> bool:
+    try:  # json.dumps calls int.__repr__, which refuses more digits than sys.get_int_max_str_digits()
+        repr(v)
+    except ValueError:
+        return False
+    return True
+
+
 def _valid_device(device: str) -> bool:
     kind, _, index = device.partition(":")
     return kind in ("cpu", "cuda") and (not index or (index.isdigit() and kind == "cuda"))
@@ -189,7 +234,7 @@ def config_from_mapping(values: dict, *, where: str = "config") -> dict:
     """PatchConfig field values from a mapping (a config file, a report's `config`), checked by name."""
     if not isinstance(values, dict):
         raise MSCPError(f"{where} must be a mapping of PatchConfig fields, got {type(values).__name__}")
-    unknown = sorted(set(values) - set(field_names()))
+    unknown = sorted(set(values) - set(field_names()), key=repr)  # YAML keys may be numbers or null
     if unknown:
         raise MSCPError(f"{where}: unknown field {unknown[0]!r} (fields: {', '.join(field_names())})")
     out = dict(values)

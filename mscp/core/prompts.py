@@ -115,6 +115,8 @@ def _unicode(prompt: str, where: str) -> str:
     problem = unicode_problem(prompt)
     if problem:
         raise MSCPError(f"{where}: the prompt {problem}")
+    if "\x00" in prompt:  # a JSON "\u0000", refused as a NUL byte in a .txt file is
+        raise MSCPError(f"{where}: the prompt holds a NUL character (\\u0000 at character {prompt.index(chr(0))})")
     return prompt
 
 

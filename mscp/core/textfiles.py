@@ -11,6 +11,7 @@ import codecs
 import json
 import os
 import stat
+import sys
 from pathlib import Path
 
 from mscp.errors import MSCPError
@@ -102,6 +103,8 @@ def parse_json(text: str | bytes, error: str, *, allow_nan: bool = False):
         raise MSCPError(f"{error} ({e.msg} at line {e.lineno} column {e.colno})") from None
     except UnicodeDecodeError:
         raise MSCPError(f"{error} (not UTF-8)") from None
+    except ValueError:  # (after its subclass above) an integer past Python's int(str) digit limit
+        raise MSCPError(f"{error} (an integer of more than {sys.get_int_max_str_digits()} digits)") from None
     except RecursionError:
         raise MSCPError(f"{error} (nested too deeply)") from None
 
