@@ -19,7 +19,7 @@ KEYS = ("keyword_asr", "over_refusal", "task_accuracy")
 
 def main() -> None:
     from mscp.core.config import PatchConfig
-    from mscp.harness.demo import patch_on_localisation
+    from mscp.harness.methods import patch_on_localisation
     from mscp.harness.evaluate import evaluate
     from mscp.harness.organism import FINETUNES, OrganismConfig, build
 

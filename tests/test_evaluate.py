@@ -361,3 +361,42 @@ def test_a_front_is_below_where_one_point_of_the_other_is_unmatched():
     c = front_comparison(r, "mscp:a", "safe_lora")
     assert not c["holds"] and c["compared"][0]["matched_by"] is None
     assert front_comparison(r, "mscp:a", "safe_lora", min_task=0.96)["holds"]  # nothing left to compare
+
+
+# -- one selection: a Pareto point edits the rows `mscp patch` edits with the same settings ----------------
+@pytest.mark.parametrize("params", [dict(score="attribution", q=0.05, p=0.0, window="all"),
+                                    dict(score="attribution", q=0.1, p=0.05, window="all"),
+                                    dict(score="wanda", q=0.3, p=0.3, window="sigma"),
+                                    dict(score="wanda_weight", q=0.3, p=0.0, window="sigma")],
+                         ids=["attribution", "attribution-p", "wanda", "wanda_weight"])
+def test_a_pareto_point_edits_the_rows_mscp_patch_edits(tiny_organism, tmp_path, params):  # noqa: F811
+    from mscp.harness.methods import patch_on_localisation
+    from mscp.harness.methods import Bench, build
+
+    org, _, _ = tiny_organism
+    ft = org.finetuned("benign")
+    bench = Bench(org, ft, PatchConfig(progress=False, batch_size=4, target_tokens=2, hash_inputs=False), tmp_path)
+    window = bench.window(params["window"])
+    # what the demo runs for its MSCP rows, and `mscp patch` on the localisation splits: the whole patch
+    patched = patch_on_localisation(org, ft, bench.point_config(params).replace(layers=(window[0], window[-1])),
+                                    tmp_path / "patched").report
+    want = {k: m.get("selected_rows", m["rows"]) for k, m in patched["modules"].items()}
+    want = {k: rows for k, rows in want.items() if rows}
+    assert want, "the comparison needs selected rows"
+    got = {k: v.tolist() for k, v in bench.rows(params).items() if len(v)}
+    assert got == want
+    # and the point's adapter holds exactly the patch's tensors
+    build(bench, "mscp", params, tmp_path / "point")
+    point = load_file(str(tmp_path / "point" / "adapter_model.safetensors"))
+    mine = load_file(str(tmp_path / "patched" / "adapter_model.safetensors"))
+    assert point.keys() == mine.keys() and all(torch.equal(point[k], mine[k]) for k in mine)
+
+
+def test_the_rule_is_written_once_and_the_docs_quote_it():
+    from pathlib import Path
+
+    from mscp.harness.rule import RULE
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    assert RULE.text("localisation") in " ".join(docs.split())
+    assert "3 points" in RULE.text() and "5 points" in RULE.text()  # rendered from the thresholds

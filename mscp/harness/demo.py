@@ -25,6 +25,14 @@ from mscp.harness.organism import DEFAULT_FINETUNE
 METHODS = ("aligned", "finetuned", "mscp", "mscp_paper", "safe_lora", "safe_lora_10pct", "wanda_zero",
            "drop_safety_layers")
 PAPER = dict(PAPER_SETTING, layers=None)  # the criterion's window, whatever --layers says
+# The baselines' rows: (method of the registry, harness/methods.py; its parameters). Wanda zeroing
+# takes the rows of the paper's setting; the window is the criterion's at the paper's width.
+BASELINES = {
+    "safe_lora": ("safe_lora", {"tau": 0.5}),
+    "safe_lora_10pct": ("safe_lora", {"modules": 0.1}),
+    "wanda_zero": ("wanda_zero", {"q": PAPER_SETTING["q"], "p": PAPER_SETTING["p"], "window": "sigma"}),
+    "drop_safety_layers": ("drop_safety_layers", {"window": "sigma"}),
+}
 ORGANISM_OWN = ("aligned", "finetuned")  # rows whose answers the organism keeps (its build's checks made them)
 
 
@@ -120,19 +128,6 @@ def organism_for(out, cache, organism_cfg, base_dir, progress, finetune: str):
     return out, org, org.splits, org.finetuned(finetune)
 
 
-def patch_on_localisation(org, adapter: Path, config, out, *, keep_benign: bool = False):
-    """MSCP on a fine-tuned adapter of the organism, scored on the localisation splits only.
-    keep_benign: the benign prompts join the task prompts on the side whose damage p removes (the
-    fine-tuned model's answers to them are kept too, against over-refusal)."""
-    from mscp.core.pipeline import patch
-
-    sp = org.splits
-    task = [sp / "task_localize.txt"] + ([sp / "benign_localize.txt"] if keep_benign else [])
-    return patch(org.base, org.aligned, adapter, out, harmful=[sp / "harmful_localize.txt"],
-                 benign=sp / "benign_localize.txt", task=task, config=config, overwrite=out is not None,
-                 cache=org.patch_cache)
-
-
 def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, judge: str = "embedding",
              safe_lora_tau: float = 0.5, max_new_tokens: int = 20, progress: bool = True, organism_cfg=None,
              base_dir=None, finetune: str = DEFAULT_FINETUNE, answer_workers: int | None = None) -> dict:
@@ -143,8 +138,8 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     generate the methods' answers side by side (default 2 on a machine with 2 CPUs or more; 1: in
     this process, one method after another)."""
     from mscp.core.config import PatchConfig
-    from mscp.harness import baselines
     from mscp.harness.evaluate import answer_in_parallel, evaluate, print_table
+    from mscp.harness.methods import Bench, build, patch_on_localisation
     from mscp.harness.judges import get_judge
 
     if answer_workers is None:
@@ -157,17 +152,16 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     stages.next(f"MSCP ({pc.score}): patching the fine-tuned adapter on the localisation prompts")
     report = patch_on_localisation(org, ft, pc, out / "mscp").report
     stages.next("MSCP with the paper's score (wanda, q 0.3, p 0.3)")
-    paper = patch_on_localisation(org, ft, pc.replace(**PAPER), out / "mscp_paper").report
+    paper_result = patch_on_localisation(org, ft, pc.replace(**PAPER), out / "mscp_paper")
+    paper = paper_result.report
     stages.next("baselines: Safe LoRA, Wanda zeroing, dropping the window")
     edits = {"aligned": None, "finetuned": 0.0, "mscp": report["edit_fraction"], "mscp_paper": paper["edit_fraction"]}
-    edits["wanda_zero"] = baselines.wanda_prune(ft, paper, out / "wanda_zero")["edit_fraction"]
-    edits["drop_safety_layers"] = baselines.drop_layers(ft, paper["safety_layers"],
-                                                        out / "drop_safety_layers")["edit_fraction"]
-    sl = baselines.safe_lora(org.base, org.aligned, ft, out / "safe_lora", tau=safe_lora_tau)
-    edits["safe_lora"] = sl["edit_fraction"]
-    k = max(1, round(0.1 * len(sl["cosines"])))
-    edits["safe_lora_10pct"] = baselines.safe_lora(org.base, org.aligned, ft, out / "safe_lora_10pct", tau=None,
-                                                   k=k)["edit_fraction"]
+    bench = Bench(org, ft, pc, out)
+    bench.seed(paper_result, score="wanda")  # the paper's patch scored the Wanda rows already
+    for row, (method, params) in BASELINES.items():
+        params = {**params, "tau": safe_lora_tau} if "tau" in params else params
+        edits[row] = build(bench, method, params, out / row)
+    sl = json.loads((out / "safe_lora" / "baseline_report.json").read_text())
     adapters = {"aligned": None, "finetuned": ft, **{m: out / m for m in METHODS[2:]}}
     try:
         judge_obj = get_judge(judge)

@@ -9,9 +9,7 @@ organism; this does the same for any adapter, with the caller's prompts:
 2. the aligned model and the unpatched adapter, then each candidate q's projected adapter, answer
    the same prompts (greedy): keyword ASR on the harmful prompts, over-refusal on the benign ones,
    accuracy on the task prompts (a JSON-lines file with answers);
-3. the rule of the Pareto run (`pareto.choose`): the lowest ASR whose task accuracy stays within 3
-   points of the unpatched adapter's and whose over-refusal is at most 5 points above the aligned
-   model's; ties go to fewer edits;
+3. the rule of the Pareto runs (harness/rule.py), on the calibration prompts;
 4. `patch` with the chosen q writes OUT; its report carries the table (`tuning`).
 
 Every figure is on the calibration prompts, the only ones anything is chosen on; judge the result
@@ -27,8 +25,6 @@ from mscp.errors import MSCPError
 from mscp.paths import cache_root
 
 DEFAULT_QS = (0.01, 0.02, 0.05, 0.1)
-RULE = ("lowest keyword ASR on the calibration prompts with task accuracy within 3 points of the unpatched "
-        "adapter's and over-refusal at most 5 points above the aligned model's; ties: fewer edits")
 
 
 def _task_items(task) -> list[tuple[str, str]]:
@@ -53,12 +49,12 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
     from mscp.core.adapter import Adapter
     from mscp.core.config import PatchConfig
     from mscp.core.pipeline import as_paths, patch_many, select_rows
-    from mscp.core.project import edit_fraction, project_adapters
+    from mscp.core.project import edit_fraction, project_for
     from mscp.core.prompts import default_prompts, read_prompts
     from mscp.core.report import check_out_dir
     from mscp.harness.baselines import write_adapter
     from mscp.harness.evaluate import evaluate
-    from mscp.harness.pareto import choose
+    from mscp.harness.rule import RULE
 
     qs = sorted(set(qs))
     if not qs or any(not 0 < q <= 1 for q in qs):
@@ -92,16 +88,15 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
         aligned_ckpt = Checkpoint(aligned, label="aligned")
     masks = [select_rows(config.replace(q=q), scored.scores, modules, lora.tensors, aligned_ckpt) for q in qs]
     # every candidate in one pass: each weight is read once for all of them
-    projected = project_adapters([lora] * len(qs), base, aligned, masks, alpha=config.alpha,
-                                 projector=config.projector, exact_rank=config.exact_rank)
+    projected = project_for(config, [lora] * len(qs), base, aligned, masks)
     points = []
     with tempfile.TemporaryDirectory(prefix="mscp-tune-") as tmp:
         for q, (tensors, edits) in zip(qs, projected):
             where = write_adapter(adapter, tensors, Path(tmp) / f"q{q}", {"q": q})
             points.append({"q": q, "edit_fraction": edit_fraction(lora, edits), "calibration": measure(where)})
             print(f"tune: q {q:g}: {_figures(points[-1])}", flush=True)
-    chosen = choose(points, references["unpatched"], key="calibration", aligned=references["aligned"])
-    result = {"rule": RULE, "candidates": qs, "aligned": references["aligned"]["calibration"],
+    chosen = RULE.choose(points, references["unpatched"], key="calibration", aligned=references["aligned"])
+    result = {"rule": RULE.text("calibration"), "candidates": qs, "aligned": references["aligned"]["calibration"],
               "unpatched": references["unpatched"]["calibration"], "points": points,
               "chosen_q": chosen["q"] if chosen else None, "max_new_tokens": max_new_tokens}
     print(format_table(result))
