@@ -70,3 +70,10 @@ def test_page_cache_residency_sees_an_eviction(tmp_path):
     assert page_cache_residency([f]) == pytest.approx(1.0)
     evict([f])
     assert page_cache_residency([f]) < 0.1
+
+
+def test_bench_reports_the_default_score_beside_the_single_pass_one_in_time_and_passes(figures):
+    assert figures["default_over_single_pass"] == pytest.approx(figures["default_s"] / figures["full_s"])
+    assert 0.5 < figures["passes_full"] < 1.5  # the single-pass score: one read of both models, and the projection
+    assert figures["passes_default"] > figures["passes_full"]
+    assert sum(figures["passes_default_by_stage"].values()) == pytest.approx(figures["passes_default"], abs=1e-3)

@@ -48,6 +48,8 @@ def add_config_options(p: argparse.ArgumentParser, *, skip: tuple = ()) -> None:
 def default_text(name: str, default) -> str:
     if name == "layers":
         return "the criterion's window"
+    if name == "resident_gb":
+        return "half the memory free on the device"
     return str(default)
 
 

@@ -41,9 +41,19 @@ Lora = tuple[Adapter, dict[int, dict[str, LoraModule]]]  # an adapter and its mo
 
 
 def greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_tokens: int, *, eos: set[int],
-                   batch_size: int, pad_id: int, lora: Lora | None = None, progress=None) -> list[list[int]]:
+                   batch_size: int, pad_id: int, lora: Lora | None = None, progress=None,
+                   resident_bytes: int = 0) -> list[list[int]]:
     """Each prompt's greedy continuation (at most n_tokens, ending at an EOS token), streamed: one
-    pass over the layers per token, each layer keeping its own KV cache, prompts left-padded."""
+    pass over the layers per token, each layer keeping its own KV cache, prompts left-padded.
+    Layers stay loaded across tokens up to `resident_bytes` (ModelShell.resident): a model that
+    fits is read once, not once per token; the answers are the same either way."""
+    with model.resident(resident_bytes):
+        return _greedy_answers(model, head, prompts, n_tokens, eos=eos, batch_size=batch_size, pad_id=pad_id,
+                               lora=lora, progress=progress)
+
+
+def _greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_tokens: int, *, eos: set[int],
+                    batch_size: int, pad_id: int, lora: Lora | None, progress) -> list[list[int]]:
     from transformers import DynamicCache
 
     answers: list[list[int]] = [[] for _ in prompts]

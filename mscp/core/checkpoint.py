@@ -298,6 +298,12 @@ class Checkpoint:
         """Tensor bytes read from safetensors files so far (pickles are loaded whole)."""
         return sum(st.bytes_read for st in self._st.values())
 
+    @property
+    def tensor_bytes(self) -> int:
+        """Bytes of every tensor of the checkpoint: one read of the whole model."""
+        pickled = sum(t.numel() * t.element_size() for t in (self._pickled or {}).values())
+        return pickled + sum(end - begin for st in self._st.values() for (_d, _s, begin, end) in st.entries.values())
+
     def byte_range(self, name: str) -> tuple[Path, int, int]:
         """(file, offset, length) of a safetensors tensor's bytes, for raw-read measurements."""
         self._require(name)
@@ -388,7 +394,8 @@ class StateDictSource:
         self.tensors = tensors
         self.files: list[Path] = []
         self.path = None
-        self.bytes_read = 0
+        self.bytes_read = 0  # in memory: nothing is read from storage
+        self.tensor_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
 
     def keys(self) -> list[str]:
         return list(self.tensors)

@@ -10,19 +10,32 @@ import dataclasses
 import math
 import os
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
+from typing import Literal, TypeAlias, get_args
 
 from mscp.errors import MSCPError
 
-CRITERIA = ("sigma", "li_gap")
-PROJECTORS = ("safelora", "exact")
-DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
-BACKEND_CHOICES = ("auto", "torch", "triton", "cpp", "cuda")
-FINETUNED_PASSES = ("auto", "with_calibration", "after_window")
-SCORES = ("wanda", "wanda_weight", "attribution")
+# Each string option's choices, written once: a Literal for type checkers, its tuple for the checks
+# in __post_init__ and for argparse (mscp/cli/options.py reads the hints, and takes a Literal as str).
+Criterion: TypeAlias = Literal["sigma", "li_gap"]
+Projector: TypeAlias = Literal["safelora", "exact"]
+DType: TypeAlias = Literal["auto", "float32", "bfloat16", "float16", "float64"]
+Backend: TypeAlias = Literal["auto", "torch", "triton", "cpp", "cuda"]
+FinetunedPass: TypeAlias = Literal["auto", "with_calibration", "after_window"]
+Score: TypeAlias = Literal["wanda", "wanda_weight", "attribution"]
+CRITERIA: tuple[str, ...] = get_args(Criterion)
+PROJECTORS: tuple[str, ...] = get_args(Projector)
+DTYPES: tuple[str, ...] = get_args(DType)
+BACKEND_CHOICES: tuple[str, ...] = get_args(Backend)
+FINETUNED_PASSES: tuple[str, ...] = get_args(FinetunedPass)
+SCORES: tuple[str, ...] = get_args(Score)
+# The public API's argument types (check_arguments' kinds "path", "files", "prompts")
+PathArg: TypeAlias = str | os.PathLike[str]
+PromptFiles: TypeAlias = PathArg | Sequence[PathArg]
+PromptLists: TypeAlias = Mapping[str, Sequence[str] | None]  # set (harmful, benign, task) -> prompts
 # The paper's own setting (docs/method.md): Wanda rows, q = p = 0.3, the σ window at rho 0.2.
 PAPER_SETTING = MappingProxyType(dict(score="wanda", q=0.3, p=0.3, rho=0.2))  # read-only: shared
 # The linear modules of a Llama-family decoder layer: the usual LoRA targets (organism, synth, plots)
@@ -70,14 +83,14 @@ class PatchConfig:
                         "paper uses 0.2")
     layers: tuple[int, int] | None = option(None, "explicit safety layers A-B, inclusive, counted from 0; skips the "
                                             "criterion", metavar="A-B", parse=parse_layer_range)
-    criterion: str = option("sigma", "layer criterion: 'sigma' (base/aligned divergence gradient) or 'li_gap' "
-                            "(Li et al.'s benign/harmful gap inside the aligned model)", choices=CRITERIA)
+    criterion: Criterion = option("sigma", "layer criterion: 'sigma' (base/aligned divergence gradient) or 'li_gap' "
+                                  "(Li et al.'s benign/harmful gap inside the aligned model)", choices=CRITERIA)
 
     # Level 2: safety neurons
-    score: str = option("attribution", "row score: 'wanda' (the paper's |W| n summed over a row), 'wanda_weight' (Wei et "
-                        "al.'s per-weight set difference, then each row's safety-only mass) or 'attribution' (the "
-                        "first-order effect of each row's edit on the aligned refusal's likelihood; docs/method.md)",
-                        choices=SCORES)
+    score: Score = option("attribution", "row score: 'wanda' (the paper's |W| n summed over a row), 'wanda_weight' "
+                          "(Wei et al.'s per-weight set difference, then each row's safety-only mass) or 'attribution' "
+                          "(the first-order effect of each row's edit on the aligned refusal's likelihood; "
+                          "docs/method.md)", choices=SCORES)
     q: float = option(0.02, "safety rows: the top q fraction of each module's rows by the harmful-prompt score "
                       "(attribution: of all rows in the safety layers, ranked together)")
     p: float = option(0.0, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
@@ -91,8 +104,8 @@ class PatchConfig:
 
     # Projection
     alpha: float = option(1.0, "blend towards the projection: B' = (1 - alpha) B + alpha C B on the selected rows")
-    projector: str = option("safelora", "'safelora': C = V V^T / ||V||_F; 'exact': C = Q Q^T, Q the top "
-                            "exact_rank left singular vectors of V", choices=PROJECTORS)
+    projector: Projector = option("safelora", "'safelora': C = V V^T / ||V||_F; 'exact': C = Q Q^T, Q the top "
+                                  "exact_rank left singular vectors of V", choices=PROJECTORS)
     exact_rank: int = option(64, "rank of Q for the 'exact' projector")
 
     # Calibration
@@ -107,13 +120,13 @@ class PatchConfig:
 
     # Execution
     device: str = option("cpu", "compute device: cpu or cuda[:N]")
-    dtype: str = option("auto", "compute dtype of the streamed layers ('auto': the checkpoint's); statistics "
-                        "are always fp32", choices=DTYPES)
-    backend: str = option("auto", "kernel backend of the mscp ops", choices=BACKEND_CHOICES)
-    finetuned_pass: str = option("auto", "when the fine-tuned streams (one per adapter) run: 'with_calibration' "
-                                 "(one pass, every layer), 'after_window' (a second pass up to the window's last "
-                                 "layer), 'auto' (after_window for several adapters without --layers)",
-                                 choices=FINETUNED_PASSES)
+    dtype: DType = option("auto", "compute dtype of the streamed layers ('auto': the checkpoint's); statistics "
+                          "are always fp32", choices=DTYPES)
+    backend: Backend = option("auto", "kernel backend of the mscp ops", choices=BACKEND_CHOICES)
+    finetuned_pass: FinetunedPass = option("auto", "when the fine-tuned streams (one per adapter) run: "
+                                           "'with_calibration' (one pass, every layer), 'after_window' (a second "
+                                           "pass up to the window's last layer), 'auto' (after_window for several "
+                                           "adapters without --layers)", choices=FINETUNED_PASSES)
     allow_pickle: bool = option(False, "accept .bin/.pt checkpoints (loaded with weights_only=True)")
     hash_inputs: bool = option(True, "record the sha256 of every input file in the report", flag="--no-hash",
                                flag_help="skip the sha256 of the input files in the report")

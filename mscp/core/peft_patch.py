@@ -11,8 +11,11 @@ whatever device they are); only the base model is read from disk.
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
-from mscp.core.config import PatchConfig
+import torch
+
+from mscp.core.config import PatchConfig, PathArg, PromptFiles, PromptLists
 from mscp.core.peft_interop import (
     adapter_of_peft_model,
     aligned_of_peft_model,
@@ -23,13 +26,17 @@ from mscp.core.peft_interop import (
     tokenizer_of_peft_model,
 )
 from mscp.core.pipeline import PatchResult, patch_many
+from mscp.core.streaming import InMemoryModel
 from mscp.errors import MSCPError, warn
 
 MARK = "mscp_repaired"  # attribute of a PeftModel: adapter name -> report of its in-place repair
 
 
-def patch_peft_model(model, base, *, adapter_name: str = "default", harmful=None, benign=None, task=None,
-                     prompts=None, tokenizer=None, config=None, inplace: bool = True, **overrides) -> PatchResult:
+def patch_peft_model(model: torch.nn.Module, base: PathArg | InMemoryModel, *, adapter_name: str = "default",
+                     harmful: PromptFiles | None = None, benign: PromptFiles | None = None,
+                     task: PromptFiles | None = None, prompts: PromptLists | None = None,
+                     tokenizer: PathArg | None = None, config: PatchConfig | None = None, inplace: bool = True,
+                     **overrides: Any) -> PatchResult:
     """Repair the LoRA adapter `adapter_name` of a peft `PeftModel` with MSCP; returns a `PatchResult`.
 
     model: a PeftModel whose base model is the aligned model (its weights are read in place, on

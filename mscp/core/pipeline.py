@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +28,7 @@ from mscp.core.adapter import Adapter, LoraModule, check_against_model
 from mscp.core.attribution import attribution_scores, greedy_answers
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
-from mscp.core.config import PatchConfig, check_arguments
+from mscp.core.config import PatchConfig, PathArg, PromptFiles, PromptLists, check_arguments
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
 from mscp.core.project import project_for
 from mscp.core.prompts import (
@@ -38,6 +40,7 @@ from mscp.core.prompts import (
     read_prompts,
     sample_prompts,
 )
+from mscp.core.reads import WeightReads
 from mscp.core.report import (
     REPORT_NAME,
     build_report,
@@ -50,7 +53,7 @@ from mscp.core.report import (
 )
 from mscp.core.scoring import LoraAdded, WandaScores, global_safety_rows, safety_rows, top_rows, weight_safety_mass
 from mscp.core.sequential import Step, advance_with, sweep
-from mscp.core.streaming import InMemoryModel, ModelShell, Stream
+from mscp.core.streaming import InMemoryModel, ModelShell, Stream, resident_budget
 from mscp.errors import MSCPError, log, warn
 from mscp.kernels import prepare, record_backends, use_backend
 
@@ -90,9 +93,11 @@ class _AdapterRun:
     details: dict = field(default_factory=dict)  # what a score records beside the rows (attribution)
 
 
-def patch(base, aligned, adapter, out=None, *, harmful=None, benign=None, task=None, prompts=None,
-          tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False, revision: str | None = None,
-          cache=None, **overrides) -> PatchResult:
+def patch(base: PathArg | InMemoryModel, aligned: PathArg | InMemoryModel, adapter: PathArg | Adapter,
+          out: PathArg | None = None, *, harmful: PromptFiles | None = None, benign: PromptFiles | None = None,
+          task: PromptFiles | None = None, prompts: PromptLists | None = None, tokenizer: PathArg | None = None,
+          config: PatchConfig | None = None, overwrite: bool = False, revision: str | None = None,
+          cache: PathArg | None = None, **overrides: Any) -> PatchResult:
     """Repair a LoRA adapter with MSCP.
 
     base, aligned: model folders (safetensors, sharded or single) or hub ids; adapter: a peft LoRA
@@ -125,6 +130,7 @@ class Localization:
     timings: dict
     sampled: dict[str, dict] = field(default_factory=dict)  # prompt sets over config.max_prompts, sampled
     cache: dict = field(default_factory=dict)  # what came from the result cache ("hit") or went into it ("stored")
+    reads: WeightReads | None = None  # bytes of base and aligned weights read, stage by stage
 
 
 def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
@@ -144,6 +150,7 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
     clock = time.perf_counter()
     progress = progress_bar(config)
     base_model, aligned_model = open_models(base, aligned, config)
+    reads = WeightReads(base_model.ckpt, aligned_model.ckpt)
     runs = [open_run(a, aligned_model, config, revision) for a in adapters]
     sets, prompt_files, sampled = prompt_sets(harmful, benign, task, prompts, config.max_prompts)
     tok = load_tokenizer(tokenizer_path(tokenizer, aligned_model))
@@ -193,6 +200,7 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
                                   release=finetuned if index == last_scored else []))
             harmful_scores.layers = set(range(last_scored + 1))
             times = sweep(steps, advance_with(observers), progress=progress, desc="layers")
+            reads.mark("stream")
             timings["stream"] = times.total
             timings["layers"], timings["layers_waiting_for_io"] = times.per_index(steps)
             if base_stream is not None:
@@ -208,6 +216,7 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
             finetuned = start_finetuned_streams(runs, task_stream, observers, layers=window)
             steps = [Step(aligned_model, index, finetuned) for index in range(window[-1] + 1)]
             times = sweep(steps, advance_with(observers), progress=progress, desc="fine-tuned")
+            reads.mark("stream_finetuned")
             timings["stream_finetuned"] = times.total
             timings["finetuned_layers"] = times.steps
         del task_stream
@@ -215,10 +224,12 @@ def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=N
             for run in runs:
                 run.scores = scores_by_key(run, harmful_scores, run.task_scores, layers=window if after_window else None)
         elif runs:
-            attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings, store)
+            attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings, store, reads)
+    reads.mark("other")  # the embedding and the head, read on first use
     return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings, sampled,
                         {"folder": str(store.folder.resolve()), **store.used} if store is not None else
-                        {"not used": "a model is in memory (no files to key it by)"} if cache is not None else {})
+                        {"not used": "a model is in memory (no files to key it by)"} if cache is not None else {},
+                        reads)
 
 
 def safety_window(base, aligned, *, harmful=None, benign=None, prompts=None, tokenizer=None,
@@ -231,19 +242,23 @@ def safety_window(base, aligned, *, harmful=None, benign=None, prompts=None, tok
 
 
 def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: list[_AdapterRun], sets: dict, tok,
-                     window: list[int], config: PatchConfig, timings: dict, store: ResultCache | None = None) -> None:
+                     window: list[int], config: PatchConfig, timings: dict, store: ResultCache | None = None,
+                     reads: WeightReads | None = None) -> None:
     """The attribution scores of each adapter's modules in the window (core/attribution.py): the
     aligned model's answers to the harmful prompts are generated once; then per adapter the edit
     of every row (the projection of all rows), the fine-tuned model's answers to the task prompts,
     and a forward and backward pass for each prompt set. At p = 0 no task row is ever removed, so
     the task side (its answers and its pass, a third of the time) is skipped."""
+    mark = reads.mark if reads is not None else (lambda stage: None)
     progress = progress_bar(config)
     head = aligned_model.head()
+    mark("other")  # the final norm and the output embedding
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
     eos = eos_ids(tok, aligned_model)
     harmful = encode(tok, sets["harmful"], max_length=config.max_length, chat_template=config.chat_template)
     task = encode(tok, sets["task"], max_length=config.max_length, chat_template=config.chat_template)
-    gen = dict(eos=eos, batch_size=config.batch_size, pad_id=pad_id, progress=progress)
+    gen = dict(eos=eos, batch_size=config.batch_size, pad_id=pad_id, progress=progress,
+               resident_bytes=resident_budget(config.resident_gb, aligned_model.device))
     clock = time.perf_counter()
     key = None if store is None else {
         "aligned": files_sha256(model_files(aligned_model)), "harmful": harmful, "tokens": config.target_tokens,
@@ -254,19 +269,23 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
         refusals = greedy_answers(aligned_model, head, harmful, config.target_tokens, **gen)
         if store is not None:
             store.put("targets_harmful", key, refusals)
+    mark("targets_harmful")
     timings["targets_harmful"] = time.perf_counter() - clock
     scored = set(window)
-    for run in runs:
+    # every row's edit, for every adapter in one projection call: each weight is read once for all
+    clock = time.perf_counter()
+    every_row = [{m.key_b: torch.arange(run.lora.tensors[m.key_b].shape[0])
+                  for index in window for m in run.by_layer.get(index, {}).values()} for run in runs]
+    projected_all = project_for(config, [run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, every_row)
+    mark("edits_all_rows")
+    timings["edits_all_rows"] = time.perf_counter() - clock
+    for run, rows, (projected, _) in zip(runs, every_row, projected_all):
         lora = (run.lora, run.by_layer)
-        clock = time.perf_counter()
-        every_row = {m.key_b: torch.arange(run.lora.tensors[m.key_b].shape[0])
-                     for index in window for m in run.by_layer.get(index, {}).values()}
-        (projected, _), = project_for(config, [run.lora], base_model.ckpt, aligned_model.ckpt, [every_row])
-        edits = {key: projected[key].float() - run.lora.tensors[key].float() for key in every_row}
-        timings["edits_all_rows"] = time.perf_counter() - clock
+        edits = {key: projected[key].float() - run.lora.tensors[key].float() for key in rows}
         common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress)
         clock = time.perf_counter()
         a_harmful, ll_harmful = attribution_scores(aligned_model, head, harmful, refusals, lora, edits, scored, **common)
+        mark("attribution")
         timings["attribution"] = time.perf_counter() - clock
         run.scores = {m.key_b: {"harmful": a_harmful[index][rel]}
                       for index in window for rel, m in run.by_layer.get(index, {}).items()}
@@ -274,9 +293,11 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
         if config.p > 0:
             clock = time.perf_counter()
             answers = greedy_answers(aligned_model, head, task, config.target_tokens, lora=lora, **gen)
+            mark("targets_task")
             timings["targets_task"] = time.perf_counter() - clock
             clock = time.perf_counter()
             a_task, ll_task = attribution_scores(aligned_model, head, task, answers, lora, edits, scored, **common)
+            mark("attribution_task")
             timings["attribution_task"] = time.perf_counter() - clock
             for index in window:
                 for rel, m in run.by_layer.get(index, {}).items():
@@ -365,10 +386,12 @@ def scores_by_key(run: _AdapterRun, harmful: WandaScores, task: WandaScores, lay
     return out
 
 
-def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmful=None, benign=None, task=None,
-               prompts=None, tokenizer=None, config: PatchConfig | None = None, overwrite: bool = False,
-               revision: str | None = None, report_extra: list[dict] | None = None, parents: bool = False,
-               cache=None, **overrides) -> list[PatchResult]:
+def patch_many(base: PathArg | InMemoryModel, aligned: PathArg | InMemoryModel, adapters: Sequence[PathArg | Adapter],
+               outs: Sequence[PathArg] | None = None, *, harmful: PromptFiles | None = None,
+               benign: PromptFiles | None = None, task: PromptFiles | None = None, prompts: PromptLists | None = None,
+               tokenizer: PathArg | None = None, config: PatchConfig | None = None, overwrite: bool = False,
+               revision: str | None = None, report_extra: Sequence[dict[str, Any]] | None = None,
+               parents: bool = False, cache: PathArg | None = None, **overrides: Any) -> list[PatchResult]:
     """`patch` for several adapters of the same aligned model, reading base and aligned once.
 
     The base and aligned streams, the curves and the harmful scores are shared; each adapter gets
@@ -407,6 +430,7 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             clock = time.perf_counter()
             projected = project_for(config, [run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
                                     progress=progress_bar(config))
+            loc.reads.mark("project")
             timings["project"] = time.perf_counter() - clock
 
     sets, prompt_files = loc.sets, loc.prompt_files
@@ -434,7 +458,8 @@ def patch_many(base, aligned, adapters: list, outs: list | None = None, *, harmf
             **({"prompts_sampled": loc.sampled} if loc.sampled else {}),
             **({"cache": loc.cache} if loc.cache else {}),
             **(report_extra[k] if report_extra else {}),
-            bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read})
+            bytes_read={"base": base_model.ckpt.bytes_read, "aligned": aligned_model.ckpt.bytes_read},
+            weight_reads=loc.reads.record())
         for warning in report["warnings"]:  # the CLI prints them from the report; a library routes them
             log.warning("%s: %s", report["paths"].get("adapter", "adapter"), warning)
         config_file, card = adapter_config_file(lora), model_card(lora)
@@ -458,7 +483,7 @@ def harmful_scores(aligned_model: ModelShell, tok, prompts: list[str], targets: 
             ids = encode(tok, prompts, max_length=config.max_length, chat_template=config.chat_template)
             common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress_bar(config))
             refusals = greedy_answers(aligned_model, head, ids, config.target_tokens, eos=eos_ids(tok, aligned_model),
-                                      **common)
+                                      resident_bytes=resident_budget(config.resident_gb, aligned_model.device), **common)
             scores, _ = attribution_scores(aligned_model, head, ids, refusals, lora, edits, set(targets), **common)
             return {m.key_b: {"harmful": scores[index][rel]} for index, mods in targets.items()
                     for rel, m in mods.items()}

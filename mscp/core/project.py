@@ -11,12 +11,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mscp.core.adapter import _LORA_KEY, PEFT_PREFIX, Adapter, LoraModule
 from mscp.core.checkpoint import check_finite, open_source
-from mscp.core.config import check_arguments
+from mscp.core.config import Backend, PathArg, Projector, check_arguments
 from mscp.core.streaming import read_ahead
 from mscp.errors import MSCPError
 from mscp.kernels import lowrank_project, use_backend
@@ -107,9 +108,12 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
     return results
 
 
-def fast_project(adapter, base, aligned=None, masks: dict[str, object] | None = None, *, alpha: float = 1.0,
-                 device=None, projector: str = "safelora", backend: str = "auto", allow_pickle: bool = False,
-                 adapter_name: str | None = None, revision: str | None = None) -> dict[str, torch.Tensor]:
+def fast_project(adapter: PathArg | Adapter | torch.nn.Module | Mapping[str, torch.Tensor],
+                 base: PathArg | Mapping[str, torch.Tensor],
+                 aligned: PathArg | Mapping[str, torch.Tensor] | None = None, masks: Mapping[str, Any] | None = None,
+                 *, alpha: float = 1.0, device: str | torch.device | None = None, projector: Projector = "safelora",
+                 backend: Backend = "auto", allow_pickle: bool = False, adapter_name: str | None = None,
+                 revision: str | None = None) -> dict[str, torch.Tensor]:
     """Project known row masks of a LoRA adapter onto the safety direction; returns the new state dict.
 
     adapter: an adapter folder or hub id (`revision` pins one), a peft `PeftModel` (then `aligned`

@@ -98,6 +98,7 @@ class ModelShell:
         self._skeleton = skeleton
         self._layer_template = layers  # meta modules: classes and parameter names, no memory
         self.prefix = self._find_prefix()
+        self._resident: dict | None = None  # layers kept loaded inside `resident`
 
     # -- names -------------------------------------------------------------------------
     def _find_prefix(self) -> str:
@@ -137,9 +138,15 @@ class ModelShell:
         skeleton = self._skeleton
         skeleton.layers = nn.ModuleList(_Recorder(i, sink) for i in range(self.n_layers))
         streams = {}
+        kept = self._resident
         try:
-            skeleton.to_empty(device=self.device)
-            self._fill_non_layer_weights(skeleton)
+            if not (kept and kept["embedding"]):
+                skeleton.to_empty(device=self.device)
+                self._fill_non_layer_weights(skeleton)
+                if kept is not None:
+                    size = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+                    if size <= kept["left"]:  # kept loaded like a layer (`resident`)
+                        kept["embedding"], kept["left"] = True, kept["left"] - size
             with torch.no_grad():
                 for name, batches in prompt_sets.items():
                     stream = streams[name] = Stream(f"{self.label}/{name}", batches)
@@ -152,9 +159,10 @@ class ModelShell:
                             raise MSCPError(f"{self.label}: captured {len(sink)} of {self.n_layers} layers' inputs")
                         stream.hidden.append(sink[0][1].to(self.dtype))
                         stream.layer_kwargs.append([self._on_device(kw) for _, _, kw in sink])
-        finally:  # drop the embedding: only the recorded inputs are kept
+        finally:  # drop the embedding (unless kept by `resident`): only the recorded inputs are kept
             skeleton.layers = self._layer_template
-            skeleton.to(device="meta")
+            if not (kept and kept["embedding"]):
+                skeleton.to(device="meta")
         return streams
 
     def _fill_non_layer_weights(self, skeleton: nn.Module):
@@ -207,8 +215,33 @@ class ModelShell:
         return Head(norm.eval(), weight, getattr(self.config, "final_logit_softcapping", None))
 
     # -- layers --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def resident(self, budget_bytes: int):
+        """Inside the block, layers stay loaded once loaded, up to `budget_bytes` of weights: a loop
+        that runs the model once per generated token then reads each layer once, not once per token.
+        Outside it, every load reads the layer anew (memory flat in depth)."""
+        saved = self._resident
+        self._resident = {"layers": {}, "left": max(int(budget_bytes), 0), "embedding": False}
+        try:
+            yield
+        finally:
+            if self._resident["embedding"]:
+                self._skeleton.to(device="meta")
+            self._resident = saved
+
     def load_layer(self, index: int) -> nn.Module:
         """Decoder layer `index` with its checkpoint weights, on the compute device and dtype."""
+        kept = getattr(self, "_resident", None)
+        if kept is not None and index in kept["layers"]:
+            return kept["layers"][index]
+        layer = self._load_layer(index)
+        if kept is not None:
+            size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+            if size <= kept["left"]:
+                kept["layers"][index], kept["left"] = layer, kept["left"] - size
+        return layer
+
+    def _load_layer(self, index: int) -> nn.Module:
         template = self._layer_template[index]
         with torch.device("meta"):
             layer = type(template)(self.config, layer_idx=index)
@@ -228,6 +261,25 @@ class ModelShell:
         layer.load_state_dict(state, assign=True, strict=True)
         layer.requires_grad_(False)
         return layer.eval()
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes free for weights on `device` now: free GPU memory, or the kernel's MemAvailable."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def resident_budget(resident_gb: float | None, device: torch.device) -> int:
+    """The bytes of layers `ModelShell.resident` may keep: the given GB, or (None) half of what the
+    device has free."""
+    return int(resident_gb * 1e9) if resident_gb is not None else available_memory(device) // 2
 
 
 def _init_non_persistent(model, module: nn.Module, device=None):
