@@ -117,3 +117,58 @@ def test_no_installed_package_is_shadowed_from_the_repo_root():
             "print(','.join(bad))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == ""
+
+
+# -- type hints of the public API (py.typed ships) --------------------------------------------------
+def _public_functions():
+    import mscp
+    from mscp.core.pipeline import PatchResult
+
+    return [getattr(mscp, name) for name in ("patch", "patch_many", "patch_peft_model", "fast_project")] + \
+        [PatchResult.save]
+
+
+def test_every_public_entry_point_is_fully_annotated_and_its_hints_resolve():
+    import inspect
+    import typing
+
+    for function in _public_functions():
+        hints = typing.get_type_hints(function)  # NameError/TypeError here: a hint that does not resolve
+        parameters = [p for p in inspect.signature(function).parameters if p != "self"]
+        assert set(parameters) <= set(hints), (function.__qualname__, sorted(set(parameters) - set(hints)))
+        assert "return" in hints, function.__qualname__
+
+
+@pytest.mark.parametrize("field, choices", [("score", "SCORES"), ("criterion", "CRITERIA"), ("projector", "PROJECTORS"),
+                                           ("dtype", "DTYPES"), ("backend", "BACKEND_CHOICES"),
+                                           ("finetuned_pass", "FINETUNED_PASSES")])
+def test_each_string_option_is_a_literal_of_the_choices_the_checks_use(field, choices):
+    import dataclasses
+    import typing
+
+    from mscp import MSCPError
+    from mscp.core import config
+    from mscp.core.config import PatchConfig
+
+    literal = typing.get_type_hints(PatchConfig)[field]
+    assert typing.get_origin(literal) is typing.Literal
+    allowed = getattr(config, choices)
+    assert typing.get_args(literal) == allowed
+    assert next(f for f in dataclasses.fields(PatchConfig) if f.name == field).metadata["choices"] == allowed  # argparse
+    with pytest.raises(MSCPError, match=f"^{field} must be one of {re.escape(', '.join(allowed))}, got 'nope'$"):
+        PatchConfig(**{field: "nope"})
+
+
+def test_the_literal_hints_give_string_options_on_the_command_line():
+    """mscp/cli/options.py takes any hint but bool, int and float as str: a Literal stays a str option."""
+    import argparse
+
+    from mscp.cli.options import add_config_options
+
+    parser = argparse.ArgumentParser()
+    add_config_options(parser)
+    actions = {a.dest: a for a in parser._actions}
+    for field in ("score", "criterion", "projector", "dtype", "backend", "finetuned_pass"):
+        assert actions[field].type is str and actions[field].choices, field
+    args = parser.parse_args(["--score", "wanda", "--backend", "torch", "--q", "0.5"])
+    assert (args.score, args.backend, args.q) == ("wanda", "torch", 0.5)
