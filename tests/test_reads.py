@@ -3,6 +3,7 @@ that carries over to a GPU, where a large patch is bound by reading weights."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mscp import patch
 from mscp.core.checkpoint import Checkpoint
@@ -50,3 +51,49 @@ def test_layers_kept_across_tokens_give_the_same_repair_and_read_the_model_once(
     aligned = Checkpoint(llama_trio["aligned"]).tensor_bytes
     assert kept.report["weight_reads"]["stages"]["targets_harmful"] <= aligned
     assert reload.report["weight_reads"]["stages"]["targets_harmful"] >= 2 * aligned
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_the_final_rows_come_from_the_attribution_pass_bit_for_bit_and_read_nothing(llama_trio, backend):
+    """The attribution pass projects every row of the scored modules; the final projection takes the
+    selected rows from it instead of reading W_a and W_b again, and gets what a projection of just
+    those rows (project_for: the Pareto points, tune, fast_project) gives, bit for bit."""
+    from mscp.core.adapter import Adapter
+    from mscp.core.project import project_for
+    from mscp.kernels import _ext
+
+    if backend == "cpp" and not _ext.load():
+        pytest.skip(f"C++ extension unavailable: {_ext.build_error()}")
+    result = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], target_tokens=4, backend=backend,
+                   q=0.1, **OPTS)
+    report = result.report
+    assert "project" not in report["weight_reads"]["stages"]
+    masks = {k: m["rows"] for k, m in report["modules"].items()}
+    assert sum(map(len, masks.values())) > 0
+    config = __import__("mscp").PatchConfig(backend=backend)
+    (tensors, edits), = project_for(config, [Adapter.load(llama_trio["adapter"])], llama_trio["base"],
+                                    llama_trio["aligned"], [masks])
+    assert tensors.keys() == result.tensors.keys()
+    assert all(torch.equal(tensors[k], result.tensors[k]) for k in tensors)
+    assert {k: e.to_dict() for k, e in edits.items()} == {k: {kk: m[kk] for kk in e.to_dict()}
+                                                          for k, m in report["modules"].items()
+                                                          for e in [edits[k]]}
+
+
+def test_several_adapters_of_a_call_share_every_read_of_the_default_score(llama_trio, tmp_path):
+    """The edits of every row and the forward and backward passes of the attribution score read each
+    layer once for all the adapters of a call: three adapters read what one reads."""
+    import shutil
+
+    from mscp import patch_many
+
+    copies = []
+    for k in range(3):
+        shutil.copytree(llama_trio["adapter"], tmp_path / f"adapter{k}")
+        copies.append(tmp_path / f"adapter{k}")
+    kw = dict(target_tokens=4, **OPTS)
+    one = patch_many(llama_trio["base"], llama_trio["aligned"], copies[:1], **kw)[0].report["weight_reads"]
+    three = patch_many(llama_trio["base"], llama_trio["aligned"], copies, **kw)
+    assert three[0].report["weight_reads"] == three[2].report["weight_reads"]  # one count for the call
+    assert three[0].report["weight_reads"]["stages"] == one["stages"]
+    assert all(torch.equal(three[2].tensors[k], t) for k, t in three[0].tensors.items())  # same adapter, same repair

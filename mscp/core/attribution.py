@@ -174,44 +174,71 @@ def attribution_scores(model: ModelShell, head: Head, prompts: list[list[int]], 
                        scratch: str | Path | None = None, progress=None) -> tuple[dict[int, dict[str, torch.Tensor]], float]:
     """a_i (see the module doc) of every module in the `scored` layers whose lora_B key has an edit
     in `edits` (key_b -> E, d_out x r); returns ({layer: {name: scores}}, total log-likelihood)."""
-    adapter, by_layer = lora
+    return attribution_scores_many(model, head, prompts, targets, [lora], [edits], scored, batch_size=batch_size,
+                                   pad_id=pad_id, scratch=scratch, progress=progress)[0]
+
+
+def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
+                            loras: list[Lora], edits: list[dict[str, torch.Tensor]], scored: set[int], *,
+                            batch_size: int, pad_id: int, scratch: str | Path | None = None, progress=None
+                            ) -> list[tuple[dict[int, dict[str, torch.Tensor]], float]]:
+    """`attribution_scores` of several adapters on the same prompts and targets, each layer loaded
+    once per pass for all of them (a forward pass with one stream per adapter, then a backward pass
+    that recomputes each adapter's layer from its stored input): each adapter's scores are what it
+    gets alone, and the weights are read as for one."""
     first = min(scored)
     batches = make_target_batches(prompts, targets, 0, batch_size, pad_id)
-    stream = model.capture({"targets": batches})["targets"]
-    store = _ScratchStore(scratch)
+    captured = model.capture({"targets": batches})["targets"]
+    streams = [captured] + [captured.copy() for _ in loras[1:]]
+    stores = [_ScratchStore(scratch) for _ in loras]
     try:
-        keep = _KeepInputs(stream, first, store)
-        sweep([Step(model, i, [stream]) for i in range(model.n_layers)],
-              advance_with([LoraAdded(stream, adapter, by_layer), keep]), progress=progress, desc="forward")
-        grads, total = _target_loglik_grads(head, stream)
-        stream.release()
-        scores: dict[int, dict[str, torch.Tensor]] = {}
+        keeps = [_KeepInputs(stream, first, store) for stream, store in zip(streams, stores)]
+        observers = [LoraAdded(stream, adapter, by_layer) for stream, (adapter, by_layer) in zip(streams, loras)]
+        sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers + keeps),
+              progress=progress, desc="forward")
+        grads, totals = [], []
+        for stream in streams:
+            g, total = _target_loglik_grads(head, stream)
+            grads.append(g)
+            totals.append(total)
+            stream.release()
+        scores: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in loras]
 
         def backward(step: Step, layer) -> None:
-            index = step.index
-            mods = by_layer.get(index, {})
-            linears = linears_of(layer, index, mods)
-            w = next(layer.parameters())
-            accs = {rel: torch.zeros(linears[rel].weight.shape[0], dtype=torch.float64, device=w.device)
-                    for rel, m in mods.items() if index in scored and m.key_b in edits}
-            for k, batch in enumerate(batches):
-                x = store.take(index, k, w.device).to(w.dtype).requires_grad_(True)
-                handles = []
-                for rel, m in mods.items():
-                    A = adapter.tensors[m.key_a].to(w.device, w.dtype)
-                    B = adapter.tensors[m.key_b].to(w.device, w.dtype)
-                    E = edits[m.key_b].to(w.device, w.dtype) if rel in accs else None
-                    handles.append(linears[rel].register_forward_hook(_attribution_hook(A, B, m.scale, E, accs.get(rel))))
-                with torch.enable_grad(), hooks(handles):
-                    out = layer(x, **keep.kwargs[index][k])
-                    out = out[0] if isinstance(out, tuple) else out
-                    torch.autograd.backward(out, grads[k])
-                grads[k] = x.grad.detach()
-            if accs:
-                scores[index] = {rel: acc.cpu() for rel, acc in accs.items()}
+            for j, ((adapter, by_layer), keep, store) in enumerate(zip(loras, keeps, stores)):
+                acc = _backward_layer(layer, step.index, adapter, by_layer.get(step.index, {}), edits[j], scored,
+                                      batches, keep, store, grads[j])
+                if acc:
+                    scores[j][step.index] = acc
 
         steps = [Step(model, i) for i in reversed(range(first, model.n_layers))]
         sweep(steps, backward, progress=progress, desc="backward")
     finally:
-        store.close()
-    return scores, total
+        for store in stores:
+            store.close()
+    return list(zip(scores, totals))
+
+
+def _backward_layer(layer, index: int, adapter, mods: dict[str, LoraModule], edits: dict[str, torch.Tensor],
+                    scored: set[int], batches, keep: _KeepInputs, store: _ScratchStore, grads: list[torch.Tensor]
+                    ) -> dict[str, torch.Tensor]:
+    """One adapter's step of the backward pass through `layer`: recompute it (LoRA added) from the
+    stored input, carry `grads` down (in place) and return the scored modules' a_i."""
+    linears = linears_of(layer, index, mods)
+    w = next(layer.parameters())
+    accs = {rel: torch.zeros(linears[rel].weight.shape[0], dtype=torch.float64, device=w.device)
+            for rel, m in mods.items() if index in scored and m.key_b in edits}
+    for k, batch in enumerate(batches):
+        x = store.take(index, k, w.device).to(w.dtype).requires_grad_(True)
+        handles = []
+        for rel, m in mods.items():
+            A = adapter.tensors[m.key_a].to(w.device, w.dtype)
+            B = adapter.tensors[m.key_b].to(w.device, w.dtype)
+            E = edits[m.key_b].to(w.device, w.dtype) if rel in accs else None
+            handles.append(linears[rel].register_forward_hook(_attribution_hook(A, B, m.scale, E, accs.get(rel))))
+        with torch.enable_grad(), hooks(handles):
+            out = layer(x, **keep.kwargs[index][k])
+            out = out[0] if isinstance(out, tuple) else out
+            torch.autograd.backward(out, grads[k])
+        grads[k] = x.grad.detach()
+    return {rel: acc.cpu() for rel, acc in accs.items()}

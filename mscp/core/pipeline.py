@@ -25,12 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model
-from mscp.core.attribution import attribution_scores, greedy_answers
+from mscp.core.attribution import attribution_scores, attribution_scores_many, greedy_answers
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig, PathArg, PromptFiles, PromptLists, check_arguments
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
-from mscp.core.project import project_for
+from mscp.core.project import project_for, rows_from
 from mscp.core.prompts import (
     check_token_ids,
     default_prompts,
@@ -91,6 +91,7 @@ class _AdapterRun:
     task_scores: WandaScores | None = None
     scores: dict = field(default_factory=dict)
     details: dict = field(default_factory=dict)  # what a score records beside the rows (attribution)
+    every_row: tuple | None = None  # (tensors, edits) of every row projected (attribution), for the final rows
 
 
 def patch(base: PathArg | InMemoryModel, aligned: PathArg | InMemoryModel, adapter: PathArg | Adapter,
@@ -279,18 +280,22 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
     projected_all = project_for(config, [run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, every_row)
     mark("edits_all_rows")
     timings["edits_all_rows"] = time.perf_counter() - clock
-    for run, rows, (projected, _) in zip(runs, every_row, projected_all):
-        lora = (run.lora, run.by_layer)
-        edits = {key: projected[key].float() - run.lora.tensors[key].float() for key in rows}
-        common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress)
-        clock = time.perf_counter()
-        a_harmful, ll_harmful = attribution_scores(aligned_model, head, harmful, refusals, lora, edits, scored, **common)
-        mark("attribution")
-        timings["attribution"] = time.perf_counter() - clock
+    loras, all_edits = [], []
+    for run, rows, (projected, edits) in zip(runs, every_row, projected_all):
+        run.every_row = (projected, edits)  # the final projection takes its rows from here
+        loras.append((run.lora, run.by_layer))
+        all_edits.append({key: projected[key].float() - run.lora.tensors[key].float() for key in rows})
+    common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress)
+    # the harmful side: every adapter's forward and backward pass with each layer loaded once for all
+    clock = time.perf_counter()
+    harmful_side = attribution_scores_many(aligned_model, head, harmful, refusals, loras, all_edits, scored, **common)
+    mark("attribution")
+    timings["attribution"] = time.perf_counter() - clock
+    for run, lora, edits, (a_harmful, ll_harmful) in zip(runs, loras, all_edits, harmful_side):
         run.scores = {m.key_b: {"harmful": a_harmful[index][rel]}
                       for index in window for rel, m in run.by_layer.get(index, {}).items()}
         run.details = {"targets_loglik": {"harmful": ll_harmful}, "target_tokens": {"harmful": sum(map(len, refusals))}}
-        if config.p > 0:
+        if config.p > 0:  # each adapter's own answers to the task prompts: its own pass
             clock = time.perf_counter()
             answers = greedy_answers(aligned_model, head, task, config.target_tokens, lora=lora, **gen)
             mark("targets_task")
@@ -428,8 +433,12 @@ def patch_many(base: PathArg | InMemoryModel, aligned: PathArg | InMemoryModel, 
         masks = [select_masks(run, chosen, config, aligned_model.ckpt) for run in runs]
         with use_backend(config.backend):
             clock = time.perf_counter()
-            projected = project_for(config, [run.lora for run in runs], base_model.ckpt, aligned_model.ckpt, masks,
-                                    progress=progress_bar(config))
+            # the attribution pass projected every row already: its rows serve, no weight is read again
+            again = [k for k, run in enumerate(runs) if run.every_row is None]
+            fresh_rows = iter(project_for(config, [runs[k].lora for k in again], base_model.ckpt, aligned_model.ckpt,
+                                          [masks[k] for k in again], progress=progress_bar(config)) if again else [])
+            projected = [rows_from(run.lora, run.every_row, mask) if run.every_row is not None else next(fresh_rows)
+                         for run, mask in zip(runs, masks)]
             loc.reads.mark("project")
             timings["project"] = time.perf_counter() - clock
 

@@ -89,11 +89,18 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
         for k, m, rows in by_weight[weight_key]:
             key_b = m.key_b
             B = adapters[k].tensors[key_b]
+            # Every row is projected and the selected ones kept: a row's bits then never depend on
+            # which other rows were selected (a matrix product of a subset may round differently),
+            # so the rows a patch takes from its attribution pass, which projects every row, are
+            # exactly these (and that pass's reads serve the final projection too).
+            every = torch.arange(B.shape[0], device=device) if rows.numel() else rows.to(device)
             with use_backend(backend):
                 if projector == "exact":
-                    B_new, norm_v = _exact_projection(W_a, W_b, B.to(device), rows.to(device), alpha, exact_rank)
+                    B_all, norm_v = _exact_projection(W_a, W_b, B.to(device), every, alpha, exact_rank)
                 else:
-                    B_new, norm_v = lowrank_project(W_a, W_b, B.to(device), rows.to(device), float(alpha))
+                    B_all, norm_v = lowrank_project(W_a, W_b, B.to(device), every, float(alpha))
+            B_new = B.to(device).clone()
+            B_new[rows.to(device)] = B_all[rows.to(device)]
             norm_v = float(norm_v)
             if not math.isfinite(norm_v):
                 _name_non_finite(W_a, W_b, aligned, base, weight_key)
@@ -220,6 +227,27 @@ def mask_keys(adapter: Adapter, masks: Mapping) -> dict[str, object]:
             raise MSCPError(f"two mask keys name the same lora_B tensor {found}")
         out[found] = rows
     return out
+
+
+def rows_from(adapter: Adapter, every_row: tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]],
+              masks: dict[str, object]) -> tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]:
+    """What `project_adapters` returns for `masks`, taken from its result for every row of the same
+    modules (`every_row`, as the attribution pass computes it) without reading a weight again: it
+    computes the rows it keeps from every row, so this is the same result, bit for bit (test)."""
+    projected, edits_all = every_row
+    tensors, edits = dict(adapter.tensors), {}
+    for key_b, rows in masks.items():
+        if key_b not in edits_all:
+            raise MSCPError(f"mask key {key_b} was not projected in the attribution pass")
+        B = adapter.tensors[key_b]
+        rows = _rows_tensor(rows, B.shape[0], key_b)
+        e = edits_all[key_b]
+        edits[key_b] = ModuleEdit(e.module, rows.tolist(), e.norm_v, e.rank, e.d_out, e.skipped)
+        if rows.numel() and not e.skipped:
+            B_new = B.clone()
+            B_new[rows] = projected[key_b][rows]
+            tensors[key_b] = B_new
+    return tensors, edits
 
 
 def project_for(config, adapters: list[Adapter], base, aligned, masks: list[dict[str, object]], *, progress=None
