@@ -134,8 +134,9 @@ class Localization:
     reads: WeightReads | None = None  # bytes of base and aligned weights read, stage by stage
 
 
-def localize(base, aligned, adapters: list, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
-             config: PatchConfig, revision: str | None = None, cache=None) -> Localization:
+def localize(base, aligned, adapters: Sequence[PathArg | Adapter], *, harmful=None, benign=None, task=None,
+             prompts=None, tokenizer=None, config: PatchConfig, revision: str | None = None,
+             cache=None) -> Localization:
     """Levels 1 and 2: the layer curves, the safety layers, and each adapter's row scores (harmful
     and task) of its LoRA modules, by config.score. Nothing is projected.
 

@@ -184,7 +184,7 @@ def fast_project(adapter: PathArg | Adapter | torch.nn.Module | Mapping[str, tor
     return fresh(tensors, inputs)
 
 
-def check_projection_options(*, alpha, projector: str, device, backend: str) -> None:
+def check_projection_options(*, alpha, projector: Projector, device, backend: Backend) -> None:
     """The projection's options, checked as PatchConfig checks them, plus a CUDA device that exists."""
     from mscp.core.config import PatchConfig
 
