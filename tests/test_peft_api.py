@@ -300,3 +300,9 @@ def test_the_command_line_shows_progress_bars_unless_quiet():
     argv = ["patch", "--base", "b", "--aligned", "a", "--adapter", "l", "--out", "o"]
     assert config_from_args(build_parser().parse_args(argv)).progress is True
     assert config_from_args(build_parser().parse_args(argv + ["--quiet"])).progress is False
+
+
+def test_patching_an_adapter_folder_that_mscp_wrote_warns(from_folders, llama_trio, tmp_path):
+    out = from_folders.save(tmp_path / "repaired")
+    with pytest.warns(UserWarning, match="already repaired by mscp"):
+        patch(llama_trio["base"], llama_trio["aligned"], out, **OPTS)
