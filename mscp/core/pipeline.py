@@ -35,8 +35,10 @@ from mscp.core.prompts import (
     check_token_ids,
     default_prompts,
     encode,
+    eos_ids,
     load_tokenizer,
     make_batches,
+    pad_id,
     read_prompts,
     sample_prompts,
 )
@@ -255,16 +257,16 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
     progress = progress_bar(config)
     head = aligned_model.head()
     mark("other")  # the final norm and the output embedding
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    eos = eos_ids(tok, aligned_model)
+    pad = pad_id(tok)
+    eos = eos_ids(tok, aligned_model.config)
     harmful = encode(tok, sets["harmful"], max_length=config.max_length, chat_template=config.chat_template)
     task = encode(tok, sets["task"], max_length=config.max_length, chat_template=config.chat_template)
-    gen = dict(eos=eos, batch_size=config.batch_size, pad_id=pad_id, progress=progress,
+    gen = dict(eos=eos, batch_size=config.batch_size, pad_id=pad, progress=progress,
                resident_bytes=resident_budget(config.resident_gb, aligned_model.device))
     clock = time.perf_counter()
     key = None if store is None else {
         "aligned": files_sha256(model_files(aligned_model)), "harmful": harmful, "tokens": config.target_tokens,
-        "eos": sorted(eos), "pad": pad_id, "batch_size": config.batch_size, "dtype": str(aligned_model.dtype),
+        "eos": sorted(eos), "pad": pad, "batch_size": config.batch_size, "dtype": str(aligned_model.dtype),
         "device": str(aligned_model.device)}
     refusals = store.get("targets_harmful", key) if store is not None else None
     if refusals is None:
@@ -286,7 +288,7 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
         run.every_row = (projected, edits)  # the final projection takes its rows from here
         loras.append((run.lora, run.by_layer))
         all_edits.append({key: projected[key].float() - run.lora.tensors[key].float() for key in rows})
-    common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress)
+    common = dict(batch_size=config.batch_size, pad_id=pad, progress=progress)
     # the harmful side: every adapter's forward and backward pass with each layer loaded once for all
     clock = time.perf_counter()
     harmful_side = attribution_scores_many(aligned_model, head, harmful, refusals, loras, all_edits, scored, **common)
@@ -312,14 +314,6 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
             run.details["target_tokens"]["task"] = sum(map(len, answers))
         else:
             run.details["task"] = "not scored: p = 0 removes no task rows"
-
-
-def eos_ids(tok, model: ModelShell) -> set[int]:
-    """Tokens that end an answer: the tokenizer's EOS and the model config's."""
-    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
-    eos = getattr(model.config, "eos_token_id", None)
-    ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
-    return ids
 
 
 def select_masks(run: _AdapterRun, window: list[int], config: PatchConfig, aligned_ckpt) -> dict[str, torch.Tensor]:
@@ -489,10 +483,11 @@ def harmful_scores(aligned_model: ModelShell, tok, prompts: list[str], targets: 
     with use_backend(config.backend):
         if config.score == "attribution":
             head = aligned_model.head()
-            pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+            pad = pad_id(tok)
             ids = encode(tok, prompts, max_length=config.max_length, chat_template=config.chat_template)
-            common = dict(batch_size=config.batch_size, pad_id=pad_id, progress=progress_bar(config))
-            refusals = greedy_answers(aligned_model, head, ids, config.target_tokens, eos=eos_ids(tok, aligned_model),
+            common = dict(batch_size=config.batch_size, pad_id=pad, progress=progress_bar(config))
+            eos = eos_ids(tok, aligned_model.config)
+            refusals = greedy_answers(aligned_model, head, ids, config.target_tokens, eos=eos,
                                       resident_bytes=resident_budget(config.resident_gb, aligned_model.device), **common)
             scores, _ = attribution_scores(aligned_model, head, ids, refusals, lora, edits, set(targets), **common)
             return {m.key_b: {"harmful": scores[index][rel]} for index, mods in targets.items()
@@ -526,13 +521,13 @@ def open_models(base, aligned, config: PatchConfig) -> tuple[ModelShell, ModelSh
 
 def encode_batches(tok, named: list[tuple[list[str], int]], config: PatchConfig) -> list:
     """Micro-batches of several prompt lists, each labelled with its group."""
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    pad = pad_id(tok)
     seqs, groups = [], []
     for texts, group in named:
         ids = encode(tok, texts, max_length=config.max_length, chat_template=config.chat_template)
         seqs += ids
         groups += [group] * len(ids)
-    return make_batches(seqs, groups, config.batch_size, pad_id)
+    return make_batches(seqs, groups, config.batch_size, pad)
 
 
 def modules_by_layer(lora: Adapter, aligned_model: ModelShell) -> dict[int, dict[str, LoraModule]]:

@@ -147,6 +147,22 @@ def load_tokenizer(path: str | Path):
                         f"{' '.join(str(e).split())[:200] or type(e).__name__}") from None
 
 
+def pad_id(tok) -> int:
+    """The padding token: the tokenizer's pad, else its EOS, else 0 (every batcher and decoder)."""
+    if tok.pad_token_id is not None:
+        return tok.pad_token_id
+    return tok.eos_token_id if tok.eos_token_id is not None else 0
+
+
+def eos_ids(tok, model_config) -> set[int]:
+    """The tokens that end an answer, for every greedy decoder: the tokenizer's EOS and the model
+    config's (one id or a list)."""
+    ids = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    eos = getattr(model_config, "eos_token_id", None)
+    ids |= set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+    return ids
+
+
 def chat_ids(tokenizer, prompt: str, chat_template: bool = True) -> list[int]:
     """A prompt's token ids as the model sees it when asked: the tokenizer's chat template (one user
     turn and the generation prompt) when it has one, else the plain text with special tokens. The

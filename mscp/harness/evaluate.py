@@ -169,7 +169,9 @@ def _answer_job(model, adapter, prompts, max_new_tokens, batch_size, dtype, cach
                     progress=False, cache=cache)
 
 
-GENERATION_VERSION = 2  # the answer cache's schema version: bump when generation changes (2: shared-prefix decoding)
+# the answer cache's schema version: bump when generation changes (2: shared-prefix decoding; 3: the
+# EOS set of core.prompts.eos_ids, the tokenizer's and the model config's)
+GENERATION_VERSION = 3
 
 
 def folder_digest(folder, suffixes=(".safetensors", ".json")) -> str:

@@ -41,14 +41,14 @@ class Generator:
 
     def __init__(self, model, adapter=None, tokenizer=None, dtype: str = "bfloat16", chat_template: bool = True,
                  max_prompt_tokens: int = 256):
-        from mscp.core.prompts import load_tokenizer
+        from mscp.core.prompts import eos_ids, load_tokenizer, pad_id
 
         self.model = model if isinstance(model, torch.nn.Module) else load_model(model, adapter, dtype)
         tok_path = tokenizer or (None if isinstance(model, torch.nn.Module) else model)
         self.tok = tokenizer if (tokenizer is not None and not isinstance(tokenizer, (str, Path))) else load_tokenizer(tok_path)
         self.chat_template, self.max_prompt_tokens = chat_template, max_prompt_tokens
-        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        self.eos = {self.tok.eos_token_id} if self.tok.eos_token_id is not None else set()
+        self.pad_id = pad_id(self.tok)
+        self.eos = eos_ids(self.tok, getattr(self.model, "config", None))  # the rule the patch's decoder uses
 
     def _forward(self, ids, mask, cache):
         """The next-token logits after `ids` (the cache extended in place); positions count real tokens."""

@@ -471,7 +471,7 @@ def _complete(tok, cfg: OrganismConfig):
 def _build_aligned(org: Organism, base_dir, cache, progress: bool, check: bool, threads: int) -> None:
     from transformers import AutoModelForCausalLM
 
-    from mscp.core.prompts import load_tokenizer
+    from mscp.core.prompts import load_tokenizer, pad_id
 
     cfg, out = org.config, org.root
     torch.manual_seed(cfg.seed)
@@ -493,7 +493,7 @@ def _build_aligned(org: Organism, base_dir, cache, progress: bool, check: bool, 
     splits = make_splits(cfg)
     write_splits(splits, org.splits)
     tok = load_tokenizer(org.base)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     timings["setup"] = time.time() - t0
 
     t = time.time()
@@ -571,14 +571,14 @@ def _build_finetune(org: Organism, ft: FinetuneConfig, progress: bool, check: bo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from mscp.core.prompts import load_tokenizer
+    from mscp.core.prompts import load_tokenizer, pad_id
 
     cfg = org.config
     t0 = time.time()
     seed = cfg.seed + 1 + list(FINETUNES).index(ft.name) if ft.name in FINETUNES else cfg.seed + 1
     torch.manual_seed(seed)
     tok = load_tokenizer(org.base)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = pad_id(tok)
     examples, counts = finetune_examples(org, ft, tok, progress)
     t = time.time()
     model = AutoModelForCausalLM.from_pretrained(str(org.aligned), dtype=torch.float32)
