@@ -22,6 +22,10 @@ run, `make lock` makes its versions the lock.
 """
 
 
+MAIN = ("transformers", "peft", "safetensors", "kernels", "huggingface-hub", "tokenizers", "numpy", "triton", "ray",
+        "pytest", "pip", "setuptools")  # named when there is no lock to compare with
+
+
 def pins(lines) -> dict[str, str]:
     out = {}
     for line in lines:
@@ -52,7 +56,10 @@ def main(venv: str, lock: str, results: str) -> None:
     entry = [f"## {day}: {closing}", "",
              f"Python {python_version}; {len(newest)} packages; the whole list: "
              f"[data/{data.name}](data/{data.name}).", ""]
-    if changed:
+    if not locked:
+        entry += ["No lock to compare with: these versions became the first lock. The main ones: "
+                  + ", ".join(f"{n} {newest[n]}" for n in MAIN if n in newest) + ".", ""]
+    elif changed:
         entry += ["| package | locked | newest |", "|---|---|---|", *changed, ""]
     else:
         entry += ["Every version equals the lock's.", ""]
