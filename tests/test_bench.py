@@ -77,3 +77,18 @@ def test_bench_reports_the_default_score_beside_the_single_pass_one_in_time_and_
     assert 0.5 < figures["passes_full"] < 1.5  # the single-pass score: one read of both models, and the projection
     assert figures["passes_default"] > figures["passes_full"]
     assert sum(figures["passes_default_by_stage"].values()) == pytest.approx(figures["passes_default"], abs=1e-3)
+
+
+def test_bench_check_flags_more_passes_and_a_time_ratio_past_its_tolerance():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_check.py"
+    spec = importlib.util.spec_from_file_location("bench_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    recorded = {**{k: 1.0 for k in check.EXACT}, **{k: 2.0 for k in check.RATIOS}}
+    assert check.compare(dict(recorded), recorded, 0.3) == []
+    assert check.compare({**recorded, "io_floor_ratio_full": 2.5}, recorded, 0.3) == []  # within 30 %
+    worse = check.compare({**recorded, "passes_default": 1.01, "multi_adapter_ratio": 2.7}, recorded, 0.3)
+    assert [w.split(":")[0] for w in worse] == ["passes_default", "multi_adapter_ratio"]
