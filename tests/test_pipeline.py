@@ -321,3 +321,12 @@ def test_bfloat16_compute_gives_close_curves_and_the_same_report_fields(llama_tr
     assert bf16.report["compute_dtype"] == "bfloat16"
     for a, b in zip(fp32.report["layer_curves"], bf16.report["layer_curves"]):
         assert b["c_harmful"] == pytest.approx(a["c_harmful"], abs=2e-2)
+
+
+@pytest.mark.parametrize("name, index", [("model.layers.3.mlp.up_proj", 3), ("model.layers.7", 7),
+                                         ("base_model.model.model.layers.12.self_attn.q_proj.lora_B.weight", 12),
+                                         ("lm_head", None), ("model.mylayers.3.x", None), ("layers.0.mlp", 0)])
+def test_the_layer_index_of_a_module_or_tensor_name_is_read_one_way(name, index):
+    from mscp.core.adapter import layer_index
+
+    assert layer_index(name) == index

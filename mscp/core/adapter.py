@@ -21,6 +21,15 @@ PEFT_PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 
 
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)(?:\.|$)")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a module or tensor name ('model.layers.3.mlp.up_proj' -> 3), or None."""
+    m = _LAYER.search(name)
+    return int(m[1]) if m else None
+
+
 @dataclass(frozen=True)
 class LoraModule:
     """One LoRA-adapted linear module."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from html import escape
+
+from mscp.core.adapter import layer_index
 
 # one colour per curve / module kind, readable on white and for the common colour-blindnesses
 PALETTE = ("#0072b2", "#e69f00", "#009e73", "#d55e00", "#cc79a7", "#56b4e9", "#8c6d1f", "#666666")
@@ -86,11 +87,6 @@ def _text(value) -> str:
 def _kv_table(mapping: dict, table_id: str) -> str:
     rows = "".join(f"<tr><th>{escape(str(k))}</th><td>{_text(v)}</td></tr>" for k, v in mapping.items())
     return f'<table id="{table_id}"><tbody>{rows}</tbody></table>'
-
-
-def _layer_of(module: str) -> int | None:
-    m = re.search(r"\.layers\.(\d+)\.", f".{module}.")
-    return int(m[1]) if m else None
 
 
 def _header(report: dict) -> str:
@@ -213,7 +209,7 @@ def _rows_per_layer(report: dict) -> str:
     n_layers = report.get("n_layers") or 0
     counts: dict[str, dict[int, int]] = {}
     for m in modules.values():
-        layer = _layer_of(m.get("module", ""))
+        layer = layer_index(m.get("module", ""))
         if layer is not None:
             by_layer = counts.setdefault(_kind(m["module"]), {})
             by_layer[layer] = by_layer.get(layer, 0) + m.get("n_rows", 0)
@@ -262,7 +258,7 @@ def _row_positions(report: dict) -> str:
     modules = report.get("modules", {})
     by_layer: dict[int, list[tuple[str, dict]]] = {}
     for key, m in modules.items():
-        layer = _layer_of(m.get("module", ""))
+        layer = layer_index(m.get("module", ""))
         by_layer.setdefault(-1 if layer is None else layer, []).append((key, m))
     if not by_layer:
         return "<p>No module in the safety window.</p>"
@@ -305,7 +301,7 @@ def _module_table(report: dict) -> str:
         skipped = m.get("skipped")
         status = (f"skipped: {skipped} ({len(m.get('selected_rows', []))} rows selected)" if skipped
                   else "projected" if m.get("n_rows") else "no row selected")
-        layer = _layer_of(m.get("module", ""))
+        layer = layer_index(m.get("module", ""))
         body.append(f'<tr data-key="{escape(key)}"><td class="mono">{escape(key)}</td><td class="n">'
                     f'{"–" if layer is None else layer}</td><td class="n">{_num(m.get("n_rows"))}</td>'
                     f'<td class="n">{_num(m.get("d_out"))}</td><td class="n">{_num(m.get("rank"))}</td>'

@@ -16,22 +16,16 @@ Edit fraction everywhere: changed LoRA parameters (rows of B x r) / all LoRA par
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from mscp.core.adapter import Adapter
+from mscp.core.adapter import Adapter, layer_index
 from mscp.core.atomic import write_atomically
 from mscp.core.checkpoint import Checkpoint
 from mscp.errors import MSCPError
-
-
-def _layer_of(name: str) -> int | None:
-    m = re.search(r"\.layers\.(\d+)\.", name)
-    return int(m.group(1)) if m else None
 
 
 def write_adapter(src: str | Path, tensors: dict[str, torch.Tensor], out: str | Path, report: dict) -> Path:
@@ -118,7 +112,7 @@ def drop_layers(adapter, layers, out) -> dict:
     tensors = dict(ad.tensors)
     edited = {}
     for m in ad.modules.values():
-        if _layer_of(m.module + ".") in layers:
+        if layer_index(m.module) in layers:
             tensors[m.key_b] = torch.zeros_like(tensors[m.key_b])
             edited[m.key_b] = tensors[m.key_b].shape[0]
     report = {"method": "drop_safety_layers", "layers": sorted(layers), **_edit_fraction(ad, edited)}

@@ -63,6 +63,7 @@ def plot_figures(report: dict, out: Path) -> list[Path]:
     """layer_curves.png (level-1 curves, chosen window shaded) and neurons.png (selected rows per layer);
     none without matplotlib (the report.html of the patch shows the same)."""
     from mscp.continual.figures import plots_available
+    from mscp.core.adapter import layer_index
 
     if not plots_available():
         return []
@@ -94,7 +95,7 @@ def plot_figures(report: dict, out: Path) -> list[Path]:
 
     kinds = {}
     for m in report["modules"].values():
-        layer = int(m["module"].split(".layers.")[1].split(".")[0])
+        layer = layer_index(m["module"])
         kind = m["module"].rsplit(".", 1)[-1]
         kinds.setdefault(kind, {})
         kinds[kind][layer] = kinds[kind].get(layer, 0) + m["n_rows"]

@@ -10,7 +10,6 @@ edits with the same settings (tests/test_evaluate.py checks it).
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +42,6 @@ class Scored:
 
     def __init__(self, report: dict, scores: dict):
         self.report, self.scores = report, scores
-
-
-def layer_of(key: str) -> int:
-    return int(re.search(r"\.layers\.(\d+)\.", key).group(1))
 
 
 class Bench:
@@ -148,6 +143,7 @@ class Bench:
 
     def rows(self, params: dict) -> dict:
         """The rows `mscp patch` selects with the point's settings, restricted to its window."""
+        from mscp.core.adapter import layer_index
         from mscp.core.checkpoint import Checkpoint
         from mscp.core.pipeline import select_rows
 
@@ -155,7 +151,7 @@ class Bench:
         res = self.scored(config.score, keep=params.get("keep", "task"), task_side=config.p > 0)
         layers = set(self.window(params["window"]))
         by_b = self.lora.by_b_key()
-        modules = {k: by_b[k] for k in res.scores if layer_of(k) in layers}
+        modules = {k: by_b[k] for k in res.scores if layer_index(k) in layers}
         if config.score == "wanda_weight" and self._aligned_ckpt is None:  # its selection reads W_aligned
             self._aligned_ckpt = Checkpoint(self.org.aligned, label="aligned")
         return select_rows(config, res.scores, modules, self.lora.tensors, self._aligned_ckpt)
