@@ -131,3 +131,17 @@ def test_no_cancellation_when_cb_is_tiny(backend, alpha):
     cb_scale = (exp - (1 - alpha) * B.double()).abs().max() / B.abs().max()
     assert cb_scale < 3e-3  # the case this test is about
     assert_close_rel(out, exp, 3e-6, f"{backend} alpha={alpha}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(96, 64, 4), (333, 129, 3), (50, 70, 1), (1000, 200, 8)])
+def test_a_row_comes_out_the_same_whichever_other_rows_are_selected(backend, dtype, shape):
+    """A patch takes its final rows from its projection of every row (core/project.rows_from):
+    that is exact only if no backend's result for a row depends on the selection around it."""
+    d_out, d_in, r = shape
+    W_a, B = randn(d_out, d_in, dtype=dtype), randn(d_out, r, dtype=dtype)
+    W_b = (W_a.float() + 0.05 * randn(d_out, d_in)).to(dtype)
+    rows = torch.randperm(d_out)[: max(1, d_out // 7)].sort().values
+    some, _ = _run(backend, W_a, W_b, B, rows, 0.9)
+    every, _ = _run(backend, W_a, W_b, B, torch.arange(d_out), 0.9)
+    assert torch.equal(some[rows], every[rows])

@@ -89,18 +89,13 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
         for k, m, rows in by_weight[weight_key]:
             key_b = m.key_b
             B = adapters[k].tensors[key_b]
-            # Every row is projected and the selected ones kept: a row's bits then never depend on
-            # which other rows were selected (a matrix product of a subset may round differently),
-            # so the rows a patch takes from its attribution pass, which projects every row, are
-            # exactly these (and that pass's reads serve the final projection too).
-            every = torch.arange(B.shape[0], device=device) if rows.numel() else rows.to(device)
+            # Each backend computes a row the same whichever other rows are selected, so the rows a
+            # patch takes from its attribution pass (every row projected, `rows_from`) are these.
             with use_backend(backend):
                 if projector == "exact":
-                    B_all, norm_v = _exact_projection(W_a, W_b, B.to(device), every, alpha, exact_rank)
+                    B_new, norm_v = _exact_projection(W_a, W_b, B.to(device), rows.to(device), alpha, exact_rank)
                 else:
-                    B_all, norm_v = lowrank_project(W_a, W_b, B.to(device), every, float(alpha))
-            B_new = B.to(device).clone()
-            B_new[rows.to(device)] = B_all[rows.to(device)]
+                    B_new, norm_v = lowrank_project(W_a, W_b, B.to(device), rows.to(device), float(alpha))
             norm_v = float(norm_v)
             if not math.isfinite(norm_v):
                 _name_non_finite(W_a, W_b, aligned, base, weight_key)
@@ -232,8 +227,9 @@ def mask_keys(adapter: Adapter, masks: Mapping) -> dict[str, object]:
 def rows_from(adapter: Adapter, every_row: tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]],
               masks: dict[str, object]) -> tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]:
     """What `project_adapters` returns for `masks`, taken from its result for every row of the same
-    modules (`every_row`, as the attribution pass computes it) without reading a weight again: it
-    computes the rows it keeps from every row, so this is the same result, bit for bit (test)."""
+    modules (`every_row`, as the attribution pass computes it) without reading a weight again. Each
+    backend computes a row the same whichever others are selected (tests/test_ops_lowrank_project),
+    so this is the same result, bit for bit (tests/test_reads.py)."""
     projected, edits_all = every_row
     tensors, edits = dict(adapter.tensors), {}
     for key_b, rows in masks.items():
@@ -326,6 +322,6 @@ def _exact_projection(W_a, W_b, B, rows, alpha, rank):
     if rows.numel() and norm_v > 0:
         Q = torch.linalg.svd(V, full_matrices=False).U[:, : min(rank, min(V.shape))]
         B_rows = B[rows].to(acc)
-        CB_rows = Q[rows] @ (Q.T @ B.to(acc))
+        CB_rows = (Q @ (Q.T @ B.to(acc)))[rows]  # every row, then the selected: row i's bits never depend on the others
         out[rows] = ((1 - alpha) * B_rows + alpha * CB_rows).to(B.dtype)
     return out, norm_v.float()

@@ -42,7 +42,9 @@ def lowrank_project_torch(W_a, W_b, B, rows, alpha):
     if rows.numel() and norm_v > 0:
         G = V.T @ B.to(acc)
         B_rows = B[rows].to(acc)
-        CB_rows = (V[rows] @ G) / norm_v
+        # every row, then the selected ones: a product of a subset of rows may round differently,
+        # and a row must come out the same whichever others are selected (core/project.rows_from)
+        CB_rows = (V @ G)[rows] / norm_v
         out[rows] = ((1 - alpha) * B_rows + alpha * CB_rows).to(B.dtype)  # no cancellation when C B << B
     return out, norm_v.float()
 
