@@ -99,7 +99,7 @@ class PatchConfig:
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
     resident_gb: float | None = option(None, "attribution: GB of layers kept loaded while the greedy answers are "
                                        "generated, so each layer is read once rather than once per token (0: "
-                                       "none; default: half the memory free on the compute device)",
+                                       "none; None: half the memory free on the compute device)",
                                        parse=float, metavar="GB")
 
     # Projection
