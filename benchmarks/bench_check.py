@@ -5,12 +5,13 @@ it measures against benchmarks/recorded.json:
 - passes over (base + aligned) of the single-pass and the default score, and of K adapters in one
   call: counted bytes, the same on any machine, so any rise is a regression;
 - ratios of two times taken side by side in the same run (projection only against its I/O floor,
-  the full pipeline against its floor, K adapters against one, the default against the single
-  pass): machine-independent enough to compare, with a tolerance for noise.
+  K adapters against one, the default against the single pass), the median of three bench runs:
+  machine-independent enough to compare, with a tolerance for noise (50 %: the regressions this is
+  for were 1.75x and 3x).
 Exit 1 with one line per figure that got worse; `--record` writes the current figures as the new
 reference (do that on a quiet machine, and say so in the commit).
 
-    python benchmarks/bench_check.py [--record] [--tolerance 0.3]
+    python benchmarks/bench_check.py [--record] [--tolerance 0.5]
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ RECORDED = Path(__file__).with_name("recorded.json")
 TRIO = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, vocab_size=8000, rank=8, layers_per_shard=2)
 EXACT = ("passes_full", "passes_default")  # counted bytes: no tolerance
-RATIOS = ("io_floor_ratio_projection", "io_floor_ratio_full", "multi_adapter_ratio", "default_over_single_pass")
+# the full pipeline against its I/O floor is left out: on this small trio the floor is a few ms and
+# the ratio swung 11-21 over four runs of the same code
+RATIOS = ("io_floor_ratio_projection", "multi_adapter_ratio", "default_over_single_pass")
+RUNS = 3  # the median of each figure over this many bench runs
 
 
 def trio() -> dict[str, Path]:
@@ -38,13 +42,15 @@ def trio() -> dict[str, Path]:
 
 
 def measure() -> dict:
+    import statistics
+
     from mscp.harness.bench import run_bench
     from mscp.paths import cache_dir
 
     t = trio()
-    fig = run_bench(t["base"], t["aligned"], t["adapter"], k=4, work=cache_dir("bench-check", "work"), repeats=3,
-                    full_separate=False, n_prompts=8, log=lambda *_: None)
-    return {k: fig[k] for k in EXACT + RATIOS}
+    runs = [run_bench(t["base"], t["aligned"], t["adapter"], k=4, work=cache_dir("bench-check", "work"), repeats=3,
+                      full_separate=False, n_prompts=8, log=lambda *_: None) for _ in range(RUNS)]
+    return {k: statistics.median(run[k] for run in runs) for k in EXACT + RATIOS}
 
 
 def compare(now: dict, recorded: dict, tolerance: float) -> list[str]:
@@ -61,7 +67,7 @@ def compare(now: dict, recorded: dict, tolerance: float) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--record", action="store_true", help="write the figures measured now as the reference")
-    ap.add_argument("--tolerance", type=float, default=0.3, help="allowed rise of a time ratio (default 0.3)")
+    ap.add_argument("--tolerance", type=float, default=0.5, help="allowed rise of a time ratio (default 0.5)")
     args = ap.parse_args()
     now = measure()
     print(json.dumps(now, indent=1))
