@@ -228,7 +228,7 @@ def _backward_layer(layer, index: int, adapter, mods: dict[str, LoraModule], edi
     w = next(layer.parameters())
     accs = {rel: torch.zeros(linears[rel].weight.shape[0], dtype=torch.float64, device=w.device)
             for rel, m in mods.items() if index in scored and m.key_b in edits}
-    for k, batch in enumerate(batches):
+    for k in range(len(batches)):
         x = store.take(index, k, w.device).to(w.dtype).requires_grad_(True)
         handles = []
         for rel, m in mods.items():

@@ -228,7 +228,7 @@ def localize(base, aligned, adapters: Sequence[PathArg | Adapter], *, harmful=No
             for run in runs:
                 run.scores = scores_by_key(run, harmful_scores, run.task_scores, layers=window if after_window else None)
         elif runs:
-            attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings, store, reads)
+            attribution_pass(base_model, aligned_model, runs, sets, tok, window, config, timings, reads, store)
     reads.mark("other")  # the embedding and the head, read on first use
     return Localization(base_model, aligned_model, runs, layer_curves, window, sets, prompt_files, timings, sampled,
                         {"folder": str(store.folder.resolve()), **store.used} if store is not None else
@@ -246,28 +246,25 @@ def safety_window(base, aligned, *, harmful=None, benign=None, prompts=None, tok
 
 
 def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: list[_AdapterRun], sets: dict, tok,
-                     window: list[int], config: PatchConfig, timings: dict, store: ResultCache | None = None,
-                     reads: WeightReads | None = None) -> None:
+                     window: list[int], config: PatchConfig, timings: dict, reads: WeightReads,
+                     store: ResultCache | None = None) -> None:
     """The attribution scores of each adapter's modules in the window (core/attribution.py): the
-    aligned model's answers to the harmful prompts are generated once; then per adapter the edit
-    of every row (the projection of all rows), the fine-tuned model's answers to the task prompts,
-    and a forward and backward pass for each prompt set. At p = 0 no task row is ever removed, so
-    the task side (its answers and its pass, a third of the time) is skipped."""
-    mark = reads.mark if reads is not None else (lambda stage: None)
-    progress = progress_bar(config)
+    aligned model's answers to the harmful prompts are generated once; the edit of every row (the
+    projection of all rows) and the forward and backward pass over those answers run for every
+    adapter together, each weight read once; then per adapter its own answers to the task prompts
+    and their pass. At p = 0 no task row is ever removed, so the task side (a third of the time)
+    is skipped."""
+    mark = reads.mark
     head = aligned_model.head()
     mark("other")  # the final norm and the output embedding
-    pad = pad_id(tok)
-    eos = eos_ids(tok, aligned_model.config)
     harmful = encode(tok, sets["harmful"], max_length=config.max_length, chat_template=config.chat_template)
     task = encode(tok, sets["task"], max_length=config.max_length, chat_template=config.chat_template)
-    gen = dict(eos=eos, batch_size=config.batch_size, pad_id=pad, progress=progress,
-               resident_bytes=resident_budget(config.resident_gb, aligned_model.device))
+    gen = greedy_options(tok, aligned_model, config)
     clock = time.perf_counter()
     key = None if store is None else {
         "aligned": files_sha256(model_files(aligned_model)), "harmful": harmful, "tokens": config.target_tokens,
-        "eos": sorted(eos), "pad": pad, "batch_size": config.batch_size, "dtype": str(aligned_model.dtype),
-        "device": str(aligned_model.device)}
+        "eos": sorted(gen["eos"]), "pad": gen["pad_id"], "batch_size": config.batch_size,
+        "dtype": str(aligned_model.dtype), "device": str(aligned_model.device)}
     refusals = store.get("targets_harmful", key) if store is not None else None
     if refusals is None:
         refusals = greedy_answers(aligned_model, head, harmful, config.target_tokens, **gen)
@@ -288,7 +285,7 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
         run.every_row = (projected, edits)  # the final projection takes its rows from here
         loras.append((run.lora, run.by_layer))
         all_edits.append({key: projected[key].float() - run.lora.tensors[key].float() for key in rows})
-    common = dict(batch_size=config.batch_size, pad_id=pad, progress=progress)
+    common = {k: gen[k] for k in ("batch_size", "pad_id", "progress")}
     # the harmful side: every adapter's forward and backward pass with each layer loaded once for all
     clock = time.perf_counter()
     harmful_side = attribution_scores_many(aligned_model, head, harmful, refusals, loras, all_edits, scored, **common)
@@ -314,6 +311,13 @@ def attribution_pass(base_model: ModelShell, aligned_model: ModelShell, runs: li
             run.details["target_tokens"]["task"] = sum(map(len, answers))
         else:
             run.details["task"] = "not scored: p = 0 removes no task rows"
+
+
+def greedy_options(tok, model: ModelShell, config: PatchConfig) -> dict:
+    """What every greedy decoding of a patch shares (attribution.greedy_answers): the EOS and pad
+    rules, the batch size, the progress bar and the budget of layers kept across tokens."""
+    return dict(eos=eos_ids(tok, model.config), batch_size=config.batch_size, pad_id=pad_id(tok),
+                progress=progress_bar(config), resident_bytes=resident_budget(config.resident_gb, model.device))
 
 
 def select_masks(run: _AdapterRun, window: list[int], config: PatchConfig, aligned_ckpt) -> dict[str, torch.Tensor]:
@@ -428,12 +432,11 @@ def patch_many(base: PathArg | InMemoryModel, aligned: PathArg | InMemoryModel, 
         masks = [select_masks(run, chosen, config, aligned_model.ckpt) for run in runs]
         with use_backend(config.backend):
             clock = time.perf_counter()
-            # the attribution pass projected every row already: its rows serve, no weight is read again
-            again = [k for k, run in enumerate(runs) if run.every_row is None]
-            fresh_rows = iter(project_for(config, [runs[k].lora for k in again], base_model.ckpt, aligned_model.ckpt,
-                                          [masks[k] for k in again], progress=progress_bar(config)) if again else [])
-            projected = [rows_from(run.lora, run.every_row, mask) if run.every_row is not None else next(fresh_rows)
-                         for run, mask in zip(runs, masks)]
+            if all(run.every_row is not None for run in runs):  # the attribution pass projected every row
+                projected = [rows_from(run.lora, run.every_row, mask) for run, mask in zip(runs, masks)]
+            else:
+                projected = project_for(config, [run.lora for run in runs], base_model.ckpt, aligned_model.ckpt,
+                                        masks, progress=progress_bar(config))
             loc.reads.mark("project")
             timings["project"] = time.perf_counter() - clock
 
@@ -483,12 +486,10 @@ def harmful_scores(aligned_model: ModelShell, tok, prompts: list[str], targets: 
     with use_backend(config.backend):
         if config.score == "attribution":
             head = aligned_model.head()
-            pad = pad_id(tok)
             ids = encode(tok, prompts, max_length=config.max_length, chat_template=config.chat_template)
-            common = dict(batch_size=config.batch_size, pad_id=pad, progress=progress_bar(config))
-            eos = eos_ids(tok, aligned_model.config)
-            refusals = greedy_answers(aligned_model, head, ids, config.target_tokens, eos=eos,
-                                      resident_bytes=resident_budget(config.resident_gb, aligned_model.device), **common)
+            gen = greedy_options(tok, aligned_model, config)
+            refusals = greedy_answers(aligned_model, head, ids, config.target_tokens, **gen)
+            common = {k: gen[k] for k in ("batch_size", "pad_id", "progress")}
             scores, _ = attribution_scores(aligned_model, head, ids, refusals, lora, edits, set(targets), **common)
             return {m.key_b: {"harmful": scores[index][rel]} for index, mods in targets.items()
                     for rel, m in mods.items()}

@@ -144,7 +144,7 @@ class ModelShell:
                 skeleton.to_empty(device=self.device)
                 self._fill_non_layer_weights(skeleton)
                 if kept is not None:
-                    size = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+                    size = _weight_bytes(skeleton)
                     if size <= kept["left"]:  # kept loaded like a layer (`resident`)
                         kept["embedding"], kept["left"] = True, kept["left"] - size
             with torch.no_grad():
@@ -231,12 +231,12 @@ class ModelShell:
 
     def load_layer(self, index: int) -> nn.Module:
         """Decoder layer `index` with its checkpoint weights, on the compute device and dtype."""
-        kept = getattr(self, "_resident", None)
+        kept = self._resident
         if kept is not None and index in kept["layers"]:
             return kept["layers"][index]
         layer = self._load_layer(index)
         if kept is not None:
-            size = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+            size = _weight_bytes(layer)
             if size <= kept["left"]:
                 kept["layers"][index], kept["left"] = layer, kept["left"] - size
         return layer
@@ -261,6 +261,10 @@ class ModelShell:
         layer.load_state_dict(state, assign=True, strict=True)
         layer.requires_grad_(False)
         return layer.eval()
+
+
+def _weight_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
 def available_memory(device: torch.device) -> int:
