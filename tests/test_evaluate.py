@@ -119,7 +119,7 @@ def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     stages = summary["stage_seconds"]  # every stage timed, in order, adding up to the run
     parallel = (os.cpu_count() or 1) >= 2  # the methods' answers, two processes side by side
     assert list(stages)[:2] == ["organism", "mscp"] and list(stages)[-1] == "figures"
-    assert len(stages) == 13 + parallel and (list(stages)[4] == "answers") == parallel
+    assert len(stages) == 5 + len(METHODS) + parallel and (list(stages)[4] == "answers") == parallel
     assert all(t >= 0 for t in stages.values()) and sum(stages.values()) <= summary["seconds"] + 1
     for f in ("layer_curves.png", "neurons.png"):
         assert (tmp_path / "demo" / f).stat().st_size > 1000

@@ -26,7 +26,8 @@ def add_arguments(p) -> None:
                    help="with --continual: explicit MSCP safety layers (default: the criterion's window)")
     p.add_argument("--methods", default=None, metavar="M,M",
                    help="with --pareto: only these methods of the grid, comma-separated (mscp:wanda, "
-                        "mscp:wanda_weight, mscp:attribution, safe_lora, drop_safety_layers, wanda_zero; default all)")
+                        "mscp:wanda_weight, mscp:attribution, safe_lora, csulora, drop_safety_layers, wanda_zero; "
+                        "default all)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--pareto", action="store_true",
                       help="instead: every method along its own knob (chosen on localisation prompts, reported "

