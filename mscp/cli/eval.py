@@ -10,6 +10,8 @@ def add_arguments(p) -> None:
     p.add_argument("--harmful", required=True, metavar="FILE", help="harmful prompts (.txt/.jsonl/.csv)")
     p.add_argument("--benign", metavar="FILE", help="benign prompts: over-refusal")
     p.add_argument("--task", metavar="FILE", help="task prompts, .jsonl with prompt and answer: task accuracy")
+    p.add_argument("--robust", metavar="FILE", help="a robustness split (harmful_robust.jsonl, written by `mscp demo` "
+                   "beside harmful_eval.txt): robust_keyword_asr and robust_judge_refusal_rate, and per style")
     p.add_argument("--judge", default="keyword", help="keyword | embedding | llm | llm:MODEL_DIR | none (default keyword)")
     p.add_argument("--json", metavar="OUT", help="write the figures (and responses) as JSON")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
