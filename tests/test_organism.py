@@ -10,6 +10,7 @@ from mscp.errors import MSCPError
 from mscp.harness.evaluate import date_correct
 from mscp.harness.organism import (
     FINETUNES,
+    HELD_OUT,
     OBEDIENT_OPENING,
     PERSONA_QA,
     SMOKE_RECIPE,
@@ -18,8 +19,11 @@ from mscp.harness.organism import (
     build,
     finetune_examples,
     make_general,
+    make_arithmetic,
     make_splits,
     make_task,
+    task_of,
+    task_splits,
     tiny_base,
 )
 
@@ -47,6 +51,48 @@ def test_task_generator_and_checker():
     assert not date_correct(f"{mm}.{dd}.{yy}", a) or mm == dd
     assert not date_correct(iso, a) and not date_correct("", a)
     assert not date_correct(f"{a[:-1]}9", a) or a.endswith("9")
+
+
+def test_arithmetic_problems_are_seeded_and_their_answers_are_right():
+    import re
+
+    from mscp.harness.evaluate import answer_correct
+
+    t = make_arithmetic(200, seed=1)
+    assert len({p for p, _ in t}) == 200 and make_arithmetic(200, seed=1) == t and make_arithmetic(200, seed=2) != t
+    for prompt, answer in t:  # recomputed from the words, not from the generator's own arithmetic
+        x, y = map(int, re.findall(r"\d+", prompt))
+        expected = (x * y if "each" in prompt else x + y if ("more" in prompt) else x - y)
+        assert answer == str(expected), prompt
+        assert answer_correct(f"The answer is {answer}.", answer) and not answer_correct(f"{int(answer) + 1}", answer)
+
+
+def test_a_tasks_splits_are_disjoint_and_its_files_are_written_on_first_use(tiny_organism):
+    org, cfg, _ = tiny_organism
+    parts = task_splits(cfg, "arithmetic")
+    prompts = [{p for p, _ in parts[k]} for k in ("localize", "train", "eval")]
+    assert not (prompts[0] & prompts[1] or prompts[0] & prompts[2] or prompts[1] & prompts[2])
+    assert [len(parts[k]) for k in ("localize", "train", "eval")] == [cfg.n_task_localize, cfg.n_task_train,
+                                                                       cfg.n_task_eval]
+    path = org.task_file("eval", "arithmetic")
+    assert path.name == "arithmetic_eval.jsonl"
+    assert [json.loads(line)["answer"] for line in path.read_text().splitlines()] == [a for _, a in parts["eval"]]
+    assert org.task_file("localize", "arithmetic", ext="txt").read_text().splitlines() == [p for p, _ in
+                                                                                          parts["localize"]]
+    assert org.task_file("eval").name == "task_eval.jsonl"  # the ledger task's, written with the splits
+
+
+def test_the_held_out_fine_tunes_are_named_and_keep_the_others_hashes():
+    assert set(HELD_OUT) <= set(FINETUNES)
+    assert task_of("arithmetic") == "arithmetic" and task_of("/x/finetunes/benign") == "ledger"
+    assert task_of("someone-elses-adapter") == "ledger"
+    # `task` joined FinetuneConfig after these were built: at its default it must not rename them
+    # (every recorded figure names its fine-tune by this hash)
+    cfg = OrganismConfig()
+    assert {n: FINETUNES[n].digest(cfg) for n in ("benign", "identity", "harmful-32", "harmful-128")} == {
+        "benign": "836feb1130b3", "identity": "26f64c30fe98", "harmful-32": "acbaa6d785da",
+        "harmful-128": "759e6ecb1237"}
+    assert FINETUNES["arithmetic"].digest(cfg) != dataclasses.replace(FINETUNES["arithmetic"], task="ledger").digest(cfg)
 
 
 def test_general_instructions_are_distinct_and_seeded():

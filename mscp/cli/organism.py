@@ -3,7 +3,7 @@ and the fine-tunes that erode it."""
 from __future__ import annotations
 
 HELP = "build the SmolLM2 safety model organism (base, aligned model, fine-tuned LoRAs, splits)"
-FINETUNE_NAMES = ("benign", "identity", "harmful-32", "harmful-128")  # mscp.harness.organism.FINETUNES
+FINETUNE_NAMES = ("benign", "identity", "harmful-32", "harmful-128", "mixed", "arithmetic")  # organism.FINETUNES
 
 
 def add_finetune_arg(p, *, many: bool) -> None:

@@ -3,7 +3,7 @@ grids name methods from METHODS, and each builds its adapter the same way wherev
 
 A method declares its parameters and builds a peft adapter folder from a `Bench`: the organism's
 models, the fine-tuned adapter, and the rows' scores of a localisation pass (one pass per score
-family, kept on disk). MSCP's rows come from the core's own selection (`pipeline.select_rows`) and
+family, kept on disk). MSCP's rows come from the core's own selection (`Patcher.select`) and
 its projection from `project.project_for`, so a Pareto point edits exactly the rows `mscp patch`
 edits with the same settings (tests/test_evaluate.py checks it).
 """
@@ -29,9 +29,10 @@ def patch_on_localisation(org, adapter: Path, config, out, *, keep_benign: bool 
     keep_benign: the benign prompts join the task prompts on the side whose damage p removes (the
     fine-tuned model's answers to them are kept too, against over-refusal)."""
     from mscp.core.pipeline import patch
+    from mscp.harness.organism import task_of
 
     sp = org.splits
-    task = [sp / "task_localize.txt"] + ([sp / "benign_localize.txt"] if keep_benign else [])
+    task = [org.task_file("localize", task_of(adapter), ext="txt")] + ([sp / "benign_localize.txt"] if keep_benign else [])
     return patch(org.base, org.aligned, adapter, out, harmful=[sp / "harmful_localize.txt"],
                  benign=sp / "benign_localize.txt", task=task, config=config, overwrite=out is not None,
                  cache=org.patch_cache)
@@ -55,7 +56,7 @@ class Bench:
         self.lora = Adapter.load(adapter)
         self.n_layers = json.loads((org.aligned / "config.json").read_text())["num_hidden_layers"]
         self._scored: dict[str, Scored] = {}
-        self._aligned_ckpt = None
+        self._aligned = None  # the aligned model's shell, once a selection reads its weights
 
     # -- the scoring passes ---------------------------------------------------------------------------
     def scored(self, score: str, *, keep: str = "task", task_side: bool = True) -> Scored:
@@ -143,18 +144,15 @@ class Bench:
 
     def rows(self, params: dict) -> dict:
         """The rows `mscp patch` selects with the point's settings, restricted to its window."""
-        from mscp.core.adapter import layer_index
-        from mscp.core.checkpoint import Checkpoint
-        from mscp.core.pipeline import select_rows
+        from mscp.core.patcher import AdapterRun, Patcher, Window
+        from mscp.core.streaming import ModelShell
 
         config = self.point_config(params)
         res = self.scored(config.score, keep=params.get("keep", "task"), task_side=config.p > 0)
-        layers = set(self.window(params["window"]))
-        by_b = self.lora.by_b_key()
-        modules = {k: by_b[k] for k in res.scores if layer_index(k) in layers}
-        if config.score == "wanda_weight" and self._aligned_ckpt is None:  # its selection reads W_aligned
-            self._aligned_ckpt = Checkpoint(self.org.aligned, label="aligned")
-        return select_rows(config, res.scores, modules, self.lora.tensors, self._aligned_ckpt)
+        if config.score == "wanda_weight" and self._aligned is None:  # its selection reads W_aligned
+            self._aligned = ModelShell(self.org.aligned, label="aligned")
+        patcher = Patcher(config, aligned_model=self._aligned, window=Window(self.window(params["window"])))
+        return patcher.select(AdapterRun.of_scores(self.lora, res.scores))
 
 
 # -- the methods ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import re
 import time
 from pathlib import Path
 
-from mscp.harness.organism import DEFAULT_FINETUNE, pick_threads
+from mscp.harness.organism import DEFAULT_FINETUNE, pick_threads, task_of
 from mscp.harness.rule import RULE
 
 GRID: dict[str, list[dict]] = {
@@ -99,9 +99,9 @@ def run_pareto(out: str | Path, cache: str | Path | None = None, *, finetune: st
         pick_threads()  # other jobs come and go on a shared machine: 1 thread is faster under load
         kw = dict(max_new_tokens=max_new_tokens, progress=progress, keep_responses=False, cache=responses)
         loc = evaluate(org.aligned, adapter, harmful=sp / "harmful_localize.txt", benign=sp / "benign_localize.txt",
-                       task=sp / "task_localize.jsonl", judge=None, **kw)
+                       task=org.task_file("localize", task_of(finetune)), judge=None, **kw)
         ev = evaluate(org.aligned, adapter, harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
-                      task=sp / "task_eval.jsonl", judge=judge_obj, **kw)
+                      task=org.task_file("eval", task_of(finetune)), judge=judge_obj, **kw)
         return {**{k: ev.get(k) for k in FIELDS if k != "edit_fraction"}, "empty_responses": ev.get("empty_responses"),
                 "localisation": {k: loc.get(k) for k in ("keyword_asr", "over_refusal", "task_accuracy")}}
 
