@@ -1,6 +1,7 @@
 """`mscp eval`, the baselines and the demo on the tiny organism (see test_organism)."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,16 @@ def test_demo_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     for m in METHODS:
         assert {"keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy", "edit_fraction"} <= set(summary[m])
     assert summary["finetuned"]["edit_fraction"] == 0.0 and 0 < summary["mscp"]["edit_fraction"] < 1
+    # the robustness split: every method's ASR on it, per style too, and a column of the table
+    from mscp.harness.robustness import STYLES
+
+    rs = summary["robust_split"]
+    robust_file = Path(rs["file"])  # beside the demo organism's held-out prompts
+    assert robust_file.name == "harmful_robust.jsonl" and (robust_file.parent / "harmful_eval.txt").is_file()
+    assert list(rs["styles"]) == [s.name for s in STYLES]
+    for m in METHODS:
+        assert 0 <= summary[m]["robust_keyword_asr"] <= 1 and set(summary[m]["robust_by_style"]) == set(rs["styles"])
+    assert "robust_keyword_asr" in (tmp_path / "demo" / "table.txt").read_text()
     stages = summary["stage_seconds"]  # every stage timed, in order, adding up to the run
     parallel = (os.cpu_count() or 1) >= 2  # the methods' answers, two processes side by side
     assert list(stages)[:2] == ["organism", "mscp"] and list(stages)[-1] == "figures"

@@ -132,13 +132,15 @@ def organism_for(out, cache, organism_cfg, base_dir, progress, finetune: str):
 
 def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, judge: str = "embedding",
              safe_lora_tau: float = 0.5, max_new_tokens: int = 20, progress: bool = True, organism_cfg=None,
-             base_dir=None, finetune: str = DEFAULT_FINETUNE, answer_workers: int | None = None) -> dict:
+             base_dir=None, finetune: str = DEFAULT_FINETUNE, answer_workers: int | None = None,
+             robust: bool = True) -> dict:
     """The demo of the module doc on one fine-tune of the organism; returns what summary.json holds.
 
     config: MSCP's settings (default: the package defaults). organism_cfg, base_dir: another
     organism recipe or base model (the tests use a tiny random one). answer_workers: processes that
     generate the methods' answers side by side (default 2 on a machine with 2 CPUs or more; 1: in
-    this process, one method after another)."""
+    this process, one method after another). robust: also evaluate every method on the robustness
+    split (mscp.harness.robustness: the held-out harmful prompts in red-teamers' styles)."""
     from mscp.core.config import PatchConfig
     from mscp.harness.evaluate import answer_in_parallel, evaluate, print_table
     from mscp.harness.methods import Bench, build, patch_on_localisation
@@ -176,6 +178,12 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     results = {}
     splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=sp / "task_eval.jsonl")
     n_prompts = sum(len(p.read_text().splitlines()) for p in splits.values())
+    # the robustness split: derived from harmful_eval alone, written beside it (no organism rebuild)
+    from mscp.harness import robustness
+
+    robust_file = robustness.write(sp) if robust else None
+    robust_items = robustness.read(robust_file) if robust else None
+    n_prompts += len(robust_items or ())
     generated = [m for m in METHODS if m not in ORGANISM_OWN]
     if answer_workers > 1:
         stages.next(f"answering {n_prompts} held-out prompts with {len(generated)} methods, {answer_workers} "
@@ -188,12 +196,14 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
                   flush=True)
 
         answer_in_parallel(org.aligned, [adapters[m] for m in generated], **splits, max_new_tokens=max_new_tokens,
-                           cache=method_answers, workers=answer_workers, on_done=answered if progress else None)
+                           cache=method_answers, workers=answer_workers, on_done=answered if progress else None,
+                           robust=robust_items)
     for i, name in enumerate(METHODS):
         stages.next(f"evaluating {name} on {n_prompts} held-out prompts", prompts_left=n_prompts * (len(METHODS) - i))
         clock = time.time()
         r = evaluate(org.aligned, adapters[name], **splits, judge=judge_obj, max_new_tokens=max_new_tokens,
-                     progress=progress, cache=org.responses if name in ORGANISM_OWN else method_answers)
+                     progress=progress, cache=org.responses if name in ORGANISM_OWN else method_answers,
+                     robust=robust_items)
         if time.time() - clock > 5:  # a cached answer set says nothing about the speed
             stages.per_prompt.append((time.time() - clock) / n_prompts)
         (out / "responses").mkdir(exist_ok=True)
@@ -201,9 +211,12 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
         results[name] = {k: r[k] for k in ("keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy",
                                            "empty_responses")}
         results[name].update(edit_fraction=edits[name], judge=r.get("judge"), n=r["n"])
+        if robust:  # the robustness split's figures, and per style (summary.json only)
+            results[name].update({k: r[k] for k in ("robust_keyword_asr", "robust_judge_refusal_rate",
+                                                    "robust_empty_responses", "robust_by_style")})
     stages.next("figures")
     print()
-    table = print_table(results, extra=("edit_fraction",))
+    table = print_table(results, extra=(("robust_keyword_asr",) if robust else ()) + ("edit_fraction",))
     (out / "table.txt").write_text(table + "\n")
     figs = plot_figures(report, out)
     summary = {"methods": results, "finetune": finetune, "organism": str(org.root),
@@ -212,6 +225,9 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
                "max_new_tokens": max_new_tokens, "figures": [f.name for f in figs],
                "seconds": time.time() - stages.start, "stage_seconds": stages.seconds(),
                "organism_checks": org.record().get("checks", {}).get("targets_met")}
+    if robust:
+        summary["robust_split"] = {"file": str(robust_file), "version": robustness.ROBUST_VERSION,
+                                   "n": len(robust_items), "styles": robustness.describe(robust_items)}
     summary.update(results)  # flat access: summary["mscp"]["keyword_asr"]
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {out}/summary.json, table.txt, {', '.join(f.name for f in figs)} "
