@@ -27,7 +27,7 @@ from mscp.errors import MSCPError
 # Bump when STYLES, a template or the assignment changes: it is part of every rank, so another
 # version is another split, never a silently different one under the same name.
 ROBUST_VERSION = 1
-PER_STYLE = 12  # 12 styles x 12 = 144 prompts: about one generation of the evaluation split more
+PER_STYLE = 12  # 12 styles x 12 = 144 prompts, ~70 tokens each: ~2.7x the generation time of harmful_eval
 SEED = 0
 SPLIT_NAME = "harmful_robust"
 PLACEHOLDER = "{request}"
@@ -88,6 +88,13 @@ class RobustItem:
     style: str
     family: str
     source: str
+
+
+FIELDS = ("prompt", "request", "style", "family", "source")  # a RobustItem's, in its file's order
+
+
+def _item(record: dict) -> RobustItem:
+    return RobustItem(**{k: str(record[k]) for k in FIELDS})
 
 
 def _norm(text: str) -> str:
@@ -183,7 +190,7 @@ def read(path: str | Path) -> list[RobustItem]:
             continue
         try:
             r = json.loads(line)
-            out.append(RobustItem(**{k: str(r[k]) for k in ("prompt", "request", "style", "family", "source")}))
+            out.append(_item(r))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise MSCPError(f"{path}:{n}: not a robustness-split record ({type(e).__name__}: {e})") from None
     if not out:
@@ -195,9 +202,7 @@ def items_of(robust) -> list[RobustItem]:
     """RobustItems from a split file, or a list of RobustItems or of their dicts."""
     if isinstance(robust, (str, Path)):
         return read(robust)
-    return [r if isinstance(r, RobustItem) else RobustItem(**{k: str(r[k]) for k in
-                                                                ("prompt", "request", "style", "family", "source")})
-            for r in robust]
+    return [r if isinstance(r, RobustItem) else _item(r) for r in robust]
 
 
 def write(splits_folder: str | Path, **kw) -> Path:
