@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from mscp import patch
 from mscp.core.adapter import Adapter
 from mscp.core.attribution import attribution_scores, greedy_answers
-from mscp.core.pipeline import modules_by_layer, patch_many
+from mscp.core.patcher import modules_by_layer
+from mscp.core.pipeline import patch_many
 from mscp.core.prompts import default_prompts, encode, load_tokenizer
 from mscp.core.scoring import global_safety_rows, weight_safety_mass
 from mscp.core.streaming import ModelShell

@@ -48,12 +48,11 @@ from mscp.continual.analytics import (
     edited_parameters,
     write_figures,
 )
-from mscp.core.adapter import Adapter, LoraModule
+from mscp.core.adapter import Adapter
 from mscp.core.atomic import check_writable, link_tree, write_atomically
 from mscp.core.checkpoint import config_files, sha256_file
 from mscp.core.config import PatchConfig, config_from_mapping
-from mscp.core.pipeline import as_paths, harmful_scores, localize, modules_by_layer, progress_bar, select_rows
-from mscp.core.project import project_adapter
+from mscp.core.patcher import AdapterRun, Patcher, Scores, Window, as_paths, modules_by_layer
 from mscp.core.prompts import load_tokenizer, read_prompts, sample_prompts
 from mscp.core.report import (
     REPORT_NAME,
@@ -67,7 +66,6 @@ from mscp.core.report import (
 from mscp.core.streaming import ModelShell
 from mscp.core.textfiles import json_type, read_json_object
 from mscp.errors import MSCPError
-from mscp.kernels import record_backends
 
 STATE_FORMAT = 1
 STATE_FILE = "state.json"
@@ -95,29 +93,27 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
     inputs = [*paths.values(), *as_paths(harmful), *as_paths(benign), *as_paths(task)]
     check_out_dir(out, overwrite, [p for p in inputs if p.exists()])
     started = time.perf_counter()
-    with record_backends() as backends:
-        loc = localize(base, aligned, [adapter], harmful=harmful, benign=benign, task=task, prompts=prompts,
-                       tokenizer=tokenizer, config=config)
-        lora, by_layer, scores = loc.runs[0].lora, loc.runs[0].by_layer, loc.runs[0].scores
-        candidates = {m.key_b: torch.arange(lora.tensors[m.key_b].shape[0])
-                      for index in loc.safety_layers for m in by_layer.get(index, {}).values()}
-        clock = time.perf_counter()
-        projected, edits = project_adapter(lora, loc.base_model.ckpt, loc.aligned_model.ckpt, candidates,
-                                           alpha=config.alpha, projector=config.projector,
-                                           exact_rank=config.exact_rank, device=config.device,
-                                           backend=config.backend, progress=progress_bar(config))
-        loc.timings["project_all_rows"] = time.perf_counter() - clock
+    patcher = Patcher.open(base, aligned, [adapter], harmful=harmful, benign=benign, task=task, prompts=prompts,
+                           tokenizer=tokenizer, config=config)
+    window = patcher.localize()
+    patcher.score(patcher.runs)
+    run = patcher.runs[0]
+    lora, by_layer, scores = run.lora, run.by_layer, run.scores.rows
+    candidates = {m.key_b: torch.arange(lora.tensors[m.key_b].shape[0])
+                  for index in window.safety_layers for m in by_layer.get(index, {}).values()}
+    done = patcher.project([run], [candidates])[0]  # each row of C B0 depends on B0 alone: `add` copies rows of it
+    projected, edits = done.tensors, done.edits
 
     modules = {}
     for index, rels in sorted(by_layer.items()):
         for rel, m in sorted(rels.items()):
             e = edits.get(m.key_b)
             modules[m.key_b] = {"module": m.module, "layer": index, "name": rel, "d_out": lora.tensors[m.key_b].shape[0],
-                                "rank": m.rank, "safety_layer": index in loc.safety_layers,
+                                "rank": m.rank, "safety_layer": index in window.safety_layers,
                                 "norm_v": e.norm_v if e else None, "skipped": e.skipped if e else None}
-    files = {"base": loc.base_model.ckpt.files + config_files(loc.base_model.ckpt.path),
-             "aligned": loc.aligned_model.ckpt.files + config_files(loc.aligned_model.ckpt.path),
-             "adapter": lora.files, **loc.prompt_files}
+    files = {"base": patcher.base_model.ckpt.files + config_files(patcher.base_model.ckpt.path),
+             "aligned": patcher.aligned_model.ckpt.files + config_files(patcher.aligned_model.ckpt.path),
+             "adapter": lora.files, **patcher.prompt_files}
     if tokenizer is not None:
         files["tokenizer"] = [p for p in Path(tokenizer).iterdir() if p.is_file()] if Path(tokenizer).is_dir() else []
     state = {
@@ -126,19 +122,19 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
         "created": _now(),
         "paths": {k: str(v.resolve()) if v.exists() else str(v) for k, v in paths.items()},
         "config": config.to_dict(),
-        "n_layers": loc.base_model.n_layers,
-        "safety_layers": loc.safety_layers,
-        "layer_curves": loc.layer_curves,
+        "n_layers": patcher.base_model.n_layers,
+        "safety_layers": window.safety_layers,
+        "layer_curves": window.layer_curves,
         "modules": modules,
         "lora_parameters": lora.n_parameters(),
         "adapter_config": lora.config,
-        "prompts": {name: len(p) for name, p in loc.sets.items()},
-        "prompts_sha256": {name: _prompts_sha256(p) for name, p in loc.sets.items()},
-        **({"prompts_sampled": loc.sampled} if loc.sampled else {}),
-        "prompt_sources": prompt_sources(loc.sets, loc.prompt_files),
-        "backends": dict(sorted(backends.items())),
-        "compute_dtype": str(loc.base_model.dtype).removeprefix("torch."),
-        "init_timings_s": loc.timings,
+        "prompts": {name: len(p) for name, p in patcher.sets.items()},
+        "prompts_sha256": {name: _prompts_sha256(p) for name, p in patcher.sets.items()},
+        **({"prompts_sampled": patcher.sampled} if patcher.sampled else {}),
+        "prompt_sources": prompt_sources(patcher.sets, patcher.prompt_files),
+        "backends": dict(sorted(patcher.backends.items())),
+        "compute_dtype": str(patcher.base_model.dtype).removeprefix("torch."),
+        "init_timings_s": patcher.timings,
         "inputs_sha256": input_checksums(files) if config.hash_inputs else "not computed (hash_inputs=False)",
         "inputs_stat": {role: _stat(fs) for role, fs in files.items() if role in ("aligned", "tokenizer")},
         "versions": package_versions(),
@@ -164,7 +160,7 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
         (tmp / "adapter" / REPORT_NAME).write_text(json.dumps(_adapter_report(state, state["union"]), indent=2) + "\n")
         state["history"].append({"step": 0, "op": "init", "time": _now(), "new_rows": 0, "new_parameters": 0,
                                   "cumulative_edit_fraction": 0.0,
-                                  "timings_s": {**loc.timings, "total": time.perf_counter() - started},
+                                  "timings_s": {**patcher.timings, "total": time.perf_counter() - started},
                                   "adapter_sha256": sha256_file(tmp / "adapter" / "adapter_model.safetensors")})
         if figures:
             write_figures(state, tmp / "figures")
@@ -227,19 +223,16 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
         aligned = _shell(state["paths"]["aligned"], "aligned", config)
         tok = load_tokenizer(state["paths"].get("tokenizer") or state["paths"]["aligned"])
         b0 = Adapter.load(state_dir / "b0")
-        by_layer = modules_by_layer(b0, aligned)
-        targets: dict[int, dict[str, LoraModule]] = {}
-        for key, m in state["modules"].items():
-            if m["safety_layer"]:
-                targets.setdefault(m["layer"], {})[m["name"]] = by_layer[m["layer"]][m["name"]]
-        modules = {m.key_b: m for mods in targets.values() for m in mods.values()}
+        run = AdapterRun(b0, modules_by_layer(b0, aligned))
+        # the init's window: its modules are those the state records as in a safety layer
+        patcher = Patcher(config, aligned_model=aligned, tok=tok, window=Window(state["safety_layers"]))
         timings = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
         edits = None
         if config.score == "attribution":  # each row's edit: its projection (cached at init) minus B0
             projected = load_file(str(state_dir / "cache" / "projected.safetensors"))
-            edits = {k: projected[k].float() - b0.tensors[k].float() for k in modules}
-        scores = harmful_scores(aligned, tok, texts, targets, config, lora=(b0, by_layer), edits=edits)
+            edits = {k: projected[k].float() - b0.tensors[k].float() for k in projected}  # the window's modules
+        scores = patcher.score_harmful(texts, run, edits=edits)
         timings["stream"] = time.perf_counter() - clock
         clock = time.perf_counter()
         cached = load_file(str(state_dir / "cache" / "scores.safetensors"))
@@ -248,7 +241,8 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
                 sc["task"] = cached[f"task::{k}"]
             if f"rms_task::{k}" in cached:
                 sc["rms_task"] = cached[f"rms_task::{k}"]
-        rows = select_rows(config, scores, modules, b0.tensors, aligned.ckpt)
+        run.scores = Scores(scores)
+        rows = patcher.select(run)
         mask = {k: rows[k].tolist() for k in sorted(scores)}
         new = {k: sorted(set(rows) - set(state["union"].get(k, []))) for k, rows in mask.items()}
         new = {k: rows for k, rows in new.items() if rows}

@@ -9,7 +9,8 @@
     localize   level 1: layer curves and the safety window
     scoring    level 2: per-row scores (Wanda and the others) and the row selection
     project    the masked low-rank projection (fast_project)
-    pipeline   patch() / patch_many(): the passes, selection, projection, report
+    patcher    Patcher: what a patch opens once, and its stages (localize, score, select, project, result)
+    pipeline   patch() / patch_many(): the arguments checked, the stages run, the outputs written
     cache      what depends on base, aligned and the prompts alone, kept between patches (cache=DIR)
     report     the report, checksums, versions, OUT checked against the inputs, atomic output folders
     atomic     the one atomic folder writer: temporary siblings, swaps, stale ones removed, signals held

@@ -238,7 +238,7 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
                                tokenizer=_absolute(spec.tokenizer))
     adapters = [_absolute(a) for a in adapters]
     config = spec.patch_config()
-    from mscp.core.pipeline import prompt_sets
+    from mscp.core.patcher import prompt_sets
 
     prompt_sets(spec.harmful, spec.benign, spec.task, None)  # bad prompt files stop the run before any work
     common = common_identity(spec)
@@ -281,14 +281,15 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
 def _run(spec, adapters, out_dir, config, records, todo, executor, per_task, retries, cpus_per_task, progress, task,
          info, started, clock) -> dict:
     """run_batch after its checks: the window, then the groups, then the summary."""
-    from mscp.core.pipeline import safety_window
+    from mscp.core.patcher import Patcher
 
     window, note = None, "not needed: every output was complete"
     task_config = dataclasses.replace(config, progress=False)
     if todo and config.layers is None:
         window_clock = time.perf_counter()
-        window, _ = safety_window(spec.base, spec.aligned, harmful=spec.harmful, benign=spec.benign,
-                                  tokenizer=spec.tokenizer, config=config)
+        # the curves see no LoRA: the window any adapter's patch would choose on these prompts
+        window = Patcher.open(spec.base, spec.aligned, harmful=spec.harmful, benign=spec.benign,
+                              tokenizer=spec.tokenizer, config=config).localize().safety_layers
         note = (f"layers {window[0]}-{window[-1]}: computed once for the batch by the {config.criterion} criterion "
                 f"in {time.perf_counter() - window_clock:.1f} s")
         task_config = dataclasses.replace(task_config, layers=(window[0], window[-1]))

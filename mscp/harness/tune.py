@@ -46,10 +46,10 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
     """The choice of the module doc; writes OUT (the adapter patched with the chosen q) and returns
     {"chosen_q", "points", "aligned", "unpatched", "rule", "report"}. cache: a folder of answers
     (default <cache root>/responses; the unpatched and aligned answers are reused across runs)."""
-    from mscp.core.adapter import Adapter
     from mscp.core.config import PatchConfig
-    from mscp.core.pipeline import as_paths, patch_many, select_rows
-    from mscp.core.project import edit_fraction, project_for
+    from mscp.core.patcher import Patcher, as_paths
+    from mscp.core.pipeline import patch_many
+    from mscp.core.project import edit_fraction
     from mscp.core.prompts import default_prompts, read_prompts
     from mscp.core.report import check_out_dir
     from mscp.harness.baselines import write_adapter
@@ -76,24 +76,20 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
         return {k: r[k] for k in ("keyword_asr", "over_refusal", "task_accuracy")}
 
     print(f"tune: scoring rows ({config.score}) ...", flush=True)
-    scored = patch_many(base, aligned, [adapter], None, config=config.replace(q=max(qs)), **files)[0]
+    patcher = Patcher.open(base, aligned, [adapter], config=config, **files)
+    window = patcher.localize()
+    patcher.score(patcher.runs)  # the scores do not depend on q
+    run = patcher.runs[0]
     references = {"aligned": {"calibration": measure(None)}, "unpatched": {"calibration": measure(adapter)}}
-    lora = Adapter.load(adapter)
-    by_b = lora.by_b_key()
-    modules = {k: by_b[k] for k in scored.scores}
-    aligned_ckpt = None
-    if config.score == "wanda_weight":  # its selection reads the aligned weights
-        from mscp.core.checkpoint import Checkpoint
-
-        aligned_ckpt = Checkpoint(aligned, label="aligned")
-    masks = [select_rows(config.replace(q=q), scored.scores, modules, lora.tensors, aligned_ckpt) for q in qs]
+    masks = [Patcher(config.replace(q=q), aligned_model=patcher.aligned_model, window=window).select(run)
+             for q in qs]
     # every candidate in one pass: each weight is read once for all of them
-    projected = project_for(config, [lora] * len(qs), base, aligned, masks)
+    projected = patcher.project([run] * len(qs), masks)
     points = []
     with tempfile.TemporaryDirectory(prefix="mscp-tune-") as tmp:
-        for q, (tensors, edits) in zip(qs, projected):
-            where = write_adapter(adapter, tensors, Path(tmp) / f"q{q}", {"q": q})
-            points.append({"q": q, "edit_fraction": edit_fraction(lora, edits), "calibration": measure(where)})
+        for q, done in zip(qs, projected):
+            where = write_adapter(adapter, done.tensors, Path(tmp) / f"q{q}", {"q": q})
+            points.append({"q": q, "edit_fraction": edit_fraction(run.lora, done.edits), "calibration": measure(where)})
             print(f"tune: q {q:g}: {_figures(points[-1])}", flush=True)
     chosen = RULE.choose(points, references["unpatched"], key="calibration", aligned=references["aligned"])
     result = {"rule": RULE.text("calibration"), "candidates": qs, "aligned": references["aligned"]["calibration"],
