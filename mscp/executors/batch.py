@@ -24,9 +24,11 @@ import dataclasses
 import glob
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mscp.core.atomic import write_file_atomically
+from mscp.core.config import PatchConfig
 from mscp.core.hub import ADAPTER_FILES, parse_hub_id, resolve
 from mscp.core.report import OUTPUT_FILES
 from mscp.core.store import digest
@@ -274,15 +276,38 @@ def run_batch(spec: BatchSpec, adapters: list[str], out_dir, *, executor: str = 
     else:
         session = contextlib.nullcontext({"kind": "local"} if executor == "local" else {"kind": "ray"})
     with session as info:
-        return _run(spec, adapters, out_dir, config, records, todo, executor, per_task, retries, cpus_per_task,
-                    progress, task, info, started, clock)
+        return _run(_Run(spec=spec, adapters=adapters, out_dir=out_dir, config=config, records=records, todo=todo,
+                         executor=executor, per_task=per_task, retries=retries, cpus_per_task=cpus_per_task,
+                         progress=progress, task=task, info=info, started=started, clock=clock))
 
 
-def _run(spec, adapters, out_dir, config, records, todo, executor, per_task, retries, cpus_per_task, progress, task,
-         info, started, clock) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What run_batch has checked and set up, for the rest of the run (records fills as adapters end)."""
+
+    spec: BatchSpec
+    adapters: list[str]
+    out_dir: Path
+    config: PatchConfig
+    records: dict[str, dict]  # adapter -> its outcome so far
+    todo: list[Job]
+    executor: str
+    per_task: int | None
+    retries: int
+    cpus_per_task: int
+    progress: bool
+    task: Callable
+    info: dict  # the executor's description (ray_session's)
+    started: float  # time.time() at the start, for the summary
+    clock: float  # time.perf_counter() at the start
+
+
+def _run(run: _Run) -> dict:
     """run_batch after its checks: the window, then the groups, then the summary."""
     from mscp.core.patcher import Patcher
 
+    spec, config, records, todo, executor, task = run.spec, run.config, run.records, run.todo, run.executor, run.task
+    info, retries = run.info, run.retries
     window, note = None, "not needed: every output was complete"
     task_config = dataclasses.replace(config, progress=False)
     if todo and config.layers is None:
@@ -296,15 +321,15 @@ def _run(spec, adapters, out_dir, config, records, todo, executor, per_task, ret
     elif config.layers is not None:
         window, note = list(range(config.layers[0], config.layers[1] + 1)), "given (--layers)"
     task_spec = dataclasses.replace(spec, config=task_config.to_dict())
-    out_dir.mkdir(parents=True, exist_ok=True)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
 
-    size = per_task or (len(todo) if executor == "local" else DEFAULT_RAY_PER_TASK)
+    size = run.per_task or (len(todo) if executor == "local" else DEFAULT_RAY_PER_TASK)
     groups = chunks(todo, max(size, 1))
     bar = None
-    if progress:
+    if run.progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(adapters), initial=len(records), unit="adapter", desc=f"adapters ({executor})")
+        bar = tqdm(total=len(run.adapters), initial=len(records), unit="adapter", desc=f"adapters ({executor})")
     patch_clock = time.perf_counter()
 
     def on_done(outcomes: list[dict]) -> None:
@@ -323,15 +348,15 @@ def _run(spec, adapters, out_dir, config, records, todo, executor, per_task, ret
         else:
             from mscp.executors.ray_executor import run_on_ray
 
-            info = {**info, **run_on_ray(groups, task_spec, retries=retries, cpus_per_task=cpus_per_task,
+            info = {**info, **run_on_ray(groups, task_spec, retries=retries, cpus_per_task=run.cpus_per_task,
                                          on_done=on_done, task=task, window_note=note)}
     finally:
         if bar is not None:
             bar.close()
         patch_seconds = time.perf_counter() - patch_clock
-        summary = summarize(adapters, records, out_dir, spec, config, window, note, info, size, retries, started,
-                            time.perf_counter() - clock, patch_seconds)
-        write_file_atomically(out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+        summary = summarize(run.adapters, records, run.out_dir, spec, config, window, note, info, size, retries,
+                            run.started, time.perf_counter() - run.clock, patch_seconds)
+        write_file_atomically(run.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
