@@ -249,3 +249,17 @@ def test_pareto_refuses_an_unknown_method_before_any_work(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "unknown Pareto method 'bogus'; choose from mscp:wanda" in err and err.count("\n") == 1
     assert not out.exists()
+
+
+def test_the_methods_help_is_the_registry_and_names_what_the_pareto_grid_runs():
+    from mscp.cli import build_parser
+    from mscp.harness.methods import grid_names, resolve
+    from mscp.harness.pareto import GRID
+
+    demo = next(a for a in build_parser()._actions if isinstance(a.choices, dict)).choices["demo"]
+    text = next(a for a in demo._actions if a.dest == "methods").help
+    assert sorted(grid_names()) == sorted(GRID)
+    for name in grid_names():
+        assert name in text
+        method, params = resolve(name, {})  # every name the help offers is one the registry builds
+        assert name.partition(":")[0] == method.name and params.get("score", "") == name.partition(":")[2]

@@ -4,6 +4,7 @@ from __future__ import annotations
 from mscp.cli.organism import add_finetune_arg
 from mscp.core.config import parse_layer_range
 from mscp.errors import MSCPError
+from mscp.harness.methods import grid_names
 
 HELP = "MSCP end to end on the SmolLM2 safety model organism, against the baselines"
 # the options each mode reads; any other option given is refused, never silently dropped
@@ -25,8 +26,7 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", default=None, metavar="A-B", type=parse_layer_range,
                    help="with --continual: explicit MSCP safety layers (default: the criterion's window)")
     p.add_argument("--methods", default=None, metavar="M,M",
-                   help="with --pareto: only these methods of the grid, comma-separated (mscp:wanda, "
-                        "mscp:wanda_weight, mscp:attribution, safe_lora, csulora, drop_safety_layers, wanda_zero; "
+                   help=f"with --pareto: only these methods of the grid, comma-separated ({', '.join(grid_names())}; "
                         "default all)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--pareto", action="store_true",

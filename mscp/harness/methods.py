@@ -233,6 +233,17 @@ def resolve(point_method: str, params: dict) -> tuple[Method, dict]:
     return method, full
 
 
+def grid_names() -> list[str]:
+    """Every name a grid (and `mscp demo --pareto --methods`) may give: a method, or 'mscp:SCORE'
+    for a method whose score `resolve` fixes from the name."""
+    from mscp.core.config import SCORES
+
+    names: list[str] = []
+    for m in METHODS.values():
+        names += [f"{m.name}:{score}" for score in SCORES] if "score" in m.params else [m.name]
+    return names
+
+
 def build(bench: Bench, point_method: str, params: dict, out: Path) -> float:
     method, full = resolve(point_method, params)
     return method.build(bench, full, Path(out))
