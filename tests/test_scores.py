@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from mscp import patch
 from mscp.core.adapter import Adapter
-from mscp.core.attribution import attribution_scores, greedy_answers
+from mscp.core.attribution import target_logliks, attribution_scores, greedy_answers
 from mscp.core.patcher import modules_by_layer
 from mscp.core.pipeline import patch_many
 from mscp.core.prompts import default_prompts, encode, load_tokenizer
@@ -232,3 +232,23 @@ def test_no_scratch_folder_is_left_after_a_patch(llama_trio):
     before = set(Path(tempfile.gettempdir()).glob("mscp-attribution-*"))
     patch_with(llama_trio, "attribution", q=0.1, p=0.0)
     assert set(Path(tempfile.gettempdir()).glob("mscp-attribution-*")) == before
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_target_logliks_of_the_model_alone_and_with_its_lora_match_float64_full_models(attribution_case, batch_size):
+    """One forward pass gives the targets' log-likelihood under the aligned model alone (None) and
+    with the LoRA added: the adaptive budget's two measurements."""
+    trio, prompts, targets, ad, by_layer, scored, _ = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned", dtype="float64")
+    alone, with_lora = target_logliks(shell, shell.head(), prompts, targets, [None, (ad, by_layer)],
+                                      batch_size=batch_size, pad_id=0)
+    _, ll_lora = reference_attribution(trio, prompts, targets, {}, set())
+    model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
+    ll_alone = 0.0
+    for p, t in zip(prompts, targets):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1: -1]
+        ll_alone += torch.log_softmax(logits, -1).gather(-1, torch.tensor(t)[:, None]).sum().item()
+    assert alone == pytest.approx(ll_alone, rel=1e-6)
+    assert with_lora == pytest.approx(ll_lora, rel=1e-6)
+    assert alone != pytest.approx(with_lora, rel=1e-6)  # the LoRA was added

@@ -138,16 +138,21 @@ def _target_loglik_grads(head: Head, stream: Stream) -> tuple[list[torch.Tensor]
     grads, total = [], 0.0
     for h, batch in zip(stream.hidden, stream.batches):
         h = h.detach().requires_grad_(True)
-        labels = batch.labels.to(h.device)
-        follow = labels[:, 1:]
-        sel = follow != -100
         with torch.enable_grad():
-            logits = head.logits(h[:, :-1][sel]).float()
-            ll = torch.log_softmax(logits, dim=-1).gather(-1, follow[sel][:, None]).sum()
+            ll = _loglik(head, h, batch)
             ll.backward()
         grads.append(h.grad.detach())
         total += ll.item()
     return grads, total
+
+
+def _loglik(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The sum of a micro-batch's target-token log-likelihoods from its last hidden states; the
+    head is applied to the positions that predict a target token only."""
+    follow = batch.labels.to(h.device)[:, 1:]
+    sel = follow != -100
+    logits = head.logits(h[:, :-1][sel]).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, follow[sel][:, None]).sum()
 
 
 def _attribution_hook(A, B, s, E, acc):
@@ -179,35 +184,40 @@ def attribution_scores(model: ModelShell, head: Head, prompts: list[list[int]], 
 
 
 def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
-                            loras: list[Lora], edits: list[dict[str, torch.Tensor]], scored: set[int], *,
+                            loras: list[Lora | None], edits: list[dict[str, torch.Tensor]], scored: set[int], *,
                             batch_size: int, pad_id: int, scratch: str | Path | None = None, progress=None
                             ) -> list[tuple[dict[int, dict[str, torch.Tensor]], float]]:
     """`attribution_scores` of several adapters on the same prompts and targets, each layer loaded
     once per pass for all of them (a forward pass with one stream per adapter, then a backward pass
     that recomputes each adapter's layer from its stored input): each adapter's scores are what it
-    gets alone, and the weights are read as for one."""
+    gets alone, and the weights are read as for one. A None in `loras` is the model alone: it
+    scores nothing ({}) and gives the model's own log-likelihood of the targets, from the same
+    forward pass (no backward)."""
     first = min(scored)
     batches = make_target_batches(prompts, targets, 0, batch_size, pad_id)
     captured = model.capture({"targets": batches})["targets"]
     streams = [captured] + [captured.copy() for _ in loras[1:]]
-    stores = [_ScratchStore(scratch) for _ in loras]
+    stores = [_ScratchStore(scratch) if lora is not None else None for lora in loras]
     try:
-        keeps = [_KeepInputs(stream, first, store) for stream, store in zip(streams, stores)]
-        observers = [LoraAdded(stream, adapter, by_layer) for stream, (adapter, by_layer) in zip(streams, loras)]
+        keeps = [_KeepInputs(stream, first, store) for stream, store in zip(streams, stores) if store is not None]
+        observers = [LoraAdded(stream, *lora) for stream, lora in zip(streams, loras) if lora is not None]
         sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers + keeps),
               progress=progress, desc="forward")
         grads, totals = [], []
-        for stream in streams:
-            g, total = _target_loglik_grads(head, stream)
+        for stream, lora in zip(streams, loras):
+            g, total = _target_loglik_grads(head, stream) if lora is not None else ([], target_loglik(head, stream))
             grads.append(g)
             totals.append(total)
             stream.release()
         scores: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in loras]
+        scoring = [j for j, lora in enumerate(loras) if lora is not None]
+        keep_of = dict(zip(scoring, keeps))
 
         def backward(step: Step, layer) -> None:
-            for j, ((adapter, by_layer), keep, store) in enumerate(zip(loras, keeps, stores)):
+            for j in scoring:
+                adapter, by_layer = loras[j]
                 acc = _backward_layer(layer, step.index, adapter, by_layer.get(step.index, {}), edits[j], scored,
-                                      batches, keep, store, grads[j])
+                                      batches, keep_of[j], stores[j], grads[j])
                 if acc:
                     scores[j][step.index] = acc
 
@@ -215,8 +225,31 @@ def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[in
         sweep(steps, backward, progress=progress, desc="backward")
     finally:
         for store in stores:
-            store.close()
+            if store is not None:
+                store.close()
     return list(zip(scores, totals))
+
+
+def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
+                   loras: list[Lora | None], *, batch_size: int, pad_id: int, progress=None) -> list[float]:
+    """The total log-likelihood of the targets under the model with each LoRA added (None: the model
+    alone), from one forward pass with each layer loaded once for all of them; nothing is scored."""
+    batches = make_target_batches(prompts, targets, 0, batch_size, pad_id)
+    captured = model.capture({"targets": batches})["targets"]
+    streams = [captured] + [captured.copy() for _ in loras[1:]]
+    observers = [LoraAdded(stream, *lora) for stream, lora in zip(streams, loras) if lora is not None]
+    sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers), progress=progress,
+          desc="check")
+    totals = [target_loglik(head, stream) for stream in streams]
+    for stream in streams:
+        stream.release()
+    return totals
+
+
+def target_loglik(head: Head, stream: Stream) -> float:
+    """The sum of the target tokens' log-likelihoods at the end of a stream (no gradient)."""
+    with torch.no_grad():
+        return sum(_loglik(head, h, batch).item() for h, batch in zip(stream.hidden, stream.batches))
 
 
 def _backward_layer(layer, index: int, adapter, mods: dict[str, LoraModule], edits: dict[str, torch.Tensor],

@@ -26,12 +26,14 @@ DType: TypeAlias = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 Backend: TypeAlias = Literal["auto", "torch", "triton", "cpp", "cuda"]
 FinetunedPass: TypeAlias = Literal["auto", "with_calibration", "after_window"]
 Score: TypeAlias = Literal["wanda", "wanda_weight", "attribution"]
+Budget: TypeAlias = Literal["fixed", "adaptive"]
 CRITERIA: tuple[str, ...] = get_args(Criterion)
 PROJECTORS: tuple[str, ...] = get_args(Projector)
 DTYPES: tuple[str, ...] = get_args(DType)
 BACKEND_CHOICES: tuple[str, ...] = get_args(Backend)
 FINETUNED_PASSES: tuple[str, ...] = get_args(FinetunedPass)
 SCORES: tuple[str, ...] = get_args(Score)
+BUDGETS: tuple[str, ...] = get_args(Budget)
 # The public API's argument types (check_arguments' kinds "path", "files", "prompts")
 PathArg: TypeAlias = str | os.PathLike[str]
 PromptFiles: TypeAlias = PathArg | Sequence[PathArg]
@@ -95,6 +97,15 @@ class PatchConfig:
                       "(attribution: of all rows in the safety layers, ranked together)")
     p: float = option(0.0, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
                       "removed from the safety rows")
+    budget: Budget = option("fixed", "how many rows: 'fixed' (the top q fraction) or 'adaptive' (attribution: per "
+                            "adapter, the fewest rows whose edit wins back `recover` of the refusals' log-likelihood "
+                            "that the fine-tune lost, checked by forward passes; docs/method.md)", choices=BUDGETS)
+    recover: float = option(1.0, "adaptive budget: the share of the lost log-likelihood of the aligned model's refusals "
+                            "(aligned minus fine-tuned) the edit must win back")
+    q_max: float = option(0.2, "adaptive budget: the most rows it may select, as a fraction of all rows in the "
+                          "safety layers")
+    budget_checks: int = option(2, "adaptive budget: forward passes that measure the win of a proposed selection and "
+                                "correct the first-order estimate (0: the estimate alone)")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
     resident_gb: float | None = option(None, "attribution: GB of layers kept loaded while the greedy answers are "
@@ -141,29 +152,34 @@ class PatchConfig:
             if not ok:
                 raise MSCPError(message)
 
-        for name in ("rho", "q", "p", "alpha"):
+        for name in ("rho", "q", "p", "alpha", "recover", "q_max"):
             value = getattr(self, name)
             check(_finite_number(value), f"{name} must be a finite number, got {value!r:.60}")
         for name in ("chat_template", "allow_pickle", "hash_inputs", "progress"):  # "no" would be true
             value = getattr(self, name)
             check(isinstance(value, bool), f"{name} must be True or False, got {value!r:.60}")
         check(0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}")
-        for name in ("q", "p"):
+        for name in ("q", "p", "q_max"):
             check(0 <= getattr(self, name) <= 1, f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
         check(-16 <= self.alpha <= 16, f"alpha must be in [-16, 16], got {self.alpha}")
+        check(0 < self.recover <= 4, f"recover must be in (0, 4], got {self.recover}")
         for name, allowed in (("score", SCORES), ("criterion", CRITERIA), ("projector", PROJECTORS), ("dtype", DTYPES),
-                              ("backend", BACKEND_CHOICES), ("finetuned_pass", FINETUNED_PASSES)):
+                              ("backend", BACKEND_CHOICES), ("finetuned_pass", FINETUNED_PASSES),
+                              ("budget", BUDGETS)):
             check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.layers is not None:
             first, last = parse_layer_range(self.layers)
             check(0 <= first <= last, f"layers must be a range A-B with 0 <= A <= B, got {first}-{last}")
             object.__setattr__(self, "layers", (first, last))
-        for name in ("batch_size", "max_length", "exact_rank", "target_tokens", "max_prompts"):
+        for name in ("batch_size", "max_length", "exact_rank", "target_tokens", "max_prompts", "budget_checks"):
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   f"{name} must be an integer, got {getattr(self, name)!r}")
         check(self.batch_size >= 1 and self.max_length >= 1, "batch_size and max_length must be positive")
         check(self.exact_rank >= 1, f"exact_rank must be positive, got {self.exact_rank}")
         check(self.target_tokens >= 1, f"target_tokens must be positive, got {self.target_tokens}")
+        check(0 <= self.budget_checks <= 8, f"budget_checks must be in 0..8, got {self.budget_checks}")
+        check(self.budget == "fixed" or self.score == "attribution",
+              f"the adaptive budget needs the attribution score (its scores are log-likelihood changes), got {self.score!r}")
         check(self.resident_gb is None or (_finite_number(self.resident_gb) and self.resident_gb >= 0),
               f"resident_gb must be a number of GB >= 0, got {self.resident_gb!r:.60}")
         check(self.max_prompts >= 1, f"max_prompts must be positive, got {self.max_prompts}")

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model, layer_index
 from mscp.core.attribution import attribution_scores, attribution_scores_many, greedy_answers
+from mscp.core.budget import choose_budgets
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig
@@ -103,6 +104,7 @@ class Scores:
     rows: dict[str, dict[str, torch.Tensor]]  # lora_B key -> {"harmful": I^H, "task": I^T, "rms_*": n}
     details: dict = field(default_factory=dict)  # the attribution score's log-likelihoods, token counts
     every_row: tuple | None = None  # (tensors, edits) of every window row projected (attribution): `project` copies
+    budget: int | None = None  # the adaptive budget's row count (config.budget "adaptive"), else None: q decides
 
 
 @dataclass(frozen=True)
@@ -349,8 +351,10 @@ class Patcher:
         common = {k: gen[k] for k in ("batch_size", "pad_id", "progress")}
         # the harmful side: every adapter's forward and backward pass with each layer loaded once for all
         clock = time.perf_counter()
-        harmful_side = attribution_scores_many(self.aligned_model, head, harmful, refusals, loras, all_edits, scored,
-                                               **common)
+        adaptive = config.budget == "adaptive"  # the aligned model rides along: its likelihood of its refusals
+        harmful_side = attribution_scores_many(self.aligned_model, head, harmful, refusals, loras + [None] * adaptive,
+                                               all_edits + [{}] * adaptive, scored, **common)
+        aligned_ll = harmful_side.pop()[1] if adaptive else None
         mark("attribution")
         timings["attribution"] = time.perf_counter() - clock
         for run, lora, edits, (a_harmful, ll_harmful) in zip(runs, loras, all_edits, harmful_side):
@@ -376,6 +380,15 @@ class Patcher:
                 scores.details["target_tokens"]["task"] = sum(map(len, answers))
             else:
                 scores.details["task"] = "not scored: p = 0 removes no task rows"
+        if adaptive:
+            clock = time.perf_counter()
+            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, runs, aligned_ll, config, **common)
+            for run, budget in zip(runs, budgets):
+                run.scores.budget = budget.rows
+                run.scores.details["targets_loglik"]["aligned"] = aligned_ll
+                run.scores.details["budget"] = budget.to_dict()
+            mark("budget_checks")
+            timings["budget_checks"] = time.perf_counter() - clock
 
     def _refusals(self, head, harmful: list, gen: dict) -> list:
         """The aligned model's greedy answers to the harmful prompts: the result cache's, or generated."""
@@ -431,13 +444,15 @@ class Patcher:
     def select(self, run: AdapterRun) -> dict[str, torch.Tensor]:
         """The rows to project of each of the run's modules in the safety window (docs/method.md):
         wanda: top_q(I^H) minus top_p(I^T) per module; wanda_weight: the top q rows by safety-only
-        mass per module; attribution: the top q of all rows together minus the top p by task damage.
-        The one selection rule: a patch, `mscp tune`, the harness's methods and continual add."""
+        mass per module; attribution: the top q of all rows together (or the adaptive budget's count)
+        minus the top p by task damage. The one selection rule: a patch, `mscp tune`, the harness's
+        methods and continual add."""
         config, scores = self.config, run.scores.rows
         modules = {m.key_b: m for index in self.window.safety_layers for m in run.by_layer.get(index, {}).values()}
         if config.score == "attribution":
             return global_safety_rows({k: scores[k]["harmful"] for k in modules},
-                                      {k: scores[k].get("task") for k in modules}, config.q, config.p)
+                                      {k: scores[k].get("task") for k in modules}, config.q, config.p,
+                                      count=run.scores.budget)
         masks = {}
         for key, m in modules.items():
             sc = scores[key]

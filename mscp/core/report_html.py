@@ -108,6 +108,11 @@ def _header(report: dict) -> str:
         ("prompts", " / ".join(str(report.get("prompts", {}).get(k, "–")) for k in ("harmful", "benign", "task")),
          "harmful / benign / task"),
     ]
+    budget = (report.get("score_details") or {}).get("budget")
+    if budget:  # the adaptive budget: how many rows, and why
+        facts.insert(4, ("budget (adaptive)", f"{_num(budget.get('rows'))} rows",
+                         f"{budget.get('why')}; lost {_num(budget.get('lost_loglik'))} nats of the refusals' "
+                         f"log-likelihood, goal {_num(budget.get('goal_loglik'))}"))
     fact_html = "".join(f'<div class="fact">{escape(name)}<b>{escape(value)}</b>'
                         f'<span class="sub">{escape(note)}</span></div>' for name, value, note in facts)
     warnings = report.get("warnings") or []

@@ -172,12 +172,13 @@ def _threshold(x: torch.Tensor, k: int) -> float:
 
 
 def global_safety_rows(harmful: dict[str, torch.Tensor], task: dict[str, torch.Tensor] | None, q: float,
-                       p: float) -> dict[str, torch.Tensor]:
+                       p: float, count: int | None = None) -> dict[str, torch.Tensor]:
     """The attribution score's selection, over all modules at once (its scores share a unit, the
-    change of a log-likelihood): the top q fraction of all candidate rows by the harmful score, among
-    rows whose edit raises the refusal's likelihood (score > 0), minus the top p fraction by task
-    damage (the edit lowers the task answer's likelihood: -task > 0). Per module key, sorted rows.
-    task is read only when p > 0 (at p 0 the pipeline does not compute it)."""
+    change of a log-likelihood): the top q fraction of all candidate rows by the harmful score (or
+    the top `count` rows, the adaptive budget's), among rows whose edit raises the refusal's
+    likelihood (score > 0), minus the top p fraction by task damage (the edit lowers the task
+    answer's likelihood: -task > 0). Per module key, sorted rows. task is read only when p > 0 (at
+    p 0 the pipeline does not compute it)."""
     keys = sorted(harmful)
     if not keys:
         return {}
@@ -185,7 +186,7 @@ def global_safety_rows(harmful: dict[str, torch.Tensor], task: dict[str, torch.T
     owner = torch.cat([torch.full((harmful[k].numel(),), i) for i, k in enumerate(keys)])
     local = torch.cat([torch.arange(harmful[k].numel()) for k in keys])
     n = h.numel()
-    order = torch.sort(h, descending=True, stable=True).indices[: round(q * n)]
+    order = torch.sort(h, descending=True, stable=True).indices[: round(q * n) if count is None else count]
     chosen = order[h[order] > 0]
     if p > 0:
         if task is None or any(task.get(k) is None for k in keys):
@@ -199,3 +200,14 @@ def global_safety_rows(harmful: dict[str, torch.Tensor], task: dict[str, torch.T
         rows = local[chosen[owner[chosen] == i]]
         out[k] = torch.sort(rows).values
     return out
+
+
+def rows_for_gain(harmful: dict[str, torch.Tensor], gain: float, limit: int) -> int:
+    """The fewest top rows (global_safety_rows' order) whose scores sum to `gain`, the first-order
+    estimate of what their edits win back; `limit` if even that many do not reach it."""
+    if gain <= 0 or not harmful:
+        return 0
+    h = torch.cat([harmful[k].double() for k in sorted(harmful)])
+    ranked = torch.sort(h, descending=True, stable=True).values[:limit]
+    reached = torch.nonzero(torch.cumsum(ranked.clamp(min=0), 0) >= gain)
+    return int(reached[0]) + 1 if reached.numel() else min(limit, h.numel())
