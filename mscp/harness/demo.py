@@ -18,7 +18,7 @@ from pathlib import Path
 from mscp.core.config import LORA_TARGETS, PAPER_SETTING
 from mscp.errors import MSCPError
 from mscp.paths import cache_root
-from mscp.harness.organism import DEFAULT_FINETUNE
+from mscp.harness.organism import DEFAULT_FINETUNE, task_of
 
 # The rows of the demo's table: the references, MSCP with the package defaults, MSCP with the paper's
 # own score (Wanda rows, q = p = 0.3, the criterion's window), and the baselines.
@@ -176,7 +176,7 @@ def run_demo(out: str | Path, cache: str | Path | None = None, *, config=None, j
     # methods' answers in the cache folder's responses/ (a rerun with the same outputs reads them).
     method_answers = cache_root(cache) / "responses"
     results = {}
-    splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=sp / "task_eval.jsonl")
+    splits = dict(harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt", task=org.task_file("eval", task_of(finetune)))
     n_prompts = sum(len(p.read_text().splitlines()) for p in splits.values())
     # the robustness split: derived from harmful_eval alone, written beside it (no organism rebuild)
     from mscp.harness import robustness
