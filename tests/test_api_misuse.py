@@ -134,3 +134,39 @@ def test_every_misuse_is_one_mscp_error_line_and_writes_nothing(tmp_path, monkey
     assert sorted(os.listdir(tmp_path)) == listing, "something was written"
     assert tree_digest(*llama_trio.values()) == inputs, "an input was modified"
 
+
+
+# -- the staged patcher made to select rows alone ----------------------------------------------------
+def _stages(run):
+    from mscp.core.patcher import Projected
+
+    return {"localize": lambda p: p.localize(), "score": lambda p: p.score([run]),
+            "score_harmful": lambda p: p.score_harmful(H, run), "project": lambda p: p.project([run], [{}]),
+            "result": lambda p: p.result(run, Projected({}, {})), "open_run": lambda p: p.open_run("adapter")}
+
+
+@pytest.mark.parametrize("stage", sorted(_stages(None)))
+def test_a_selection_only_patcher_refuses_the_other_stages_in_one_line(stage):
+    """`Patcher(config, ...)` holds no models: every stage but `select` says so, naming itself."""
+    from mscp.core.config import PatchConfig
+    from mscp.core.patcher import AdapterRun, Patcher, Window
+
+    run = AdapterRun(lora=None, by_layer={})
+    patcher = Patcher(PatchConfig(progress=False), window=Window([1, 2]))
+    with pytest.raises(MSCPError, match=rf"^Patcher\.{stage} needs .*: this patcher was made without them .*Patcher\.open\)$") as info:
+        _stages(run)[stage](patcher)
+    assert "\n" not in str(info.value)
+
+
+def test_select_without_a_window_or_scores_is_one_line():
+    from mscp.core.config import PatchConfig
+    from mscp.core.patcher import AdapterRun, Patcher, Scores, Window
+
+    run = AdapterRun(lora=None, by_layer={})
+    with pytest.raises(MSCPError, match=r"^Patcher\.select needs the safety window"):
+        Patcher(PatchConfig(progress=False)).select(run)
+    with pytest.raises(MSCPError, match=r"^Patcher\.select needs the aligned model"):
+        Patcher(PatchConfig(progress=False, score="wanda_weight"), window=Window([1])).select(run)
+    with pytest.raises(MSCPError, match=r"^Patcher\.select needs the run's scores"):
+        Patcher(PatchConfig(progress=False), window=Window([1])).select(run)
+    assert Patcher(PatchConfig(progress=False), window=Window([1])).select(AdapterRun(None, {}, scores=Scores({}))) == {}

@@ -137,6 +137,10 @@ class AdapterRun:
 
 
 # -- the patcher ---------------------------------------------------------------------------------
+_NEEDS = {"base_model": "the models", "aligned_model": "the aligned model", "tok": "the tokenizer",
+          "window": "the safety window (localize, or window=)"}
+
+
 class Patcher:
     """What a patch opens once (models, tokenizer, prompts, result cache, weight reads, backends)
     and the stages that use it; see the module docstring."""
@@ -194,6 +198,7 @@ class Patcher:
     def open_run(self, adapter, revision: str | None = None) -> AdapterRun:
         """An adapter (a folder, a hub id, or an `Adapter` already in memory) checked against the
         aligned model, its modules by decoder layer."""
+        self._needs("open_run", "aligned_model")
         lora = (adapter if isinstance(adapter, Adapter) else
                 Adapter.load(adapter, allow_pickle=self.config.allow_pickle, revision=revision))
         if lora.path is not None and (lora.path / REPORT_NAME).is_file():
@@ -201,6 +206,14 @@ class Patcher:
                  "moves its rows further from the fine-tune")
         check_against_model(lora, self.aligned_model.weight_shapes().get)
         return AdapterRun(lora, modules_by_layer(lora, self.aligned_model), given=adapter)
+
+    def _needs(self, stage: str, *parts: str) -> None:
+        """One line instead of an AttributeError when a stage runs on a patcher that lacks what it
+        reads: `Patcher(config, ...)` alone selects rows; the other stages need `Patcher.open`."""
+        missing = [part for part in parts if getattr(self, part, None) is None]
+        if missing:
+            raise MSCPError(f"Patcher.{stage} needs {' and '.join(_NEEDS.get(m, m) for m in missing)}: this patcher was "
+                            "made without them (Patcher(config, ...) only selects rows; use Patcher.open)")
 
     @contextlib.contextmanager
     def _kernels(self):
@@ -234,6 +247,7 @@ class Patcher:
         """The layer curves (from the cache, or one sweep of base and aligned) and the safety layers.
         The sweep also runs when the Wanda scores need the aligned stream (with the cache's curves,
         the base model is not run): their observers ride it (see the module docstring)."""
+        self._needs("localize", "base_model")
         config, timings = self.config, self.timings
         with self._kernels():
             timings["kernels_load"] = prepare(torch.device(config.device).type)  # a first C++ build is not layer time
@@ -302,6 +316,7 @@ class Patcher:
         """Each run's row scores (run.scores), by config.score, after `localize`. Wanda: I^H and I^T
         of the modules scored in both streams (with 'after_window', its second pass over the safety
         layers first); attribution: `_score_attribution`."""
+        self._needs("score", "base_model", "window")
         window = self.window.safety_layers
         with self._kernels():
             if self.after_window:
@@ -420,6 +435,7 @@ class Patcher:
         streams the aligned model alone up to the window's last layer; the attribution score runs
         the fine-tuned model (every module of the run) and needs each targeted row's edit (`edits`,
         lora_B key -> E). Needs only the aligned model and the tokenizer."""
+        self._needs("score_harmful", "aligned_model", "tok", "window")
         config, model = self.config, self.aligned_model
         targets = {index: run.by_layer[index] for index in self.window.safety_layers if index in run.by_layer}
         with use_backend(config.backend):
@@ -447,6 +463,9 @@ class Patcher:
         mass per module; attribution: the top q of all rows together (or the adaptive budget's count)
         minus the top p by task damage. The one selection rule: a patch, `mscp tune`, the harness's
         methods and continual add."""
+        self._needs("select", "window", *(("aligned_model",) if self.config.score == "wanda_weight" else ()))
+        if run.scores is None:
+            raise MSCPError("Patcher.select needs the run's scores (run `score` first, or give them: AdapterRun.of_scores)")
         config, scores = self.config, run.scores.rows
         modules = {m.key_b: m for index in self.window.safety_layers for m in run.by_layer.get(index, {}).values()}
         if config.score == "attribution":
@@ -470,6 +489,7 @@ class Patcher:
     def project(self, runs: list[AdapterRun], masks: list[dict[str, torch.Tensor]]) -> list[Projected]:
         """The masked low-rank projection of each run's lora_B rows, every adapter in one pass over
         the weights; rows the attribution pass already projected are copied, bit for bit (rows_from)."""
+        self._needs("project", "base_model")
         with self._kernels():
             clock = time.perf_counter()
             if all(run.scores is not None and run.scores.every_row is not None for run in runs):
@@ -484,6 +504,7 @@ class Patcher:
     def result(self, run: AdapterRun, projected: Projected, extra: dict | None = None) -> PatchResult:
         """One adapter's PatchResult: its report (extra: more keys, the batch runner's or tune's), the
         patched tensors, its scores, and the input's adapter_config.json and model card to write."""
+        self._needs("result", "base_model", "window")
         config, lora, base_model = self.config, run.lora, self.base_model
         if self._shared_sums is None and config.hash_inputs:
             self._shared_sums = input_checksums({"base": model_files(base_model),
