@@ -317,6 +317,13 @@ class Checkpoint:
             return tuple(self._pickled[name].shape)
         return self._st[self._where[name]].entries[name][1]
 
+    def dtype(self, name: str) -> torch.dtype:
+        """The tensor's dtype as stored (what `get` returns without a dtype), read from the header."""
+        self._require(name)
+        if self._pickled is not None and name in self._pickled:
+            return self._pickled[name].dtype
+        return self._st[self._where[name]].entries[name][0]
+
     def get(self, name: str, *, rows: torch.Tensor | None = None, dtype: torch.dtype | None = None,
             device: str | torch.device = "cpu", check: bool = True, mapped: bool = False) -> torch.Tensor:
         """Read one tensor (or some rows of it), move and cast it, check it is finite (on the device).
@@ -407,6 +414,11 @@ class StateDictSource:
         if name not in self.tensors:
             raise MSCPError(f"{self.label} state dict has no tensor {name}")
         return tuple(self.tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        if name not in self.tensors:
+            raise MSCPError(f"{self.label} state dict has no tensor {name}")
+        return self.tensors[name].dtype
 
     def get(self, name, *, rows=None, dtype=None, device="cpu", check: bool = True, mapped: bool = False):
         t = self.tensors.get(name)

@@ -87,27 +87,43 @@ def project_adapters(adapters: list[Adapter], base, aligned, masks: list[dict[st
     for weight_key, (W_a, W_b) in (progress(weights, desc="project", unit="module", total=len(by_weight))
                                    if progress else weights):
         for k, m, rows in by_weight[weight_key]:
-            key_b = m.key_b
-            B = adapters[k].tensors[key_b]
-            # Each backend computes a row the same whichever other rows are selected, so the rows a
-            # patch takes from its attribution pass (every row projected, `rows_from`) are these.
-            with use_backend(backend):
-                if projector == "exact":
-                    B_new, norm_v = _exact_projection(W_a, W_b, B.to(device), rows.to(device), alpha, exact_rank)
-                else:
-                    B_new, norm_v = lowrank_project(W_a, W_b, B.to(device), rows.to(device), float(alpha))
-            norm_v = float(norm_v)
-            if not math.isfinite(norm_v):
-                _name_non_finite(W_a, W_b, aligned, base, weight_key)
-            skipped = "V is zero" if norm_v == 0.0 else None
+            B_new, edit = project_module(W_a, W_b, m, adapters[k].tensors[m.key_b], rows, sources=(base, aligned),
+                                         alpha=alpha, projector=projector, exact_rank=exact_rank, device=device,
+                                         backend=backend)
             tensors, edits = results[k]
-            edits[key_b] = ModuleEdit(m.module, rows.tolist(), norm_v, m.rank, B.shape[0], skipped)
-            if rows.numel() and not skipped:
-                B_new = B_new.to(device="cpu", dtype=B.dtype)
-                _check_projected(B_new[rows], key_b, alpha)
-                tensors[key_b] = B_new
+            edits[m.key_b] = edit
+            if B_new is not None:
+                tensors[m.key_b] = B_new
         del W_a, W_b
     return results
+
+
+def project_module(W_a: torch.Tensor, W_b: torch.Tensor, m: LoraModule, B: torch.Tensor, rows: torch.Tensor, *,
+                   sources: tuple, alpha: float, projector: str, exact_rank: int, device: torch.device,
+                   backend: str) -> tuple[torch.Tensor | None, ModuleEdit]:
+    """One module's projection of `rows` (sorted unique int64) of B, given W_a and W_b as
+    `project_adapters` reads them (the aligned checkpoint's dtype, on `device`; W_b cast to it):
+    (B' on the CPU in B's dtype, or None where nothing is edited; the module's edit). The one
+    computation of a row's projection: `project_adapters` and the patcher's stream (every row of
+    the window's modules while their layer is loaded) both call it. sources: (base, aligned), to
+    name a non-finite weight."""
+    # Each backend computes a row the same whichever other rows are selected, so the rows a
+    # patch takes from its attribution pass (every row projected, `rows_from`) are these.
+    with use_backend(backend):
+        if projector == "exact":
+            B_new, norm_v = _exact_projection(W_a, W_b, B.to(device), rows.to(device), alpha, exact_rank)
+        else:
+            B_new, norm_v = lowrank_project(W_a, W_b, B.to(device), rows.to(device), float(alpha))
+    norm_v = float(norm_v)
+    if not math.isfinite(norm_v):
+        _name_non_finite(W_a, W_b, sources[1], sources[0], m.weight_key)
+    skipped = "V is zero" if norm_v == 0.0 else None
+    edit = ModuleEdit(m.module, rows.tolist(), norm_v, m.rank, B.shape[0], skipped)
+    if not rows.numel() or skipped:
+        return None, edit
+    B_new = B_new.to(device="cpu", dtype=B.dtype)
+    _check_projected(B_new[rows], m.key_b, alpha)
+    return B_new, edit
 
 
 def fast_project(adapter: PathArg | Adapter | torch.nn.Module | Mapping[str, torch.Tensor],
@@ -250,9 +266,14 @@ def project_for(config, adapters: list[Adapter], base, aligned, masks: list[dict
                 ) -> list[tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]]:
     """`project_adapters` with a PatchConfig's projection settings: the one way a patch, a Pareto
     point and `mscp tune` project rows."""
-    return project_adapters(adapters, base, aligned, masks, alpha=config.alpha, projector=config.projector,
-                            exact_rank=config.exact_rank, device=config.device, backend=config.backend,
+    return project_adapters(adapters, base, aligned, masks, **projection_options(config),
                             allow_pickle=config.allow_pickle, progress=progress)
+
+
+def projection_options(config) -> dict:
+    """A PatchConfig's projection settings, as `project_adapters` (and `project_module`) take them."""
+    return dict(alpha=config.alpha, projector=config.projector, exact_rank=config.exact_rank, device=config.device,
+                backend=config.backend)
 
 
 def edit_fraction(adapter: Adapter, edits: dict[str, ModuleEdit]) -> float:
