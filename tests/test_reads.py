@@ -97,3 +97,68 @@ def test_several_adapters_of_a_call_share_every_read_of_the_default_score(llama_
     assert three[0].report["weight_reads"] == three[2].report["weight_reads"]  # one count for the call
     assert three[0].report["weight_reads"]["stages"] == one["stages"]
     assert all(torch.equal(three[2].tensors[k], t) for k, t in three[0].tensors.items())  # same adapter, same repair
+
+
+def every_row_of(llama_trio, config, cache=None):
+    """Each adapter's projection of every row of the window (Scores.every_row) through the patcher's
+    stages, and the patcher's reads and timings."""
+    from mscp.core.patcher import Patcher
+
+    patcher = Patcher.open(llama_trio["base"], llama_trio["aligned"], [llama_trio["adapter"]], config=config,
+                           cache=cache)
+    patcher.localize()
+    patcher.score(patcher.runs)
+    return patcher.runs[0], patcher.reads.record(), patcher.timings
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_every_row_edits_in_the_stream_are_project_fors_bit_for_bit(llama_trio, backend, tmp_path):
+    """With the window known before the sweep (every layer, the default; or --layers), the edits of
+    every row are projected while the sweep has each layer of both models loaded: no stage reads
+    W_a and W_b again for them, and they are what project_for gives, every row and every edit bit
+    for bit; the patch with them gives the rows and tensors of the patch without (the curves from
+    the cache: no sweep, so the stage of its own)."""
+    from mscp import PatchConfig
+    from mscp.core.adapter import Adapter
+    from mscp.core.project import project_for
+    from mscp.kernels import _ext
+
+    if backend == "cpp" and not _ext.load():
+        pytest.skip(f"C++ extension unavailable: {_ext.build_error()}")
+    for options in ({}, {"layers": (1, 2)}):
+        config = PatchConfig(target_tokens=4, backend=backend, hash_inputs=False, batch_size=8, **options)
+        run, reads, timings = every_row_of(llama_trio, config)
+        assert "edits_all_rows" not in reads["stages"] and "edits_all_rows_in_stream" in timings
+        tensors, edits = run.scores.every_row
+        masks = {k: range(e.d_out) for k, e in edits.items()}
+        assert 0 < len(masks) <= len(run.lora.modules)
+        assert len(masks) < len(run.lora.modules) or not options  # layers 1-2: only their modules
+        (want_tensors, want_edits), = project_for(config, [Adapter.load(llama_trio["adapter"])], llama_trio["base"],
+                                                  llama_trio["aligned"], [masks])
+        assert tensors.keys() == want_tensors.keys()
+        assert all(torch.equal(tensors[k], want_tensors[k]) and tensors[k].dtype == want_tensors[k].dtype
+                   for k in tensors)
+        assert list(edits) == list(want_edits)
+        assert {k: e.to_dict() for k, e in edits.items()} == {k: e.to_dict() for k, e in want_edits.items()}
+
+    kw = dict(target_tokens=4, backend=backend, q=0.1, cache=tmp_path / "cache", **OPTS)
+    folded = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], **kw)
+    separate = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], **kw)  # cached curves
+    assert "edits_all_rows" not in folded.report["weight_reads"]["stages"]
+    assert separate.report["weight_reads"]["stages"]["edits_all_rows"] > 0
+    assert folded.report["modules"] == separate.report["modules"]
+    assert sum(m["n_rows"] for m in folded.report["modules"].values()) > 0
+    assert folded.tensors.keys() == separate.tensors.keys()
+    assert all(torch.equal(folded.tensors[k], t) for k, t in separate.tensors.items())
+
+
+def test_every_row_edits_get_a_stage_of_their_own_where_the_stream_cannot_hold_them(llama_trio):
+    """The window chosen from the curves (rho < 1) is known only after the sweep; a compute dtype
+    other than the checkpoint's gives the layers cast weights, not the tensors the projection reads.
+    Either way the edits of every row are projected in their own stage, as before."""
+    from mscp import PatchConfig
+
+    for options in ({"rho": 0.5}, {"dtype": "bfloat16"}):
+        config = PatchConfig(target_tokens=4, hash_inputs=False, batch_size=8, **options)
+        _run, reads, timings = every_row_of(llama_trio, config)
+        assert reads["stages"]["edits_all_rows"] > 0 and "edits_all_rows_in_stream" not in timings

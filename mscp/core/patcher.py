@@ -36,7 +36,7 @@ from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig
 from mscp.core.localize import BENIGN, HARMFUL, TASK, Curves, safety_layers
-from mscp.core.project import ModuleEdit, project_for, rows_from
+from mscp.core.project import ModuleEdit, project_for, project_module, projection_options, rows_from
 from mscp.core.prompts import (
     check_token_ids,
     default_prompts,
@@ -59,7 +59,7 @@ from mscp.core.report import (
     write_adapter_atomically,
 )
 from mscp.core.scoring import LoraAdded, WandaScores, global_safety_rows, safety_rows, top_rows, weight_safety_mass
-from mscp.core.sequential import Step, advance_with, sweep
+from mscp.core.sequential import Observer, Step, advance_with, sweep
 from mscp.core.streaming import ModelShell, Stream, resident_budget
 from mscp.errors import MSCPError, log, warn
 from mscp.kernels import prepare, record_backends, use_backend
@@ -136,6 +136,61 @@ class AdapterRun:
         return cls(lora, by_layer, scores=Scores(rows))
 
 
+class EveryRowEdits(Observer):
+    """The projection of every row of each targeted module (the attribution score's edits), computed
+    in the sweep while the module's layer of both models is loaded: base i's weights are held until
+    aligned i arrives, then both go to `project_module`, the call `project_for` makes, and only the
+    projected B (d_out x r) and the edit are kept. The weights are the tensors `project_for` reads
+    (the aligned checkpoint's dtype, on the compute device: `Patcher._every_row_observer` checks it
+    before the sweep, and a module whose weights differ is left out, so the separate stage runs),
+    so the result is `project_for`'s bit for bit (tests/test_reads.py). Costs one more layer of
+    base weights held while aligned i's projections run."""
+
+    def __init__(self, runs: list[AdapterRun], targets: dict[int, list[tuple[int, str, LoraModule]]],
+                 base: Stream, aligned: Stream, sources: tuple, options: dict):
+        self.runs, self.targets = runs, targets  # layer index -> (adapter, name inside the layer, module)
+        self.base, self.aligned = base, aligned
+        self.sources, self.options = sources, options  # (base, aligned) checkpoints; project_module's settings
+        self.projected: list[dict[str, tuple]] = [{} for _ in runs]  # lora_B key -> (B' or None, edit)
+        self.seconds = 0.0
+        self._held: dict[str, torch.Tensor] = {}
+
+    def before(self, stream, index, layer):
+        mods = self.targets.get(index)
+        if not mods:
+            return
+        if stream is self.base:
+            self._held = {rel: layer.get_parameter(f"{rel}.weight").detach() for _, rel, _ in mods}
+            return
+        if stream is not self.aligned:
+            return
+        clock = time.perf_counter()
+        held, self._held = self._held, {}
+        aligned_ckpt = self.sources[1]
+        for k, rel, m in mods:
+            W_a = layer.get_parameter(f"{rel}.weight").detach()
+            if rel not in held or W_a.dtype != aligned_ckpt.dtype(m.weight_key):
+                continue  # not the tensor project_for reads: left to the separate stage
+            B = self.runs[k].lora.tensors[m.key_b]
+            self.projected[k][m.key_b] = project_module(W_a, held[rel].to(W_a.dtype), m, B, torch.arange(B.shape[0]),
+                                                        sources=self.sources, **self.options)
+        del held
+        self.seconds += time.perf_counter() - clock
+
+    def results(self) -> list[tuple[dict[str, torch.Tensor], dict[str, ModuleEdit]]]:
+        """Per adapter, what `project_adapters` returns for every row of the modules projected."""
+        out = []
+        for run, projected in zip(self.runs, self.projected):
+            tensors, edits = dict(run.lora.tensors), {}
+            by_b = run.lora.by_b_key()
+            for key_b in sorted(projected, key=lambda key: by_b[key].weight_key):  # project_adapters' order
+                B_new, edits[key_b] = projected[key_b]
+                if B_new is not None:
+                    tensors[key_b] = B_new
+            out.append((tensors, edits))
+        return out
+
+
 # -- the patcher ---------------------------------------------------------------------------------
 _NEEDS = {"base_model": "the models", "aligned_model": "the aligned model", "tok": "the tokenizer",
           "window": "the safety window (localize, or window=)"}
@@ -159,6 +214,7 @@ class Patcher:
         self.base_model: ModelShell | None = None
         self.runs: list[AdapterRun] = []
         self.reads: WeightReads | None = None
+        self.every_row_in_stream: EveryRowEdits | None = None  # the sweep's projection of every window row
 
     @classmethod
     def open(cls, base, aligned, adapters: Sequence = (), *, harmful=None, benign=None, task=None, prompts=None,
@@ -281,6 +337,9 @@ class Patcher:
         # fine-tuned streams and the scoring stop at its last layer (the curves still cover all).
         last_scored = self.config.layers[1] if self.config.layers is not None else base_model.n_layers - 1
         observers: list = ([curves] if curves else []) + ([self._harmful_observer] if self.wanda else [])
+        self.every_row_in_stream = self._every_row_observer(base_stream, aligned_stream)
+        if self.every_row_in_stream is not None:
+            observers.append(self.every_row_in_stream)
         finetuned = (self._start_finetuned(self.runs, observers) if self.wanda and not self.after_window else [])
         steps = []
         for index in range(base_model.n_layers):
@@ -298,6 +357,32 @@ class Patcher:
             base_stream.release()
         aligned_stream.release()
         return curves
+
+    def _every_row_observer(self, base_stream: Stream | None, aligned_stream: Stream) -> EveryRowEdits | None:
+        """The attribution score's projection of every row of the window's modules, folded into the
+        sweep (`EveryRowEdits`) where the window is known before it (config.layers, or a rho whose
+        window is every layer) and the layers' weights are the tensors `project_for` reads (the
+        aligned checkpoint's own dtype in both models' streams); else None: `_score_attribution`
+        projects them in a stage of its own, reading W_a and W_b again."""
+        config, base_model, aligned_model = self.config, self.base_model, self.aligned_model
+        if config.score != "attribution" or not self.runs or base_stream is None:
+            return None
+        n = base_model.n_layers
+        if config.layers is not None:
+            window = range(config.layers[0], config.layers[1] + 1)
+        elif round(config.rho * n) >= n:  # localize.safety_layers: a window as wide as the model
+            window = range(n)
+        else:
+            return None  # chosen from the curves, known only after the sweep
+        targets = {index: [(k, rel, m) for k, run in enumerate(self.runs)
+                           for rel, m in run.by_layer.get(index, {}).items()] for index in window}
+        targets = {index: mods for index, mods in targets.items() if mods}
+        modules = [m for mods in targets.values() for _, _, m in mods]
+        if not modules or any(aligned_model.ckpt.dtype(m.weight_key) != aligned_model.dtype for m in modules) \
+                or base_model.dtype != aligned_model.dtype or base_model.device != aligned_model.device:
+            return None  # the stream's layers are cast: not the tensors the projection reads
+        return EveryRowEdits(self.runs, targets, base_stream, aligned_stream, (base_model.ckpt, aligned_model.ckpt),
+                             {**projection_options(config), "device": torch.device(config.device or "cpu")})
 
     def _start_finetuned(self, runs: list[AdapterRun], observers: list, layers=None) -> list[Stream]:
         """Each adapter's fine-tuned stream starts from the aligned model's capture of the task prompts
@@ -350,14 +435,21 @@ class Patcher:
         gen = self._greedy()
         refusals = self._refusals(head, harmful, gen)
         scored = set(window)
-        # every row's edit, for every adapter in one projection call: each weight is read once for all
+        # every row's edit, for every adapter: computed in localize's sweep while each layer was loaded
+        # (EveryRowEdits, nothing read here), else in one projection call, each weight read once for all
         clock = time.perf_counter()
         every_row = [{m.key_b: torch.arange(run.lora.tensors[m.key_b].shape[0])
                       for index in window for m in run.by_layer.get(index, {}).values()} for run in runs]
-        projected_all = project_for(config, [run.lora for run in runs], self.base_model.ckpt, self.aligned_model.ckpt,
-                                    every_row)
-        mark("edits_all_rows")
-        timings["edits_all_rows"] = time.perf_counter() - clock
+        in_stream, self.every_row_in_stream = self.every_row_in_stream, None
+        projected_all = in_stream.results() if in_stream is not None else None
+        if projected_all is not None and all(edits.keys() == rows.keys()
+                                             for (_, edits), rows in zip(projected_all, every_row)):
+            timings["edits_all_rows_in_stream"] = in_stream.seconds  # part of the stream's time
+        else:
+            projected_all = project_for(config, [run.lora for run in runs], self.base_model.ckpt,
+                                        self.aligned_model.ckpt, every_row)
+            mark("edits_all_rows")
+            timings["edits_all_rows"] = time.perf_counter() - clock
         loras, all_edits = [], []
         for run, rows, (projected, edits) in zip(runs, every_row, projected_all):
             run.scores = Scores({}, every_row=(projected, edits))  # the final projection takes its rows from here
