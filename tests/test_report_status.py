@@ -10,7 +10,8 @@ import pytest
 from mscp import patch
 from mscp.cli import main
 from mscp.core.prompts import default_prompts
-from mscp.core.report import assess
+from mscp.core.report import REPORT_NAME, REPORT_VERSION, assess, check_report, read_report
+from mscp.errors import MSCPError
 
 PROMPTS = {"harmful": default_prompts("harmful")[:8], "benign": default_prompts("benign")[:8],
            "task": default_prompts("benign")[8:16]}
@@ -118,3 +119,26 @@ def test_the_command_line_prints_a_noop_and_fails_on_it_when_asked(same_weights_
 def test_fail_on_noop_lets_a_patch_that_edits_pass(llama_trio, tmp_path, capsys):
     assert main(patch_argv(llama_trio, tmp_path / "out", "--fail-on-noop", "--q", "0.5", "--p", "0.2")) == 0
     assert "status: ok" in capsys.readouterr().out
+
+
+# -- the report's schema version ----------------------------------------------------------------------
+def test_a_report_carries_its_schema_version_and_reads_back(normal, tmp_path):
+    assert normal["report_version"] == REPORT_VERSION
+    (tmp_path / REPORT_NAME).write_text(json.dumps(normal))
+    assert read_report(tmp_path) == read_report(tmp_path / REPORT_NAME) == json.loads(json.dumps(normal))
+    older = {k: v for k, v in normal.items() if k != "report_version"}  # written before the key was recorded
+    assert check_report(older, "old") is older
+
+
+@pytest.mark.parametrize("report, message", [
+    pytest.param([1], r"^R is not an mscp report \(a JSON array, not an object\)$", id="not-an-object"),
+    pytest.param({"report_version": "1", "status": "ok"}, r"^R is not an mscp report \(report_version '1'\)$",
+                 id="version-a-string"),
+    pytest.param({"report_version": REPORT_VERSION + 1, "status": "ok", "mscp_version": "9.0"},
+                 rf"^R is an mscp report of version {REPORT_VERSION + 1}, written by a newer mscp \(9\.0\); "
+                 rf"this one reads versions up to {REPORT_VERSION}$", id="future-version"),
+    pytest.param({"report_version": 1}, r"^R is not an mscp report \(no 'status'\)$", id="no-status"),
+])
+def test_a_report_of_another_schema_is_one_line(report, message):
+    with pytest.raises(MSCPError, match=message):
+        check_report(report, "R")

@@ -23,6 +23,7 @@ from safetensors.torch import save_file
 
 from mscp.core.atomic import check_writable, remove_stale, write_atomically
 from mscp.core.checkpoint import check_finite, sha256_file
+from mscp.core.textfiles import json_type, read_json_object
 from mscp.errors import MSCPError
 
 REPORT_NAME = "mscp_report.json"
@@ -33,6 +34,10 @@ OUTPUT_FILES = ("adapter_model.safetensors", "adapter_config.json", REPORT_NAME,
 # Fewer calibration or task prompts than this: the curves and row scores rest on too little data.
 MIN_PROMPTS = 8
 STATUSES = ("ok", "warnings", "noop")
+# mscp_report.json's schema version (its key `report_version`): bump it when a key is renamed, dropped or
+# changes meaning (a new key does not need it). A report without the key (written before it was
+# recorded) is version 1. Whatever reads a report back goes through `check_report`.
+REPORT_VERSION = 1
 
 
 def package_versions() -> dict[str, str]:
@@ -60,6 +65,7 @@ def build_report(*, config: dict, safety_layers: list[int], n_layers: int, layer
     edited = sum(m["n_rows"] * m["rank"] for m in modules.values())
     status, warnings = assess(modules, prompts, safety_layers, config, edited)
     return {
+        "report_version": REPORT_VERSION,
         "mscp_version": versions["mscp"],
         "status": status,
         "warnings": warnings,
@@ -84,6 +90,32 @@ def build_report(*, config: dict, safety_layers: list[int], n_layers: int, layer
         "paths": paths,
         **extra,
     }
+
+
+def check_report(report, where) -> dict:
+    """A report read back (mscp_report.json, a stored copy of one), checked to be a report this mscp
+    reads: a JSON object whose `report_version` (1 when absent) is a version up to REPORT_VERSION.
+    MSCPError, one line naming `where`, for anything else."""
+    if not isinstance(report, dict):
+        raise MSCPError(f"{where} is not an mscp report (a JSON {json_type(report)}, not an object)")
+    version = report.get("report_version", 1)
+    if type(version) is not int or version < 1:
+        raise MSCPError(f"{where} is not an mscp report (report_version {version!r})")
+    if version > REPORT_VERSION:
+        raise MSCPError(f"{where} is an mscp report of version {version}, written by a newer mscp "
+                        f"({report.get('mscp_version')}); this one reads versions up to {REPORT_VERSION}")
+    if not isinstance(report.get("status"), str):
+        raise MSCPError(f"{where} is not an mscp report (no 'status')")
+    return report
+
+
+def read_report(path) -> dict:
+    """mscp_report.json (the file, or the folder holding it) read (strict JSON; the curves may hold
+    NaN, as json.dumps writes it) and checked by `check_report`."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / REPORT_NAME
+    return check_report(read_json_object(path, "mscp report", allow_nan=True), path)
 
 
 def _module_entry(m: dict) -> dict:

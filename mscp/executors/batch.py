@@ -30,7 +30,7 @@ from pathlib import Path
 from mscp.core.atomic import write_file_atomically
 from mscp.core.config import PatchConfig
 from mscp.core.hub import ADAPTER_FILES, parse_hub_id, resolve
-from mscp.core.report import OUTPUT_FILES
+from mscp.core.report import OUTPUT_FILES, read_report
 from mscp.core.store import digest
 from mscp.errors import MSCPError
 from mscp.executors.jobs import SUMMARY_NAME, BatchSpec, Job, line, outcome
@@ -123,10 +123,10 @@ def completed(out: Path, fingerprint_: str) -> bool:
     if not all((out / name).is_file() for name in OUTPUT_FILES):
         return False
     try:
-        report = json.loads((out / "mscp_report.json").read_text())
-    except (OSError, ValueError):
+        report = read_report(out)
+    except MSCPError:  # damaged, or another mscp's: not this run's output
         return False
-    return isinstance(report, dict) and (report.get("batch") or {}).get("fingerprint") == fingerprint_
+    return (report.get("batch") or {}).get("fingerprint") == fingerprint_
 
 
 # -- one group of adapters (a Ray task, or a step of the local loop) ------------------------------------
@@ -185,8 +185,8 @@ def patch_group(spec: BatchSpec, jobs: list[Job], window_note: str = "") -> list
 
 def _report_status(out) -> str | None:
     try:
-        return json.loads((Path(out) / "mscp_report.json").read_text()).get("status")
-    except (OSError, ValueError):
+        return read_report(out)["status"]
+    except MSCPError:
         return None
 
 
@@ -354,33 +354,46 @@ def _run(run: _Run) -> dict:
         if bar is not None:
             bar.close()
         patch_seconds = time.perf_counter() - patch_clock
-        summary = summarize(run.adapters, records, run.out_dir, spec, config, window, note, info, size, retries,
-                            run.started, time.perf_counter() - run.clock, patch_seconds)
+        summary = summarize(run, _Ran(window=window, note=note, info=info, size=size,
+                                      seconds=time.perf_counter() - run.clock, patch_seconds=patch_seconds))
         write_file_atomically(run.out_dir / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def summarize(adapters, records, out_dir, spec, config, window, note, info, size, retries, started, seconds,
-              patch_seconds) -> dict:
+@dataclasses.dataclass(frozen=True)
+class _Ran:
+    """What _run found and measured, for the summary beside _Run's records."""
+
+    window: list[int] | None  # the safety layers every group ran with (None: no adapter needed them)
+    note: str  # how the window came about
+    info: dict  # the executor's description, with what it reported
+    size: int  # adapters per task
+    seconds: float  # the whole run
+    patch_seconds: float  # the groups alone
+
+
+def summarize(run: _Run, ran: _Ran) -> dict:
+    """The run summary (DIR/mscp_run.json): every adapter's outcome, those not reached as not_run."""
     from mscp import __version__
 
-    entries = [records.get(a) or {"adapter": a, "out": None, "status": "not_run", "error": "interrupted",
-                                  "seconds": None, "report_status": None} for a in adapters]
+    entries = [run.records.get(a) or {"adapter": a, "out": None, "status": "not_run", "error": "interrupted",
+                                      "seconds": None, "report_status": None} for a in run.adapters]
     counts = {status: sum(e["status"] == status for e in entries)
               for status in ("done", "skipped", "failed", "not_run")}
+    patch_seconds = ran.patch_seconds
     return {
         "mscp_version": __version__,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "seconds": round(seconds, 3),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(run.started)),
+        "seconds": round(ran.seconds, 3),
         "patch_seconds": round(patch_seconds, 3),
         "adapters_per_second": round(counts["done"] / patch_seconds, 4) if counts["done"] and patch_seconds else None,
-        "executor": {**info, "adapters_per_task": size, "retries": retries},
+        "executor": {**ran.info, "adapters_per_task": ran.size, "retries": run.retries},
         "counts": {**counts, "total": len(entries)},
         "noop": sum(e.get("report_status") == "noop" for e in entries),
-        "safety_layers": window,
-        "window": note,
-        "out_dir": str(out_dir),
-        "base": spec.base, "aligned": spec.aligned,
-        "config": config.to_dict(),
+        "safety_layers": ran.window,
+        "window": ran.note,
+        "out_dir": str(run.out_dir),
+        "base": run.spec.base, "aligned": run.spec.aligned,
+        "config": run.config.to_dict(),
         "adapters": entries,
     }

@@ -90,6 +90,7 @@ class Bench:
         from safetensors import SafetensorError
         from safetensors.torch import load_file, save_file
 
+        from mscp.core.report import check_report
         from mscp.core.store import Store
         from mscp.harness.evaluate import folder_digest
 
@@ -115,7 +116,11 @@ class Bench:
             for name, t in tensors.items():
                 kind, _, k = name.partition("::")
                 scores.setdefault(k, {})[kind] = t
-            return Scored(json.loads((folder / "report.json").read_text()), scores)
+            try:  # another mscp's report: a miss (the store scores again)
+                report = check_report(json.loads((folder / "report.json").read_text()), folder / "report.json")
+            except MSCPError as e:
+                raise ValueError(str(e)) from None
+            return Scored(report, scores)
 
         kind = f"{config.score}{'_keep_benign' if keep_benign else ''}"
         return Store(self.folder / "scores").folder(kind, parts, SCORES_VERSION, fill, read)
