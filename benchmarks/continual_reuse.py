@@ -55,10 +55,10 @@ def measure_reuse(base, aligned, adapter, dims: dict[str, Path], work: Path, *, 
             rows.setdefault(f"add {name}", {}).setdefault("wall", []).append(w)
             rows[f"add {name}"].setdefault("cpu", []).append(c)
     st = load_state(states[-1])
-    return {"safety_layers": st["safety_layers"], "n_layers": st["n_layers"], "repeats": repeats,
+    return {"safety_layers": st.safety_layers, "n_layers": st.n_layers, "repeats": repeats,
             "median_s": {k: {m: statistics.median(v) for m, v in d.items()} for k, d in rows.items()},
-            "dimensions": [{k: d[k] for k in ("name", "mask_rows", "new_rows", "incremental_edit_fraction",
-                                              "cumulative_edit_fraction")} for d in st["dimensions"]]}
+            "dimensions": [{k: getattr(d, k) for k in ("name", "mask_rows", "new_rows", "incremental_edit_fraction",
+                                                       "cumulative_edit_fraction")} for d in st.dimensions]}
 
 
 if __name__ == "__main__":  # python -m mscp.continual TRIO_DIR WORK_DIR DIM.txt ... [--task F] [--layers A-B] [--repeats N]

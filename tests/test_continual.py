@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from mscp import continual, fast_project, patch
 from mscp.cli import main
 from mscp.continual.figures import cluster_order
+from mscp.continual.record import STATE_VERSION, Module, State
 from mscp.core.prompts import default_prompts
 from mscp.core.streaming import ModelShell
 from mscp.errors import MSCPError
@@ -84,7 +85,7 @@ def _adapter(state):
 
 
 def _union(state):
-    return {k: v for k, v in continual.load_state(state)["union"].items() if v}
+    return {k: v for k, v in continual.load_state(state).union.items() if v}
 
 
 # -- property 1: union, any order ------------------------------------------------------------------
@@ -107,7 +108,7 @@ def test_any_order_of_three_dimensions_gives_the_same_adapter_as_one_union_proje
     results, unions = [_adapter(s) for s in finals], [_union(s) for s in finals]
     assert all(u == unions[0] for u in unions)
     assert sum(len(r) for r in unions[0].values()) > 0
-    news = {tuple(d["new_rows"] for d in continual.load_state(s)["dimensions"]) for s in finals}
+    news = {tuple(d.new_rows for d in continual.load_state(s).dimensions) for s in finals}
     assert len(news) > 1  # the orders really differ in which step projects which rows
     for other in results[1:]:  # bit for bit across orders
         assert other.keys() == results[0].keys()
@@ -140,10 +141,10 @@ def sequence(family_state, prompt_dir, tmp_path_factory):
 
 def test_each_step_equals_one_projection_with_the_union_so_far(sequence):
     trio, s, snapshots = sequence
-    dims = continual.load_state(s)["dimensions"]
+    dims = continual.load_state(s).dimensions
     union: dict[str, list[int]] = {}
     for dim, (got_union, got) in zip(dims, snapshots):
-        for k, rows in dim["rows"].items():
+        for k, rows in dim.rows.items():
             union[k] = sorted(set(union.get(k, [])) | set(rows))
         assert got_union == {k: v for k, v in union.items() if v}
         reference = fast_project(trio["adapter"], trio["base"], trio["aligned"], union)
@@ -165,7 +166,7 @@ def test_adding_a_dimension_twice_edits_nothing(family_state, prompt_dir, tmp_pa
     after = tree_digest(s / "adapter")
     assert list(after.values()) == list(before.values())  # adapter files byte-identical
     assert _union(s) == union
-    history = continual.load_state(s)["history"]
+    history = continual.load_state(s).history
     assert [h["op"] for h in history] == ["init", "add", "add", "add"]
     assert [h["new_rows"] for h in history[2:]] == [0, 0]
 
@@ -187,7 +188,7 @@ def test_rows_projected_for_one_dimension_are_never_touched_again(sequence):
             assert torch.equal(tensors[key][rows], cache[key][rows])  # every union row is the cache's, from B0
             for _, later in snapshots[k + 1:]:
                 assert torch.equal(later[key][rows], tensors[key][rows])
-    new = [d["new_rows_by_module"] for d in continual.load_state(s)["dimensions"]]
+    new = [d.new_rows_by_module for d in continual.load_state(s).dimensions]
     assert sum(len(r) for r in new[0].values()) > 0 and any(sum(len(r) for r in n.values()) for n in new[1:])
     for i, j in itertools.combinations(range(len(new)), 2):  # no row is 'new' twice
         assert all(not set(new[i].get(k, [])) & set(new[j].get(k, [])) for k in new[i])
@@ -316,14 +317,14 @@ def test_status_json_reports_sizes_fractions_and_the_overlap_matrix(llama_state,
     assert main(["continual", "status", str(state), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     data = continual.load_state(state)
-    masks = {d["name"]: {(k, r) for k, rows in d["rows"].items() for r in rows} for d in data["dimensions"]}
+    masks = {d.name: {(k, r) for k, rows in d.rows.items() for r in rows} for d in data.dimensions}
     names = s["overlap"]["names"]
     assert names == list(DIMS)
     for i, a in enumerate(names):
         for j, b in enumerate(names):
             assert s["overlap"]["jaccard"][i][j] == pytest.approx(len(masks[a] & masks[b]) / len(masks[a] | masks[b]))
     assert sorted(s["overlap"]["cluster_order"]) == sorted(names)
-    rank = {k: m["rank"] for k, m in data["modules"].items()}
+    rank = {k: m.rank for k, m in data.modules.items()}
     seen = set()
     for d in s["dimensions"]:
         new = masks[d["name"]] - seen
@@ -386,6 +387,20 @@ def _drop(key):
                  r"config: unknown field 'bogus_field'", id="config-unknown-field"),
     pytest.param(lambda s: (s / "state.json").write_bytes(b'{"format": 1, "config": "\xff"}'), r"is not UTF-8 text",
                  id="state-not-utf8"),
+    pytest.param(_state_edit(lambda d: {**d, "format": 2}),
+                 r"state\.json has state format 2 \(written by a newer mscp\); this mscp reads format 1$", id="future-format"),
+    pytest.param(_state_edit(lambda d: {**d, "format": "1"}), r"has state format '1'; this mscp reads format 1$",
+                 id="format-a-string"),
+    pytest.param(_state_edit(lambda d: {**d, "dimensions": [{**d["dimensions"][0], "q": "0.4"}, *d["dimensions"][1:]]}),
+                 r"\(dimension 0: 'q' is a JSON string\)$", id="dimension-q-a-string"),
+    pytest.param(_state_edit(lambda d: {**d, "dimensions": [{k: v for k, v in d["dimensions"][1].items() if k != "rows"}]}),
+                 r"\(dimension 0: no 'rows'\)$", id="dimension-without-rows"),
+    pytest.param(_state_edit(lambda d: {**d, "n_layers": True}), r"\('n_layers' is a JSON boolean\)$", id="n_layers-a-bool"),
+    pytest.param(_state_edit(lambda d: {**d, "history": [1]}), r"\('history\[0\]' is a JSON number\)$",
+                 id="history-holds-a-number"),
+    pytest.param(_state_edit(lambda d: {**d, "planets": []}), r"\(unknown field 'planets'\)$", id="a-foreign-field"),
+    pytest.param(lambda s: (s / "state.json").write_text('{"format": 1, "name": "a model card"}'),
+                 r"corrupt continual state: .*state\.json \(no 'mscp_version'\)$", id="a-foreign-file"),
 ])
 @pytest.mark.parametrize("command", ["status", "add"])
 def test_a_corrupt_state_json_is_one_line_exit_2(llama_state, prompt_dir, tmp_path, capsys, breaker, message, command):
@@ -401,6 +416,28 @@ def test_a_corrupt_state_json_is_one_line_exit_2(llama_state, prompt_dir, tmp_pa
     assert rc == 2 and err.startswith("mscp: error: ") and err.count("\n") == 1, err
     assert re.search(message, err), err
     assert tree_digest(s) == before and sorted(p.name for p in tmp_path.iterdir()) == ["S"]
+
+
+def test_the_state_record_writes_back_the_file_it_read(llama_state):
+    """state.json -> State -> state.json gives the file back byte for byte: the same keys in the
+    same order (prompts_sampled only where a set was sampled), NaN curves included."""
+    _, state, _ = llama_state
+    text = (state / "state.json").read_text()
+    record = continual.load_state(state)
+    assert isinstance(record, State) and record.format == STATE_VERSION == 1
+    assert json.dumps(record.to_json(), indent=2) + "\n" == text
+    assert State.from_json(json.loads(text), "state.json").to_json() == record.to_json()
+    assert [d.name for d in record.dimensions] == list(DIMS)
+    assert all(isinstance(m, Module) for m in record.modules.values())
+
+
+def test_a_state_without_a_format_reads_as_the_first_version(llama_state, tmp_path):
+    """Every state written so far carries format 1; one without the key is read as that layout."""
+    _, state, _ = llama_state
+    s = _copy(state, tmp_path / "S")
+    _drop("format")(s)
+    assert continual.load_state(s).format == 1
+    assert [d["name"] for d in continual.status(s)["dimensions"]] == list(DIMS)
 
 
 @pytest.mark.parametrize("content, message", [

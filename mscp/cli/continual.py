@@ -54,10 +54,10 @@ def run(args) -> int:
         state = init(args.base, args.aligned, args.adapter, args.out, harmful=args.harmful, benign=args.benign,
                      task=args.task, tokenizer=args.tokenizer, config=config, overwrite=args.overwrite,
                      figures=not args.no_figures)
-        layers = state["safety_layers"]
-        print(f"safety layers: {layers[0]}-{layers[-1]} of {state['n_layers']}; "
-              f"{sum(m['safety_layer'] for m in state['modules'].values())} LoRA modules can be projected; "
-              f"init took {state['history'][0]['timings_s']['total']:.2f} s")
+        layers = state.safety_layers
+        print(f"safety layers: {layers[0]}-{layers[-1]} of {state.n_layers}; "
+              f"{sum(m.safety_layer for m in state.modules.values())} LoRA modules can be projected; "
+              f"init took {state.history[0]['timings_s']['total']:.2f} s")
         print(f"wrote {args.out} (STATE/adapter is the input adapter until a dimension is added)")
         return 0
     if args.continual_command == "add":

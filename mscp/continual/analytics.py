@@ -3,24 +3,28 @@ clustered Jaccard overlap between dimensions, where the rows sit; its figures an
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mscp.continual.record import State
 
 
-def analytics(state: dict) -> dict:
+def analytics(state: State) -> dict:
     """Per-dimension sizes and edit fractions, the Jaccard overlap (clustered), where rows sit."""
     from mscp.continual.figures import cluster_order
 
-    dims = state["dimensions"]
-    names = [d["name"] for d in dims]
-    sets = [{(k, r) for k, rows in d["rows"].items() for r in rows} for d in dims]
+    dims = state.dimensions
+    names = [d.name for d in dims]
+    sets = [{(k, r) for k, rows in d.rows.items() for r in rows} for d in dims]
     n = len(dims)
     inter = [[len(a & b) for b in sets] for a in sets]
     jaccard = [[(len(a & b) / len(a | b)) if (a | b) else 1.0 for b in sets] for a in sets]
     order, merges = cluster_order(jaccard)
-    modules = state["modules"]
-    layers = state["safety_layers"]
-    per_layer = {name: [sum(1 for k, _ in s if modules[k]["layer"] == l) for l in layers] for name, s in zip(names, sets)}
-    types = sorted({m["name"].rsplit(".", 1)[-1] for m in modules.values() if m["safety_layer"]})
-    per_type = {name: {t: sum(1 for k, _ in s if modules[k]["name"].rsplit(".", 1)[-1] == t) for t in types}
+    modules = state.modules
+    layers = state.safety_layers
+    per_layer = {name: [sum(1 for k, _ in s if modules[k].layer == l) for l in layers] for name, s in zip(names, sets)}
+    types = sorted({m.name.rsplit(".", 1)[-1] for m in modules.values() if m.safety_layer})
+    per_type = {name: {t: sum(1 for k, _ in s if modules[k].name.rsplit(".", 1)[-1] == t) for t in types}
                 for name, s in zip(names, sets)}
     count: dict = {}
     for s in sets:
@@ -28,23 +32,23 @@ def analytics(state: dict) -> dict:
             count[x] = count.get(x, 0) + 1
     core = {x for x, c in count.items() if c == n} if n >= 2 else set()
     specific = {name: {x for x in s if count[x] == 1} for name, s in zip(names, sets)} if n >= 2 else {}
-    by_layer_kind = {"core (all dimensions)": [sum(1 for k, _ in core if modules[k]["layer"] == l) for l in layers],
-                     "shared (2+, not all)": [sum(1 for (k, _), c in count.items() if 1 < c < n and modules[k]["layer"] == l)
+    by_layer_kind = {"core (all dimensions)": [sum(1 for k, _ in core if modules[k].layer == l) for l in layers],
+                     "shared (2+, not all)": [sum(1 for (k, _), c in count.items() if 1 < c < n and modules[k].layer == l)
                                               for l in layers],
                      "specific (one dimension)": [sum(1 for (k, _), c in count.items() if c == 1 and n >= 2
-                                                      and modules[k]["layer"] == l) for l in layers]}
+                                                      and modules[k].layer == l) for l in layers]}
     if n < 2:
-        by_layer_kind = {"rows": [sum(1 for k, _ in count if modules[k]["layer"] == l) for l in layers]}
-    union_rows = sum(len(r) for r in state["union"].values())
+        by_layer_kind = {"rows": [sum(1 for k, _ in count if modules[k].layer == l) for l in layers]}
+    union_rows = sum(len(r) for r in state.union.values())
     return {
-        "n_layers": state["n_layers"],
+        "n_layers": state.n_layers,
         "safety_layers": layers,
-        "lora_parameters": state["lora_parameters"],
+        "lora_parameters": state.lora_parameters,
         "union_rows": union_rows,
-        "edit_fraction": edit_fraction(state, state["union"]),
-        "edited_parameters": edited_parameters(state, state["union"]),
-        "config": {k: state["config"][k] for k in ("q", "p", "alpha", "projector", "rho", "criterion", "layers")},
-        "dimensions": [{k: d[k] for k in ("name", "step", "prompts", "prompts_sha256", "harmful_sha256", "q", "p",
+        "edit_fraction": edit_fraction(state, state.union),
+        "edited_parameters": edited_parameters(state, state.union),
+        "config": {k: state.config[k] for k in ("q", "p", "alpha", "projector", "rho", "criterion", "layers")},
+        "dimensions": [{k: getattr(d, k) for k in ("name", "step", "prompts", "prompts_sha256", "harmful_sha256", "q", "p",
                                           "mask_rows", "mask_edit_fraction", "new_rows", "new_parameters",
                                           "incremental_edit_fraction", "cumulative_edit_fraction")}
                        for d in dims],
@@ -58,11 +62,11 @@ def analytics(state: dict) -> dict:
         "history": [{k: h.get(k) for k in ("step", "op", "name", "time", "mask_rows", "new_rows", "new_parameters",
                                            "incremental_edit_fraction", "cumulative_edit_fraction", "repeat_of")
                      if h.get(k) is not None} | {"seconds": h.get("timings_s", {}).get("total")}
-                    for h in state["history"]],
+                    for h in state.history],
     }
 
 
-def write_figures(state: dict, folder: Path) -> list[Path]:
+def write_figures(state: State, folder: Path) -> list[Path]:
     """PNGs of the state: layer curves, per-dimension sizes, clustered overlap, layer distribution."""
     from mscp.continual import figures as fg
 
@@ -71,8 +75,8 @@ def write_figures(state: dict, folder: Path) -> list[Path]:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     a = analytics(state)
-    curves = state["layer_curves"]
-    layers = state["safety_layers"]
+    curves = state.layer_curves
+    layers = state.safety_layers
     out = [fg.line_curves(folder / "curves.png", [c["layer"] for c in curves],
                           {"sigma": [c["sigma"] for c in curves], "d li_gap": [c["d_li_gap"] for c in curves]},
                           title="Layer criteria (level 1)", xlabel="decoder layer", ylabel="value",
@@ -132,12 +136,12 @@ def format_status(s: dict) -> str:
     return "\n".join(lines)
 
 
-def edited_parameters(state: dict, rows: dict[str, list[int]]) -> int:
-    return sum(len(r) * state["modules"][k]["rank"] for k, r in rows.items() if not state["modules"][k]["skipped"])
+def edited_parameters(state: State, rows: dict[str, list[int]]) -> int:
+    return sum(len(r) * state.modules[k].rank for k, r in rows.items() if not state.modules[k].skipped)
 
 
-def edit_fraction(state: dict, rows: dict[str, list[int]]) -> float:
-    return edited_parameters(state, rows) / state["lora_parameters"] if state["lora_parameters"] else 0.0
+def edit_fraction(state: State, rows: dict[str, list[int]]) -> float:
+    return edited_parameters(state, rows) / state.lora_parameters if state.lora_parameters else 0.0
 
 
 def _histogram(values, n: int) -> dict[str, int]:

@@ -4,6 +4,7 @@ A *state* directory holds what every later dimension reuses, and the adapter aft
 
     STATE/state.json          models, options, safety layers, curves, modules, dimensions (masks,
                               prompt checksums, config), the union P of projected rows, the history
+                              (continual/record.py: the typed record, its schema version)
     STATE/b0/                 the input adapter, copied (B0: every projection starts from it)
     STATE/cache/scores.safetensors     task scores per LoRA module (task::KEY; rms_task::KEY for wanda_weight)
     STATE/cache/projected.safetensors  lora_B of every safety-layer module with *all* rows projected
@@ -48,6 +49,7 @@ from mscp.continual.analytics import (
     edited_parameters,
     write_figures,
 )
+from mscp.continual.record import STATE_VERSION, Dimension, Module, State
 from mscp.core.adapter import Adapter
 from mscp.core.atomic import check_writable, link_tree, write_atomically
 from mscp.core.checkpoint import config_files, sha256_file
@@ -64,10 +66,9 @@ from mscp.core.report import (
     save_tensors,
 )
 from mscp.core.streaming import ModelShell
-from mscp.core.textfiles import json_type, read_json_object
+from mscp.core.textfiles import read_json_object
 from mscp.errors import MSCPError
 
-STATE_FORMAT = 1
 STATE_FILE = "state.json"
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -77,8 +78,8 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 # init / add / status
 # ---------------------------------------------------------------------------------------------
 def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, prompts=None, tokenizer=None,
-         config: PatchConfig | None = None, overwrite: bool = False, figures: bool = True, **overrides) -> dict:
-    """Create a continual state in `out` (see the module docstring); returns the state dict.
+         config: PatchConfig | None = None, overwrite: bool = False, figures: bool = True, **overrides) -> State:
+    """Create a continual state in `out` (see the module docstring); returns its record.
 
     Takes what `mscp.patch` takes: harmful/benign prompts choose the safety layers (the curves),
     task prompts give I^T. No dimension is applied yet: STATE/adapter is B0.
@@ -108,46 +109,47 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
     for index, rels in sorted(by_layer.items()):
         for rel, m in sorted(rels.items()):
             e = edits.get(m.key_b)
-            modules[m.key_b] = {"module": m.module, "layer": index, "name": rel, "d_out": lora.tensors[m.key_b].shape[0],
-                                "rank": m.rank, "safety_layer": index in window.safety_layers,
-                                "norm_v": e.norm_v if e else None, "skipped": e.skipped if e else None}
+            modules[m.key_b] = Module(module=m.module, layer=index, name=rel, d_out=lora.tensors[m.key_b].shape[0],
+                                      rank=m.rank, safety_layer=index in window.safety_layers,
+                                      norm_v=e.norm_v if e else None, skipped=e.skipped if e else None)
     files = {"base": patcher.base_model.ckpt.files + config_files(patcher.base_model.ckpt.path),
              "aligned": patcher.aligned_model.ckpt.files + config_files(patcher.aligned_model.ckpt.path),
              "adapter": lora.files, **patcher.prompt_files}
     if tokenizer is not None:
         files["tokenizer"] = [p for p in Path(tokenizer).iterdir() if p.is_file()] if Path(tokenizer).is_dir() else []
-    state = {
-        "format": STATE_FORMAT,
-        "mscp_version": package_versions()["mscp"],
-        "created": _now(),
-        "paths": {k: str(v.resolve()) if v.exists() else str(v) for k, v in paths.items()},
-        "config": config.to_dict(),
-        "n_layers": patcher.base_model.n_layers,
-        "safety_layers": window.safety_layers,
-        "layer_curves": window.layer_curves,
-        "modules": modules,
-        "lora_parameters": lora.n_parameters(),
-        "adapter_config": lora.config,
-        "prompts": {name: len(p) for name, p in patcher.sets.items()},
-        "prompts_sha256": {name: _prompts_sha256(p) for name, p in patcher.sets.items()},
-        **({"prompts_sampled": patcher.sampled} if patcher.sampled else {}),
-        "prompt_sources": prompt_sources(patcher.sets, patcher.prompt_files),
-        "backends": dict(sorted(patcher.backends.items())),
-        "compute_dtype": str(patcher.base_model.dtype).removeprefix("torch."),
-        "init_timings_s": patcher.timings,
-        "inputs_sha256": input_checksums(files) if config.hash_inputs else "not computed (hash_inputs=False)",
-        "inputs_stat": {role: _stat(fs) for role, fs in files.items() if role in ("aligned", "tokenizer")},
-        "versions": package_versions(),
-        "dimensions": [],
-        "union": {k: [] for k, m in modules.items() if m["safety_layer"]},
-        "history": [],
-    }
+    state = State(
+        format=STATE_VERSION,
+        mscp_version=package_versions()["mscp"],
+        created=_now(),
+        paths={k: str(v.resolve()) if v.exists() else str(v) for k, v in paths.items()},
+        config=config.to_dict(),
+        n_layers=patcher.base_model.n_layers,
+        safety_layers=window.safety_layers,
+        layer_curves=window.layer_curves,
+        modules=modules,
+        lora_parameters=lora.n_parameters(),
+        adapter_config=lora.config,
+        prompts={name: len(p) for name, p in patcher.sets.items()},
+        prompts_sha256={name: _prompts_sha256(p) for name, p in patcher.sets.items()},
+        prompts_sampled=patcher.sampled or None,
+        prompt_sources=prompt_sources(patcher.sets, patcher.prompt_files),
+        backends=dict(sorted(patcher.backends.items())),
+        compute_dtype=str(patcher.base_model.dtype).removeprefix("torch."),
+        init_timings_s=patcher.timings,
+        inputs_sha256=input_checksums(files) if config.hash_inputs else "not computed (hash_inputs=False)",
+        inputs_stat={role: _stat(fs) for role, fs in files.items() if role in ("aligned", "tokenizer")},
+        versions=package_versions(),
+        dimensions=[],
+        union={k: [] for k, m in modules.items() if m.safety_layer},
+        history=[],
+    )
     tensors_scores = {f"{kind}::{k}": v[name].contiguous() for k, v in scores.items()
                       for kind, name in (("task", "task"), ("harmful_init", "harmful"), ("rms_task", "rms_task"))
                       if name in v}
     projected_b = {k: projected[k].contiguous() for k in candidates}
 
     def write(tmp: Path):
+        nonlocal state
         (tmp / "b0").mkdir()
         _copy_adapter(lora, tmp / "b0")
         (tmp / "cache").mkdir()
@@ -157,14 +159,14 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
         (tmp / "adapter").mkdir()
         for name in ADAPTER_FILES:
             link_tree(tmp / "b0" / name, tmp / "adapter" / name)
-        (tmp / "adapter" / REPORT_NAME).write_text(json.dumps(_adapter_report(state, state["union"]), indent=2) + "\n")
-        state["history"].append({"step": 0, "op": "init", "time": _now(), "new_rows": 0, "new_parameters": 0,
-                                  "cumulative_edit_fraction": 0.0,
-                                  "timings_s": {**patcher.timings, "total": time.perf_counter() - started},
-                                  "adapter_sha256": sha256_file(tmp / "adapter" / "adapter_model.safetensors")})
+        (tmp / "adapter" / REPORT_NAME).write_text(json.dumps(_adapter_report(state, state.union), indent=2) + "\n")
+        state = replace(state, history=[{"step": 0, "op": "init", "time": _now(), "new_rows": 0, "new_parameters": 0,
+                                         "cumulative_edit_fraction": 0.0,
+                                         "timings_s": {**patcher.timings, "total": time.perf_counter() - started},
+                                         "adapter_sha256": sha256_file(tmp / "adapter" / "adapter_model.safetensors")}])
         if figures:
             write_figures(state, tmp / "figures")
-        _write_json(tmp / STATE_FILE, state)
+        _write_json(tmp / STATE_FILE, state.to_json())
 
     _commit(out, write, keep=(), overwrite=overwrite)
     return state
@@ -191,7 +193,7 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
     with _locked(state_dir):
         state = load_state(state_dir)
         started = time.perf_counter()
-        config = PatchConfig(**config_from_mapping(state["config"], where=f"{state_dir / STATE_FILE}: config"))
+        config = PatchConfig(**config_from_mapping(state.config, where=f"{state_dir / STATE_FILE}: config"))
         changes = {k: v for k, v in dict(q=q, p=p, device=device, backend=backend, progress=progress).items()
                    if v is not None}
         config = replace(config, **changes)
@@ -201,31 +203,31 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
         texts, sampled = sample_prompts(texts, config.max_prompts, f"dimension {name}")
         digest = _prompts_sha256(texts)
         file_sums = {str(f): sha256_file(f) for f in files}
-        existing = {d["name"]: d for d in state["dimensions"]}
-        step = len(state["history"])
+        existing = {d.name: d for d in state.dimensions}
+        step = len(state.history)
         entry = {"step": step, "op": "add", "name": name, "time": _now(), "prompts": len(texts),
                  "prompts_sha256": digest, "q": config.q, "p": config.p, **({"prompts_sampled": sampled} if sampled else {})}
         if name in existing:
             old = existing[name]
-            if old["prompts_sha256"] != digest or old["q"] != config.q or old["p"] != config.p:
+            if old.prompts_sha256 != digest or old.q != config.q or old.p != config.p:
                 raise MSCPError(f"dimension {name} already exists with other prompts or q/p; add it under another name")
-            entry.update(repeat_of=name, mask_rows=old["mask_rows"], new_rows=0, new_parameters=0,
-                         incremental_edit_fraction=0.0, cumulative_edit_fraction=edit_fraction(state, state["union"]),
+            entry.update(repeat_of=name, mask_rows=old.mask_rows, new_rows=0, new_parameters=0,
+                         incremental_edit_fraction=0.0, cumulative_edit_fraction=edit_fraction(state, state.union),
                          note="same name, prompts and q/p as a recorded dimension: its mask is reused, nothing edited",
                          timings_s={"total": time.perf_counter() - started})
-            state["history"].append(entry)
-            _commit(state_dir, lambda tmp: _write_json(tmp / STATE_FILE, state),
+            state = replace(state, history=[*state.history, entry])
+            _commit(state_dir, lambda tmp: _write_json(tmp / STATE_FILE, state.to_json()),
                     keep=("b0", "cache", "dims", "adapter", "figures"))
             return entry
 
         _check_unchanged(state)
         clock = time.perf_counter()
-        aligned = _shell(state["paths"]["aligned"], "aligned", config)
-        tok = load_tokenizer(state["paths"].get("tokenizer") or state["paths"]["aligned"])
+        aligned = _shell(state.paths["aligned"], "aligned", config)
+        tok = load_tokenizer(state.paths.get("tokenizer") or state.paths["aligned"])
         b0 = Adapter.load(state_dir / "b0")
         run = AdapterRun(b0, modules_by_layer(b0, aligned))
         # the init's window: its modules are those the state records as in a safety layer
-        patcher = Patcher(config, aligned_model=aligned, tok=tok, window=Window(state["safety_layers"]))
+        patcher = Patcher(config, aligned_model=aligned, tok=tok, window=Window(state.safety_layers))
         timings = {"load": time.perf_counter() - clock}
         clock = time.perf_counter()
         edits = None
@@ -244,9 +246,9 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
         run.scores = Scores(scores)
         rows = patcher.select(run)
         mask = {k: rows[k].tolist() for k in sorted(scores)}
-        new = {k: sorted(set(rows) - set(state["union"].get(k, []))) for k, rows in mask.items()}
+        new = {k: sorted(set(rows) - set(state.union.get(k, []))) for k, rows in mask.items()}
         new = {k: rows for k, rows in new.items() if rows}
-        union = {k: sorted(set(state["union"].get(k, [])) | set(mask.get(k, []))) for k in state["union"]}
+        union = {k: sorted(set(state.union.get(k, [])) | set(mask.get(k, []))) for k in state.union}
         n_new_params = edited_parameters(state, new)
         timings["select"] = time.perf_counter() - clock
 
@@ -257,7 +259,7 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
             current = load_file(str(state_dir / "adapter" / "adapter_model.safetensors"))
             tensors = dict(current)
             for key, rows in new.items():
-                if state["modules"][key]["skipped"]:
+                if state.modules[key].skipped:
                     continue  # V is zero: these rows stay B0's (recorded, not edited), as in `patch`
                 idx = torch.tensor(rows, dtype=torch.int64)
                 B = current[key].clone()
@@ -266,17 +268,17 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
         timings["project"] = time.perf_counter() - clock
         mask_rows = sum(len(r) for r in mask.values())
         entry.update(mask_rows=mask_rows, new_rows=sum(len(r) for r in new.values()), new_parameters=n_new_params,
-                     incremental_edit_fraction=n_new_params / state["lora_parameters"],
+                     incremental_edit_fraction=n_new_params / state.lora_parameters,
                      cumulative_edit_fraction=edit_fraction(state, union))
-        dim = {"name": name, "step": step, "harmful_files": [str(f) for f in files] or "in-memory",
-               "harmful_sha256": file_sums, "prompts_sha256": digest, "prompts": len(texts), "q": config.q,
-               "p": config.p, **({"prompts_sampled": sampled} if sampled else {}), "mask_rows": mask_rows, "mask_parameters": edited_parameters(state, mask),
-               "mask_edit_fraction": edited_parameters(state, mask) / state["lora_parameters"],
-               "new_rows": entry["new_rows"], "new_parameters": n_new_params,
-               "incremental_edit_fraction": entry["incremental_edit_fraction"],
-               "cumulative_edit_fraction": entry["cumulative_edit_fraction"], "rows": mask, "new_rows_by_module": new}
-        state["dimensions"].append(dim)
-        state["union"] = union
+        dim = Dimension(name=name, step=step, harmful_files=[str(f) for f in files] or "in-memory",
+                        harmful_sha256=file_sums, prompts_sha256=digest, prompts=len(texts), q=config.q, p=config.p,
+                        prompts_sampled=sampled or None, mask_rows=mask_rows,
+                        mask_parameters=edited_parameters(state, mask),
+                        mask_edit_fraction=edited_parameters(state, mask) / state.lora_parameters,
+                        new_rows=entry["new_rows"], new_parameters=n_new_params,
+                        incremental_edit_fraction=entry["incremental_edit_fraction"],
+                        cumulative_edit_fraction=entry["cumulative_edit_fraction"], rows=mask, new_rows_by_module=new)
+        state = replace(state, dimensions=[*state.dimensions, dim], union=union)
         dim_scores = {f"{name}::{k}": t.contiguous() for k, sc in scores.items() for name, t in sc.items()
                       if name in ("harmful", "rms_harmful")}
 
@@ -293,15 +295,15 @@ def add(state_dir, name: str, *, harmful=None, prompts: list[str] | None = None,
                 write_figures(state, tmp / "figures")
             entry["adapter_sha256"] = sha256_file(tmp / "adapter" / "adapter_model.safetensors")
             entry["timings_s"] = {**timings, "total": time.perf_counter() - started}
-            state["history"].append(entry)
-            _write_json(tmp / STATE_FILE, state)
+            _write_json(tmp / STATE_FILE, replace(state, history=[*state.history, entry]).to_json())
 
         keep = ("b0", "cache", "dims") + (() if tensors is not None else ("adapter",))
         _commit(state_dir, write, keep=keep)
         return entry
 
 
-def load_state(state_dir) -> dict:
+def load_state(state_dir) -> State:
+    """The record of STATE/state.json; a missing, damaged or foreign file is one MSCPError line."""
     state_dir = Path(state_dir)
     f = state_dir / STATE_FILE
     if not f.is_file():
@@ -309,73 +311,8 @@ def load_state(state_dir) -> dict:
         if not state_dir.exists() and list(state_dir.parent.glob(f".{state_dir.name}.old-*")):
             hint = f" (an interrupted update left {next(state_dir.parent.glob(f'.{state_dir.name}.old-*'))}: rename it back)"
         raise MSCPError(f"{state_dir} is not a continual state (no {STATE_FILE}; create one with `mscp continual init`){hint}")
-    state = read_json_object(f, "continual state", allow_nan=True)  # curves may hold NaN, as json.dumps writes it
-    if state.get("format") != STATE_FORMAT:
-        raise MSCPError(f"{f} has state format {state.get('format')!r}; this mscp reads format {STATE_FORMAT}")
-    problem = _state_problem(state)
-    if problem:
-        raise MSCPError(f"corrupt continual state: {f} ({problem})")
-    config_from_mapping(state["config"], where=f"{f}: config")  # field names only; add checks the values
-    return state
-
-
-_INT, _NUM, _STR, _BOOL = "integer", "number", "string", "boolean"
-_TOP = {"config": dict, "paths": dict, "n_layers": _INT, "safety_layers": list, "layer_curves": list, "modules": dict,
-        "lora_parameters": _INT, "dimensions": list, "union": dict, "history": list}
-_MODULE = {"module": _STR, "layer": _INT, "name": _STR, "d_out": _INT, "rank": _INT, "safety_layer": _BOOL}
-_DIMENSION = {"name": _STR, "step": _INT, "prompts": _INT, "prompts_sha256": _STR, "q": _NUM, "p": _NUM,
-              "mask_rows": _INT, "mask_edit_fraction": _NUM, "new_rows": _INT, "new_parameters": _INT,
-              "incremental_edit_fraction": _NUM, "cumulative_edit_fraction": _NUM, "rows": dict,
-              "harmful_sha256": dict}
-
-
-def _is(value, kind) -> bool:
-    if kind == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind == _NUM:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    return isinstance(value, {_STR: str, _BOOL: bool}.get(kind, kind))
-
-
-def _missing(record, spec: dict) -> str | None:
-    """The first field of `spec` that `record` lacks or holds with another type."""
-    if not isinstance(record, dict):
-        return f"a JSON {json_type(record)} where an object belongs"
-    for key, kind in spec.items():
-        if key not in record:
-            return f"no '{key}'"
-        if not _is(record[key], kind):
-            return f"'{key}' is a JSON {json_type(record[key])}"
-    return None
-
-
-def _rows_ok(rows_by_module, modules: dict) -> bool:
-    return isinstance(rows_by_module, dict) and all(
-        k in modules and isinstance(rows, list) and all(_is(r, _INT) for r in rows) for k, rows in rows_by_module.items())
-
-
-def _state_problem(state: dict) -> str | None:
-    """What `add` and `status` read, checked: the fields, their types and the modules they name."""
-    problem = _missing(state, _TOP)
-    if problem:
-        return problem
-    if not isinstance(state["paths"].get("aligned"), str):
-        return "no 'paths.aligned'"
-    if not state["safety_layers"] or not all(_is(i, _INT) for i in state["safety_layers"]):
-        return "'safety_layers' is not a list of layer indices"
-    for key, m in state["modules"].items():
-        problem = _missing(m, _MODULE)
-        if problem:
-            return f"module {key}: {problem}"
-    if not _rows_ok(state["union"], state["modules"]):
-        return "'union' names rows of unknown modules"
-    for n, d in enumerate(state["dimensions"]):
-        problem = _missing(d, _DIMENSION) or (None if _rows_ok(d["rows"], state["modules"]) else "rows of unknown modules")
-        if problem:
-            return f"dimension {n}: {problem}"
-    if not all(isinstance(h, dict) for h in state["history"]):
-        return "'history' holds a non-object"
-    return None
+    # the curves may hold NaN, as json.dumps writes it
+    return State.from_json(read_json_object(f, "continual state", allow_nan=True), f)
 
 
 def status(state_dir) -> dict:
@@ -405,9 +342,9 @@ def _stat(files: list[Path]) -> dict[str, list[int]]:
     return {str(Path(f).resolve()): [os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files}
 
 
-def _check_unchanged(state: dict) -> None:
+def _check_unchanged(state: State) -> None:
     """The aligned model (and tokenizer) must be the files `init` read: a cheap size/mtime check."""
-    for role, files in state.get("inputs_stat", {}).items():
+    for role, files in state.inputs_stat.items():
         for f, (size, mtime) in files.items():
             try:
                 st = os.stat(f)
@@ -417,19 +354,18 @@ def _check_unchanged(state: dict) -> None:
                 raise MSCPError(f"{role} file {f} changed since `continual init`; run init again")
 
 
-def _adapter_report(state: dict, union: dict[str, list[int]]) -> dict:
+def _adapter_report(state: State, union: dict[str, list[int]]) -> dict:
     """STATE/adapter/mscp_report.json: `patch`'s report, for the union of the dimensions.
     A function of the union and the init only, so an add that changes nothing leaves it identical."""
-    mods = {k: {"module": state["modules"][k]["module"], "rows": rows, "n_rows": len(rows),
-                "d_out": state["modules"][k]["d_out"], "rank": state["modules"][k]["rank"],
-                "norm_v": state["modules"][k]["norm_v"], "skipped": state["modules"][k]["skipped"]}
-            for k, rows in union.items()}
+    mods = {k: {"module": m.module, "rows": rows, "n_rows": len(rows), "d_out": m.d_out, "rank": m.rank,
+                "norm_v": m.norm_v, "skipped": m.skipped}
+            for k, rows in union.items() for m in [state.modules[k]]}
     return build_report(
-        config=state["config"], safety_layers=state["safety_layers"], n_layers=state["n_layers"],
-        layer_curves=state["layer_curves"], modules=mods, lora_parameters=state["lora_parameters"],
-        prompts=state["prompts"], prompt_sources=state["prompt_sources"], backends=state["backends"],
-        compute_dtype=state["compute_dtype"], timings=state["init_timings_s"], versions=state["versions"],
-        inputs_sha256=state["inputs_sha256"], paths=state["paths"],
+        config=state.config, safety_layers=state.safety_layers, n_layers=state.n_layers,
+        layer_curves=state.layer_curves, modules=mods, lora_parameters=state.lora_parameters,
+        prompts=state.prompts, prompt_sources=state.prompt_sources, backends=state.backends,
+        compute_dtype=state.compute_dtype, timings=state.init_timings_s, versions=state.versions,
+        inputs_sha256=state.inputs_sha256, paths=state.paths,
         continual="the union of the dimensions recorded in ../state.json, projected from ../b0")
 
 
