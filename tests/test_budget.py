@@ -39,28 +39,55 @@ def test_the_report_says_how_many_rows_and_why(llama_trio):
     b = r.report["score_details"]["budget"]
     lost = r.report["score_details"]["targets_loglik"]["aligned"] - r.report["score_details"]["targets_loglik"]["harmful"]
     assert b["lost_loglik"] == pytest.approx(lost)
-    assert b["goal_loglik"] == pytest.approx(lost)  # recover 1.0
+    assert b["goal_loglik"] == pytest.approx(0.8 * lost)  # recover 0.8: the first proposal's share
     assert 0 <= b["rows"] <= b["limit_rows"] == round(0.2 * b["candidate_rows"])
     assert b["why"]
     edited = sum(len(m["rows"]) for m in r.report["modules"].values())
     assert edited <= b["rows"]  # rows whose score is not positive are never edited
     assert r.report["config"]["budget"] == "adaptive"
-    for check in b["checks"]:  # each check measured the win of a proposed count
-        assert set(check) == {"rows", "predicted_win", "measured_win"}
+    assert len(b["checks"]) <= 2
+    for check in b["checks"]:  # each check measured a proposed count against both references
+        aligned, finetuned = check["references"]["aligned"], check["references"]["finetuned"]
+        p = check["refusal_probability"]
+        assert check["benign_refusal_rise"] == pytest.approx(p["benign"] - aligned[1])
+        if aligned[0] > finetuned[0]:
+            assert check["won_back"] == pytest.approx((p["harmful"] - finetuned[0]) / (aligned[0] - finetuned[0]))
+    if b["checks"]:  # the chosen count is a checked one, unless every check broke the benign bound
+        assert b["rows"] in [c["rows"] for c in b["checks"]] or "every checked count" in b["why"]
 
 
-def test_the_measured_correction_moves_the_count_towards_the_goal(llama_trio):
-    """With checks, the count is proposed again from the measured/estimated win; without, the
-    first-order estimate stands. Either way the count grows with the share to win back."""
+def test_the_checks_follow_the_rule_of_the_module_doc():
+    """Halve a count that raises benign refusals too far, double one that wins back too little,
+    halve towards what was too few one that meets both; conclude on the fewest that met both."""
+    from types import SimpleNamespace
+
+    from mscp.core.budget import Budget, _conclude, _judge
+
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03)
+    aligned, finetuned = (0.9, 0.05), (0.1, 0.0)
+    b, bounds = Budget(10.0, 8.0, limit=1000, candidates=5000, rows=100), [0, 1000]
+    _judge(b, bounds, (0.3, 0.06), finetuned, aligned, cfg)       # won back 0.25: too few
+    assert b.rows == 200 and bounds == [100, 1000]
+    _judge(b, bounds, (0.85, 0.10), finetuned, aligned, cfg)      # benign +0.05: too many
+    assert b.rows == 150 and bounds == [100, 199]
+    _judge(b, bounds, (0.8, 0.07), finetuned, aligned, cfg)       # 0.875 won back, +0.02: enough
+    assert b.rows == 125
+    _conclude(b, cfg)
+    assert b.rows == 150 and "fewest checked rows" in b.why
+    lone = Budget(10.0, 8.0, limit=1000, candidates=5000, rows=300)
+    _judge(lone, [0, 1000], (0.9, 0.2), finetuned, aligned, cfg)  # breaks the bound, nothing else checked
+    _conclude(lone, cfg)
+    assert lone.rows == 150 and "every checked count" in lone.why
+
+
+def test_without_checks_the_first_order_estimate_grows_with_the_share_to_win_back(llama_trio):
     counts = {}
     for recover in (0.25, 1.0):
-        for checks in (0, 2):
-            r = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], recover=recover,
-                      budget_checks=checks, **OPTS).report["score_details"]["budget"]
-            counts[recover, checks] = r["rows"]
-            assert len(r["checks"]) <= checks
-    assert counts[0.25, 0] <= counts[1.0, 0]
-    assert counts[0.25, 2] <= counts[1.0, 2]
+        r = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], recover=recover,
+                  budget_checks=0, **OPTS).report["score_details"]["budget"]
+        counts[recover] = r["rows"]
+        assert r["checks"] == []
+    assert counts[0.25] <= counts[1.0]
 
 
 def test_adapters_of_one_call_get_their_own_budgets_and_the_same_as_alone(llama_trio, tmp_path):
@@ -76,7 +103,10 @@ def test_adapters_of_one_call_get_their_own_budgets_and_the_same_as_alone(llama_
 def test_the_budget_needs_the_attribution_score():
     with pytest.raises(MSCPError, match="adaptive budget needs the attribution score"):
         PatchConfig(budget="adaptive", score="wanda")
-    with pytest.raises(MSCPError, match="recover"):
-        PatchConfig(recover=0.0)
+    for bad in (0.0, 1.5):
+        with pytest.raises(MSCPError, match="recover"):
+            PatchConfig(recover=bad)
+    with pytest.raises(MSCPError, match="max_over_refusal"):
+        PatchConfig(max_over_refusal=-0.1)
     with pytest.raises(MSCPError, match="q_max"):
         PatchConfig(q_max=1.5)

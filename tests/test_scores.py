@@ -240,15 +240,18 @@ def test_target_logliks_of_the_model_alone_and_with_its_lora_match_float64_full_
     with the LoRA added: the adaptive budget's two measurements."""
     trio, prompts, targets, ad, by_layer, scored, _ = attribution_case
     shell = ModelShell(trio["aligned"], label="aligned", dtype="float64")
-    alone, with_lora = target_logliks(shell, shell.head(), prompts, targets, [None, (ad, by_layer)],
-                                      batch_size=batch_size, pad_id=0)
+    alone_each, with_lora_each = target_logliks(shell, shell.head(), prompts, targets, [None, (ad, by_layer)],
+                                                batch_size=batch_size, pad_id=0)
+    assert alone_each.shape == with_lora_each.shape == (len(prompts),)
+    alone, with_lora = alone_each.sum().item(), with_lora_each.sum().item()
     _, ll_lora = reference_attribution(trio, prompts, targets, {}, set())
     model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
-    ll_alone = 0.0
+    each = []
     for p, t in zip(prompts, targets):
         with torch.no_grad():
             logits = model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1: -1]
-        ll_alone += torch.log_softmax(logits, -1).gather(-1, torch.tensor(t)[:, None]).sum().item()
-    assert alone == pytest.approx(ll_alone, rel=1e-6)
+        each.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(t)[:, None]).sum().item())
+    assert alone_each.tolist() == pytest.approx(each, rel=1e-6)  # prompt by prompt
+    assert alone == pytest.approx(sum(each), rel=1e-6)
     assert with_lora == pytest.approx(ll_lora, rel=1e-6)
     assert alone != pytest.approx(with_lora, rel=1e-6)  # the LoRA was added

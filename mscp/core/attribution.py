@@ -149,10 +149,17 @@ def _target_loglik_grads(head: Head, stream: Stream) -> tuple[list[torch.Tensor]
 def _loglik(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
     """The sum of a micro-batch's target-token log-likelihoods from its last hidden states; the
     head is applied to the positions that predict a target token only."""
+    return _row_logliks(head, h, batch).sum()
+
+
+def _row_logliks(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """Each sequence's target log-likelihood (n,), from the positions that predict a target token."""
     follow = batch.labels.to(h.device)[:, 1:]
     sel = follow != -100
     logits = head.logits(h[:, :-1][sel]).float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, follow[sel][:, None]).sum()
+    token_ll = torch.log_softmax(logits, dim=-1).gather(-1, follow[sel][:, None])[:, 0]
+    rows = torch.arange(follow.shape[0], device=h.device)[:, None].expand_as(follow)[sel]
+    return torch.zeros(follow.shape[0], dtype=token_ll.dtype, device=h.device).index_add_(0, rows, token_ll)
 
 
 def _attribution_hook(A, B, s, E, acc):
@@ -231,19 +238,22 @@ def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[in
 
 
 def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
-                   loras: list[Lora | None], *, batch_size: int, pad_id: int, progress=None) -> list[float]:
-    """The total log-likelihood of the targets under the model with each LoRA added (None: the model
-    alone), from one forward pass with each layer loaded once for all of them; nothing is scored."""
+                   loras: list[Lora | None], *, batch_size: int, pad_id: int, progress=None) -> list[torch.Tensor]:
+    """Each target's log-likelihood (one value per prompt) under the model with each LoRA added
+    (None: the model alone), from one forward pass with each layer loaded once for all of them;
+    nothing is scored."""
     batches = make_target_batches(prompts, targets, 0, batch_size, pad_id)
     captured = model.capture({"targets": batches})["targets"]
     streams = [captured] + [captured.copy() for _ in loras[1:]]
     observers = [LoraAdded(stream, *lora) for stream, lora in zip(streams, loras) if lora is not None]
     sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers), progress=progress,
           desc="check")
-    totals = [target_loglik(head, stream) for stream in streams]
+    with torch.no_grad():
+        per_prompt = [torch.cat([_row_logliks(head, h, batch).double().cpu()
+                                 for h, batch in zip(stream.hidden, stream.batches)]) for stream in streams]
     for stream in streams:
         stream.release()
-    return totals
+    return per_prompt
 
 
 def target_loglik(head: Head, stream: Stream) -> float:

@@ -98,14 +98,19 @@ class PatchConfig:
     p: float = option(0.0, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
                       "removed from the safety rows")
     budget: Budget = option("fixed", "how many rows: 'fixed' (the top q fraction) or 'adaptive' (attribution: per "
-                            "adapter, the fewest rows whose edit wins back `recover` of the refusals' log-likelihood "
-                            "that the fine-tune lost, checked by forward passes; docs/method.md)", choices=BUDGETS)
-    recover: float = option(1.0, "adaptive budget: the share of the lost log-likelihood of the aligned model's refusals "
-                            "(aligned minus fine-tuned) the edit must win back")
+                            "adapter, the fewest rows that win back `recover` of the lost refusals without raising "
+                            "benign refusals by more than max_over_refusal, checked by forward passes; docs/method.md)",
+                            choices=BUDGETS)
+    recover: float = option(0.8, "adaptive budget: the share of the lost refusals the edit must win back, measured as "
+                            "the probability of the aligned model's refusal openings on the harmful prompts (the "
+                            "first proposal: that share of the lost log-likelihood)")
+    max_over_refusal: float = option(0.03, "adaptive budget: how much more likely than the aligned model the patched "
+                                     "one may be to open a benign answer with a refusal (probability, mean over "
+                                     "the benign prompts)")
     q_max: float = option(0.2, "adaptive budget: the most rows it may select, as a fraction of all rows in the "
                           "safety layers")
-    budget_checks: int = option(2, "adaptive budget: forward passes that measure the win of a proposed selection and "
-                                "correct the first-order estimate (0: the estimate alone)")
+    budget_checks: int = option(2, "adaptive budget: forward passes that measure a proposed count (refusals won back, "
+                                "benign refusals added) and propose the next (0: the first-order estimate alone)")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
     resident_gb: float | None = option(None, "attribution: GB of layers kept loaded while the greedy answers are "
@@ -152,17 +157,17 @@ class PatchConfig:
             if not ok:
                 raise MSCPError(message)
 
-        for name in ("rho", "q", "p", "alpha", "recover", "q_max"):
+        for name in ("rho", "q", "p", "alpha", "recover", "q_max", "max_over_refusal"):
             value = getattr(self, name)
             check(_finite_number(value), f"{name} must be a finite number, got {value!r:.60}")
         for name in ("chat_template", "allow_pickle", "hash_inputs", "progress"):  # "no" would be true
             value = getattr(self, name)
             check(isinstance(value, bool), f"{name} must be True or False, got {value!r:.60}")
         check(0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}")
-        for name in ("q", "p", "q_max"):
+        for name in ("q", "p", "q_max", "max_over_refusal"):
             check(0 <= getattr(self, name) <= 1, f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
         check(-16 <= self.alpha <= 16, f"alpha must be in [-16, 16], got {self.alpha}")
-        check(0 < self.recover <= 4, f"recover must be in (0, 4], got {self.recover}")
+        check(0 < self.recover <= 1, f"recover must be in (0, 1], got {self.recover}")
         for name, allowed in (("score", SCORES), ("criterion", CRITERIA), ("projector", PROJECTORS), ("dtype", DTYPES),
                               ("backend", BACKEND_CHOICES), ("finetuned_pass", FINETUNED_PASSES),
                               ("budget", BUDGETS)):

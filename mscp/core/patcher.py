@@ -489,7 +489,8 @@ class Patcher:
                 scores.details["task"] = "not scored: p = 0 removes no task rows"
         if adaptive:
             clock = time.perf_counter()
-            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, runs, aligned_ll, config, **common)
+            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, self._encode(self.sets["benign"]),
+                                     runs, aligned_ll, config, **common)
             for run, budget in zip(runs, budgets):
                 run.scores.budget = budget.rows
                 run.scores.details["targets_loglik"]["aligned"] = aligned_ll
