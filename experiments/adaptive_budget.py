@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--fixed", action="store_true", help="also today's fixed budget (q 2 %%)")
     ap.add_argument("--finetunes", nargs="+", default=["benign", "identity", "harmful-32", "harmful-128"])
     ap.add_argument("--split", choices=("localisation", "eval"), default="localisation")
-    ap.add_argument("--checks", type=int, default=2)
+    ap.add_argument("--checks", type=int, default=3)
     ap.add_argument("--robust", action="store_true", help="eval: also the robustness split")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--choose", type=Path, nargs="+", help="only apply the defaults' rule to these localisation runs")

@@ -214,7 +214,8 @@ def test_the_scoring_passes_are_folder_entries_of_the_store(tmp_path, monkeypatc
     def fake_patch(org, adapter, config, out, *, keep_benign=False):
         calls.append(config.score)
         scores = {"model.layers.0.mlp.down_proj.lora_B.weight": {"harmful": torch.arange(4.0)}}
-        return SimpleNamespace(report={"timings_s": {}, "prompts": {"task": ["t"]}}, scores=scores)
+        report = {"report_version": 1, "status": "ok", "timings_s": {}, "prompts": {"task": ["t"]}}
+        return SimpleNamespace(report=report, scores=scores)
 
     monkeypatch.setattr(methods, "patch_on_localisation", fake_patch)
     org = SimpleNamespace(base=_model_folder(tmp_path / "base"), aligned=_model_folder(tmp_path / "aligned", 1.0),

@@ -51,7 +51,7 @@ def test_the_choice_keeps_the_bounds_and_has_the_lowest_asr_among_those_that_do(
 def test_the_output_is_the_patch_at_the_chosen_q(tuned, tmp_path):
     org, out, result = tuned
     alone = patch(org.base, org.aligned, org.finetuned("benign"), tmp_path / "alone",
-                  config=CONFIG.replace(q=result["chosen_q"]), **_inputs(org))
+                  config=CONFIG.replace(q=result["chosen_q"], budget="fixed"), **_inputs(org))
     got, want = (load_file(str(d / "adapter_model.safetensors")) for d in (out, tmp_path / "alone"))
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     report = json.loads((out / "mscp_report.json").read_text())

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 import typing
 
-from mscp.core.config import PatchConfig, config_from_mapping, read_config_file
+from mscp.core.config import PatchConfig, config_from_mapping, read_config_file, with_overrides
 from mscp.errors import MSCPError
 
 _UNSET = None  # flags default to None: only the ones given override the config file
@@ -56,16 +56,13 @@ def default_text(name: str, default) -> str:
 def config_from_args(args, **fixed) -> PatchConfig:
     """PatchConfig defaults (the command line's where they differ), then the --config file, then the
     options given, then `fixed`."""
-    values = {f.name: f.metadata["cli_default"] for f in dataclasses.fields(PatchConfig)
-              if f.metadata.get("cli_default") is not None}
-    if getattr(args, "config", None):
-        values.update(read_config_file(args.config))
-    for f in dataclasses.fields(PatchConfig):
-        given = getattr(args, f.name, _UNSET)
-        if given is not _UNSET:
-            values[f.name] = given
+    defaults = {f.name: f.metadata["cli_default"] for f in dataclasses.fields(PatchConfig)
+                if f.metadata.get("cli_default") is not None}
+    values = dict(read_config_file(args.config)) if getattr(args, "config", None) else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(PatchConfig)
+                   if getattr(args, f.name, _UNSET) is not _UNSET})
     values.update(fixed)
-    return PatchConfig(**config_from_mapping(values))
+    return with_overrides(PatchConfig(**defaults), config_from_mapping(values))
 
 
 def check_paths_given(args, names) -> None:

@@ -85,6 +85,8 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
     task prompts give I^T. No dimension is applied yet: STATE/adapter is B0.
     """
     config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
+    if config.budget == "auto":  # each dimension adds its top q rows: the adaptive budget is a patch's
+        config = replace(config, budget="fixed")
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise MSCPError("--device cuda requested but CUDA is not available")
     out = Path(out)

@@ -3,7 +3,8 @@
 1. A first proposal from what the attribution pass already knows, in its unit (log-likelihood of
    the aligned model's refusals to the harmful prompts, summed over tokens):
        lost = LL_aligned - LL_finetuned      (the aligned model rides along the attribution pass)
-       k    = the fewest top rows whose a_i sum to recover * lost.
+       k    = the fewest top rows whose a_i sum to lost (closing all of it to first order is about
+              what brings most refusals back: the organism's fine-tunes, docs/results/evaluation.md).
 2. `budget_checks` forward passes (every adapter of the call in the same pass, no weight read per
    adapter) measure a proposal as behaviour, with the refusal's opening (its first
    REFUSAL_OPENING tokens) as the target:
@@ -12,15 +13,17 @@
        benign     P_patched - P_aligned on the benign prompts, P = the mean probability of the
                   aligned model's most common refusal opening there: how much more likely the
                   patched model is to refuse a benign request than the aligned model.
-   A proposal that raises the benign figure above max_over_refusal is halved; one that wins back
-   less than `recover` is doubled (never past a count already seen to raise it); one that meets
-   both is halved to look for fewer rows.
+   A proposal that raises the benign figure above max_over_refusal is halved (towards the most
+   rows seen to win back too little); one that wins back less than `recover` grows along the trend
+   of the checks so far in log(rows) (doubled after the first; never past a count seen to break the
+   bound); one that meets both moves back along that trend towards the goal, to look for fewer.
 3. The count: the fewest checked rows that meet both; else the checked count that wins back most
    while keeping the benign bound; else the last proposal. Capped at q_max of the rows; an adapter
    that lost nothing gets none. Every check is in the report (`score_details.budget`).
 """
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -40,7 +43,7 @@ class Budget:
     """One adapter's budget and how it was found (the report's `budget` record)."""
 
     lost: float  # aligned minus fine-tuned log-likelihood of the refusals (nats, summed over tokens)
-    goal: float  # recover * lost: the first proposal's target
+    goal: float  # the first proposal's target: all of `lost`
     limit: int  # q_max of the candidate rows
     candidates: int  # rows in the safety layers
     rows: int = 0  # the chosen count
@@ -63,7 +66,7 @@ def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[in
         scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
         candidates = sum(t.numel() for t in scores.values())
         lost = aligned_ll - run.scores.details["targets_loglik"]["harmful"]
-        b = Budget(lost, config.recover * lost, round(config.q_max * candidates), candidates)
+        b = Budget(lost, lost, round(config.q_max * candidates), candidates)
         b.rows = rows_for_gain(scores, b.goal, b.limit)
         b.why = ("the fine-tune lost none of the refusals' likelihood" if lost <= 0 else "first-order estimate")
         budgets.append(b)
@@ -106,11 +109,25 @@ def _judge(b: Budget, bounds: list[int], patched: tuple, finetuned: tuple, align
     if rise > config.max_over_refusal:  # too many: between what was too few and this
         bounds[1] = k - 1
         b.rows = max(1, (low + k) // 2)
-    elif won < config.recover:  # too few: double, or halfway to a count seen to break the bound
+        return
+    fewer = [c for c in b.checks[:-1] if c["rows"] < k and c["won_back"] < won
+             and c["benign_refusal_rise"] <= config.max_over_refusal]
+    if won < config.recover:  # too few: along the trend of the last two checks in log(rows), else double
         bounds[0] = k
-        b.rows = min(2 * k, b.limit) if 2 * k <= high else (k + high + 1) // 2
-    else:  # enough: look for fewer, above what was too few
-        b.rows = max(1, (low + k) // 2)
+        factor = 2.0
+        if fewer:
+            prev = max(fewer, key=lambda c: c["rows"])
+            per_doubling = (won - prev["won_back"]) / math.log2(k / prev["rows"])
+            factor = 2 ** ((config.recover - won) / per_doubling) if per_doubling > 0 else 4.0
+        factor = min(max(factor * 1.1, 1.25), 4.0)  # a little past the trend: the count must meet, not approach
+        b.rows = min(round(k * factor), b.limit, high)
+    else:  # enough: along the same trend back to the goal, above what was too few
+        target = low + 1
+        if fewer:
+            prev = max(fewer, key=lambda c: c["rows"])
+            t = (config.recover - prev["won_back"]) / (won - prev["won_back"])
+            target = round(prev["rows"] * (k / prev["rows"]) ** t)
+        b.rows = max(low + 1, min(target if fewer else (low + k) // 2, k))
 
 
 def _conclude(b: Budget, config) -> None:

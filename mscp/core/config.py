@@ -26,7 +26,7 @@ DType: TypeAlias = Literal["auto", "float32", "bfloat16", "float16", "float64"]
 Backend: TypeAlias = Literal["auto", "torch", "triton", "cpp", "cuda"]
 FinetunedPass: TypeAlias = Literal["auto", "with_calibration", "after_window"]
 Score: TypeAlias = Literal["wanda", "wanda_weight", "attribution"]
-Budget: TypeAlias = Literal["fixed", "adaptive"]
+Budget: TypeAlias = Literal["auto", "fixed", "adaptive"]
 CRITERIA: tuple[str, ...] = get_args(Criterion)
 PROJECTORS: tuple[str, ...] = get_args(Projector)
 DTYPES: tuple[str, ...] = get_args(DType)
@@ -93,23 +93,22 @@ class PatchConfig:
                           "(Wei et al.'s per-weight set difference, then each row's safety-only mass) or 'attribution' "
                           "(the first-order effect of each row's edit on the aligned refusal's likelihood; "
                           "docs/method.md)", choices=SCORES)
-    q: float = option(0.02, "safety rows: the top q fraction of each module's rows by the harmful-prompt score "
-                      "(attribution: of all rows in the safety layers, ranked together)")
+    q: float = option(0.02, "safety rows (budget 'fixed'): the top q fraction of each module's rows by the "
+                      "harmful-prompt score (attribution: of all rows in the safety layers, ranked together)")
     p: float = option(0.0, "task rows: the top p fraction by the task-prompt score (attribution: by task damage), "
                       "removed from the safety rows")
-    budget: Budget = option("fixed", "how many rows: 'fixed' (the top q fraction) or 'adaptive' (attribution: per "
+    budget: Budget = option("auto", "how many rows: 'fixed' (the top q fraction), 'adaptive' (attribution only: per "
                             "adapter, the fewest rows that win back `recover` of the lost refusals without raising "
-                            "benign refusals by more than max_over_refusal, checked by forward passes; docs/method.md)",
-                            choices=BUDGETS)
+                            "benign refusals by more than max_over_refusal, checked by forward passes; docs/method.md) "
+                            "or 'auto' (adaptive with the attribution score, fixed with the others)", choices=BUDGETS)
     recover: float = option(0.8, "adaptive budget: the share of the lost refusals the edit must win back, measured as "
-                            "the probability of the aligned model's refusal openings on the harmful prompts (the "
-                            "first proposal: that share of the lost log-likelihood)")
+                            "the probability of the aligned model's refusal openings on the harmful prompts")
     max_over_refusal: float = option(0.03, "adaptive budget: how much more likely than the aligned model the patched "
                                      "one may be to open a benign answer with a refusal (probability, mean over "
                                      "the benign prompts)")
     q_max: float = option(0.2, "adaptive budget: the most rows it may select, as a fraction of all rows in the "
                           "safety layers")
-    budget_checks: int = option(2, "adaptive budget: forward passes that measure a proposed count (refusals won back, "
+    budget_checks: int = option(3, "adaptive budget: forward passes that measure a proposed count (refusals won back, "
                                 "benign refusals added) and propose the next (0: the first-order estimate alone)")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
@@ -183,7 +182,7 @@ class PatchConfig:
         check(self.exact_rank >= 1, f"exact_rank must be positive, got {self.exact_rank}")
         check(self.target_tokens >= 1, f"target_tokens must be positive, got {self.target_tokens}")
         check(0 <= self.budget_checks <= 8, f"budget_checks must be in 0..8, got {self.budget_checks}")
-        check(self.budget == "fixed" or self.score == "attribution",
+        check(self.budget != "adaptive" or self.score == "attribution",
               f"the adaptive budget needs the attribution score (its scores are log-likelihood changes), got {self.score!r}")
         check(self.resident_gb is None or (_finite_number(self.resident_gb) and self.resident_gb >= 0),
               f"resident_gb must be a number of GB >= 0, got {self.resident_gb!r:.60}")
@@ -200,6 +199,11 @@ class PatchConfig:
         problem = _json_problem(self.extra)
         check(problem is None, f"extra must hold JSON data (the report writes it): it {problem}")
 
+    @property
+    def adaptive_budget(self) -> bool:
+        """Whether the row count is the adaptive budget's (core/budget.py), not q's."""
+        return self.budget == "adaptive" or (self.budget == "auto" and self.score == "attribution")
+
     def replace(self, **changes) -> "PatchConfig":
         """A copy with some fields changed (validated again)."""
         unknown = sorted(set(changes) - set(field_names()))
@@ -209,6 +213,16 @@ class PatchConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def with_overrides(config: "PatchConfig", overrides: Mapping) -> "PatchConfig":
+    """`config` with some fields replaced, the one way the API's keywords and the command line's
+    options change it. A q given without a budget means the fixed budget: q is its row count, and
+    the adaptive budget (the default with the attribution score) would ignore it."""
+    changes = dict(overrides)
+    if "q" in changes and "budget" not in changes and config.budget == "auto":
+        changes["budget"] = "fixed"
+    return config.replace(**changes) if changes else config
 
 
 def _finite_number(value) -> bool:

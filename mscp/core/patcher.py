@@ -104,7 +104,7 @@ class Scores:
     rows: dict[str, dict[str, torch.Tensor]]  # lora_B key -> {"harmful": I^H, "task": I^T, "rms_*": n}
     details: dict = field(default_factory=dict)  # the attribution score's log-likelihoods, token counts
     every_row: tuple | None = None  # (tensors, edits) of every window row projected (attribution): `project` copies
-    budget: int | None = None  # the adaptive budget's row count (config.budget "adaptive"), else None: q decides
+    budget: int | None = None  # the adaptive budget's row count (config.adaptive_budget), else None: q decides
 
 
 @dataclass(frozen=True)
@@ -458,7 +458,7 @@ class Patcher:
         common = {k: gen[k] for k in ("batch_size", "pad_id", "progress")}
         # the harmful side: every adapter's forward and backward pass with each layer loaded once for all
         clock = time.perf_counter()
-        adaptive = config.budget == "adaptive"  # the aligned model rides along: its likelihood of its refusals
+        adaptive = config.adaptive_budget  # the aligned model rides along: its likelihood of its refusals
         harmful_side = attribution_scores_many(self.aligned_model, head, harmful, refusals, loras + [None] * adaptive,
                                                all_edits + [{}] * adaptive, scored, **common)
         aligned_ll = harmful_side.pop()[1] if adaptive else None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from mscp.core.adapter import Adapter
-from mscp.core.config import PatchConfig, PathArg, PromptFiles, PromptLists, check_arguments
+from mscp.core.config import PatchConfig, PathArg, PromptFiles, PromptLists, check_arguments, with_overrides
 from mscp.core.patcher import Patcher, PatchResult, as_paths
 from mscp.core.report import check_cache_dir, check_out_dir, write_adapter_atomically
 from mscp.core.streaming import InMemoryModel
@@ -72,7 +72,7 @@ def patch_many(base: PathArg | InMemoryModel, aligned: PathArg | InMemoryModel, 
                     benign=(benign, "files?"), task=(task, "files?"), prompts=(prompts, "prompts?"),
                     tokenizer=(tokenizer, "path?"), config=(config, "config?"), overwrite=(overwrite, "bool"),
                     revision=(revision, "str?"), parents=(parents, "bool"), cache=(cache, "path?"))
-    config = (config or PatchConfig()).replace(**overrides) if overrides else (config or PatchConfig())
+    config = with_overrides(config or PatchConfig(), overrides)
     if not adapters:
         raise MSCPError("no adapter given")
     if outs is not None and len(outs) != len(adapters):

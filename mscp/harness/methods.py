@@ -144,8 +144,9 @@ class Bench:
         return {name: self.window(name) for name in WINDOWS}
 
     def point_config(self, params: dict):
-        """The PatchConfig of an MSCP point: the bench's config with the point's score, q and p."""
-        return self.config.replace(**{k: params[k] for k in ("score", "q", "p") if k in params})
+        """The PatchConfig of an MSCP point: the bench's config with the point's score, q and p (a
+        point's q is its row count: the fixed budget)."""
+        return self.config.replace(budget="fixed", **{k: params[k] for k in ("score", "q", "p") if k in params})
 
     def rows(self, params: dict) -> dict:
         """The rows `mscp patch` selects with the point's settings, restricted to its window."""

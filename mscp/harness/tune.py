@@ -99,7 +99,7 @@ def tune(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, t
     if chosen is None:
         raise MSCPError(f"no q of {', '.join(f'{q:g}' for q in qs)} keeps the task and over-refusal bounds on these "
                         "prompts (table above); nothing written")
-    final = patch_many(base, aligned, [adapter], [out], config=config.replace(q=chosen["q"]), overwrite=overwrite,
+    final = patch_many(base, aligned, [adapter], [out], config=config.replace(q=chosen["q"], budget="fixed"), overwrite=overwrite,
                        report_extra=[{"tuning": result}], **files)[0]
     return {**result, "report": final.report}
 
