@@ -53,7 +53,7 @@ from mscp.continual.record import STATE_VERSION, Dimension, Module, State
 from mscp.core.adapter import Adapter
 from mscp.core.atomic import check_writable, link_tree, write_atomically
 from mscp.core.checkpoint import config_files, sha256_file
-from mscp.core.config import PatchConfig, config_from_mapping
+from mscp.core.config import PatchConfig, config_from_mapping, with_overrides
 from mscp.core.patcher import AdapterRun, Patcher, Scores, Window, as_paths, modules_by_layer
 from mscp.core.prompts import load_tokenizer, read_prompts, sample_prompts
 from mscp.core.report import (
@@ -84,7 +84,7 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
     Takes what `mscp.patch` takes: harmful/benign prompts choose the safety layers (the curves),
     task prompts give I^T. No dimension is applied yet: STATE/adapter is B0.
     """
-    config = replace(config or PatchConfig(), **overrides) if overrides else (config or PatchConfig())
+    config = with_overrides(config or PatchConfig(), overrides)
     if config.budget == "auto":  # each dimension adds its top q rows: the adaptive budget is a patch's
         config = replace(config, budget="fixed")
     if config.device.startswith("cuda") and not torch.cuda.is_available():

@@ -10,12 +10,11 @@ whatever device they are); only the base model is read from disk.
 """
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
 
-from mscp.core.config import PatchConfig, PathArg, PromptFiles, PromptLists
+from mscp.core.config import PatchConfig, PathArg, PromptFiles, PromptLists, with_overrides
 from mscp.core.peft_interop import (
     adapter_of_peft_model,
     aligned_of_peft_model,
@@ -65,7 +64,7 @@ def patch_peft_model(model: torch.nn.Module, base: PathArg | InMemoryModel, *, a
         weight = next(model.parameters(), None)
         if weight is not None and weight.device.type == "cuda":
             overrides["device"] = str(weight.device)
-    config = replace(config, **overrides) if overrides else config
+    config = with_overrides(config, overrides)
     lora = adapter_of_peft_model(model, adapter_name)
     aligned = aligned_of_peft_model(model)
     result = patch_many(base, aligned, [lora], None, harmful=harmful, benign=benign, task=task, prompts=prompts,
