@@ -67,7 +67,7 @@ def test_the_checks_follow_the_rule_of_the_module_doc():
 
     cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03)
     aligned, finetuned = (0.9, 0.05), (0.1, 0.0)
-    b, bounds = Budget(10.0, 10.0, limit=1000, candidates=5000, rows=100), [0, 1000]
+    b, bounds = Budget(10.0, limit=1000, candidates=5000, rows=100), [0, 1000]
     _judge(b, bounds, (0.3, 0.06), finetuned, aligned, cfg)       # won back 0.25: too few
     assert b.rows == 220 and bounds == [100, 1000]                # doubled, 10 % past
     _judge(b, bounds, (0.85, 0.10), finetuned, aligned, cfg)      # benign +0.05: too many
@@ -77,11 +77,11 @@ def test_the_checks_follow_the_rule_of_the_module_doc():
     assert b.rows == round(100 * 1.6 ** t)
     _conclude(b, cfg)
     assert b.rows == 160 and "fewest checked rows" in b.why
-    lone = Budget(10.0, 10.0, limit=1000, candidates=5000, rows=300)
+    lone = Budget(10.0, limit=1000, candidates=5000, rows=300)
     _judge(lone, [0, 1000], (0.9, 0.2), finetuned, aligned, cfg)  # breaks the bound, nothing else checked
     _conclude(lone, cfg)
     assert lone.rows == 150 and "every checked count" in lone.why
-    trend = Budget(10.0, 10.0, limit=100_000, candidates=500_000, rows=1000)
+    trend = Budget(10.0, limit=100_000, candidates=500_000, rows=1000)
     bounds = [0, 100_000]
     _judge(trend, bounds, (0.3, 0.0), finetuned, aligned, cfg)    # 0.25
     _judge(trend, bounds, (0.5, 0.0), finetuned, aligned, cfg)    # 0.5 at 2200: +0.25 per 2.2x

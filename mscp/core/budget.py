@@ -43,7 +43,6 @@ class Budget:
     """One adapter's budget and how it was found (the report's `budget` record)."""
 
     lost: float  # aligned minus fine-tuned log-likelihood of the refusals (nats, summed over tokens)
-    goal: float  # the first proposal's target: all of `lost`
     limit: int  # q_max of the candidate rows
     candidates: int  # rows in the safety layers
     rows: int = 0  # the chosen count
@@ -52,7 +51,7 @@ class Budget:
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "fraction_of_candidates": self.rows / max(self.candidates, 1),
-                "lost_loglik": self.lost, "goal_loglik": self.goal, "limit_rows": self.limit,
+                "lost_loglik": self.lost, "goal_loglik": self.lost, "limit_rows": self.limit,
                 "candidate_rows": self.candidates, "checks": self.checks, "why": self.why}
 
 
@@ -66,15 +65,16 @@ def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[in
         scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
         candidates = sum(t.numel() for t in scores.values())
         lost = aligned_ll - run.scores.details["targets_loglik"]["harmful"]
-        b = Budget(lost, lost, round(config.q_max * candidates), candidates)
-        b.rows = rows_for_gain(scores, b.goal, b.limit)
+        b = Budget(lost, round(config.q_max * candidates), candidates)
+        b.rows = rows_for_gain(scores, lost, b.limit)  # the first proposal closes all of `lost`
         b.why = ("the fine-tune lost none of the refusals' likelihood" if lost <= 0 else "first-order estimate")
         budgets.append(b)
         scores_of.append(scores)
     openings = [r[:REFUSAL_OPENING] for r in refusals]
-    common = Counter(map(tuple, openings)).most_common(1)
-    prompts, targets = harmful + (benign if common else []), openings + [list(common[0][0])] * len(benign)
+    usual = list(Counter(map(tuple, openings)).most_common(1)[0][0])
+    prompts, targets = harmful + benign, openings + [usual] * len(benign)
     n = len(harmful)
+    aligned: tuple[float, float] | None = None  # (harmful P, benign P), from the first check's pass
     references: dict[int, tuple[float, float]] = {}  # run -> fine-tuned (harmful P, benign P)
     bounds = [[0, b.limit] for b in budgets]  # per run: counts known to keep / to break the benign bound
     for _ in range(config.budget_checks):
@@ -82,14 +82,15 @@ def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[in
         if not open_runs:
             break
         fresh = [j for j in open_runs if j not in references]
-        loras = ([None] + [(runs[j].lora, runs[j].by_layer) for j in fresh]
+        loras = ([None] * (aligned is None) + [(runs[j].lora, runs[j].by_layer) for j in fresh]
                  + [_patched(runs[j], scores_of[j], budgets[j].rows) for j in open_runs])
         ll = target_logliks(model, head, prompts, targets, loras, batch_size=batch_size, pad_id=pad_id,
                             progress=progress)
-        aligned = _probabilities(ll[0], n)
-        for j, each in zip(fresh, ll[1: 1 + len(fresh)]):
+        if aligned is None:  # the model alone answers the same in every pass: measured once
+            aligned, ll = _probabilities(ll[0], n), ll[1:]
+        for j, each in zip(fresh, ll[: len(fresh)]):
             references[j] = _probabilities(each, n)
-        for j, each in zip(open_runs, ll[1 + len(fresh):]):
+        for j, each in zip(open_runs, ll[len(fresh):]):
             _judge(budgets[j], bounds[j], _probabilities(each, n), references[j], aligned, config)
     for b in budgets:
         _conclude(b, config)
