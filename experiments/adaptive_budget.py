@@ -2,6 +2,7 @@
 
     python experiments/adaptive_budget.py --recover 0.5 1 2 --split localisation --json loc.json
     python experiments/adaptive_budget.py --recover 1 --split eval --finetunes benign ... mixed arithmetic --json ev.json
+    python experiments/adaptive_budget.py --penalty 0 1 3 --split localisation --json penalty.json  # benign_penalty
     python experiments/adaptive_budget.py --choose loc*.json --json choice.json   # the defaults' rule
 
 Every fine-tune is patched on the localisation prompts (as the demo patches), all adapters of one
@@ -64,11 +65,14 @@ def choose(files: list[Path]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recover", type=float, nargs="+", default=[1.0])
+    ap.add_argument("--recover", type=float, nargs="+", default=[PatchConfig.recover])
     ap.add_argument("--fixed", action="store_true", help="also today's fixed budget (q 2 %%)")
     ap.add_argument("--finetunes", nargs="+", default=["benign", "identity", "harmful-32", "harmful-128"])
     ap.add_argument("--split", choices=("localisation", "eval"), default="localisation")
-    ap.add_argument("--checks", type=int, default=3)
+    ap.add_argument("--checks", type=int, default=PatchConfig.budget_checks)
+    ap.add_argument("--probes", type=int, default=PatchConfig.budget_probes)
+    ap.add_argument("--penalty", type=float, nargs="+", default=[PatchConfig.benign_penalty],
+                    help="benign_penalty weights to try (each with every --recover)")
     ap.add_argument("--robust", action="store_true", help="eval: also the robustness split")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--choose", type=Path, nargs="+", help="only apply the defaults' rule to these localisation runs")
@@ -89,9 +93,11 @@ def main() -> None:
         ROBUST = robustness.write(sp)
     out = {"split": a.split, "organism": org.config.digest(), "rule": RULE.text(a.split), "finetunes": {}}
     out["aligned"] = {n: measure(org, None, a.split, n, judge) for n in a.finetunes}
-    settings = [("fixed", PatchConfig(hash_inputs=False))] if a.fixed else []
-    settings += [(f"adaptive_{r:g}", PatchConfig(hash_inputs=False, budget="adaptive", recover=r,
-                                                 budget_checks=a.checks)) for r in a.recover]
+    settings = [("fixed", PatchConfig(hash_inputs=False, budget="fixed"))] if a.fixed else []
+    settings += [(f"adaptive_{r:g}" + (f"_penalty{penalty:g}" if len(a.penalty) > 1 or penalty else ""),
+                  PatchConfig(hash_inputs=False, budget="adaptive", recover=r, budget_checks=a.checks,
+                              budget_probes=a.probes, benign_penalty=penalty))
+                 for r in a.recover for penalty in a.penalty]
     for name in a.finetunes:
         out["finetunes"][name] = {"finetuned": measure(org, org.finetuned(name), a.split, name, judge), "points": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,6 @@
 the refusals' log-likelihood the fine-tune lost, measured by forward passes, not set by q."""
 from __future__ import annotations
 
-import math
 import shutil
 
 import pytest
@@ -46,7 +45,9 @@ def test_the_report_says_how_many_rows_and_why(llama_trio):
     edited = sum(len(m["rows"]) for m in r.report["modules"].values())
     assert edited <= b["rows"]  # rows whose score is not positive are never edited
     assert r.report["config"]["budget"] == "adaptive"
-    assert len(b["checks"]) <= 3
+    config = PatchConfig()
+    assert len(b["checks"]) <= config.budget_checks * config.budget_probes
+    assert {c["pass"] for c in b["checks"]} <= set(range(config.budget_checks))
     for check in b["checks"]:  # each check measured a proposed count against both references
         aligned, finetuned = check["references"]["aligned"], check["references"]["finetuned"]
         p = check["refusal_probability"]
@@ -57,36 +58,65 @@ def test_the_report_says_how_many_rows_and_why(llama_trio):
         assert b["rows"] in [c["rows"] for c in b["checks"]] or "every checked count" in b["why"]
 
 
-def test_the_checks_follow_the_rule_of_the_module_doc():
-    """Grow a count that wins back too little (doubled after one check, a little past the trend of
-    two), halve one that raises benign refusals too far, move one that meets both back along the
-    trend; conclude on the fewest checked rows that met both."""
+def check(rows, won, rise, step=0):
+    return {"pass": step, "rows": rows, "won_back": won, "benign_refusal_rise": rise}
+
+
+def test_the_first_pass_probes_the_estimate_and_its_doublings():
     from types import SimpleNamespace
 
-    from mscp.core.budget import Budget, _conclude, _judge
+    from mscp.core.budget import Budget, _probes
+
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3)
+    assert _probes(Budget(10.0, limit=1000, candidates=5000, rows=100), cfg) == [100, 200, 400]
+    assert _probes(Budget(10.0, limit=300, candidates=5000, rows=100), cfg) == [100, 200, 300]  # capped at the limit
+
+
+def test_later_passes_probe_inside_the_bracket_the_checks_left():
+    """Above the most rows seen to win back too little, below the fewest seen to meet both (or to
+    break the benign bound), evenly in log(rows); with no ceiling, up to where the trend of the two
+    largest checks reaches `recover`."""
+    from types import SimpleNamespace
+
+    from mscp.core.budget import Budget, _probes
+
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3)
+    b = Budget(10.0, limit=100_000, candidates=500_000, rows=100)
+    b.checks = [check(100, 0.5, 0.0), check(200, 0.7, 0.01), check(400, 0.9, 0.02)]   # met at 400
+    assert _probes(b, cfg) == [round(200 * 2 ** (i / 4)) for i in (1, 2, 3)]
+    b.checks = [check(100, 0.5, 0.0), check(200, 0.7, 0.01), check(400, 0.9, 0.05)]   # 400 breaks the bound
+    assert _probes(b, cfg) == [round(200 * 2 ** (i / 4)) for i in (1, 2, 3)]
+    b.checks = [check(100, 0.9, 0.0), check(200, 0.95, 0.01)]                          # met at once: look lower
+    assert _probes(b, cfg) == [25, 50, 75]
+    b.checks = [check(100, 0.2, 0.0), check(200, 0.3, 0.0), check(400, 0.4, 0.0)]      # all too few: the trend
+    doublings = (0.8 - 0.4) / 0.1 * 1.1                                                # +0.1 per doubling
+    goal = 400 * 2 ** doublings
+    assert _probes(b, cfg) == [round(400 * (goal / 400) ** (i / 3)) for i in (1, 2, 3)]
+    b.checks = [check(100, 0.2, 0.0), check(200, 0.3, 0.01), check(400, 0.4, 0.02)]    # the benign rise nears
+    goal = 400 * 2 ** (1.1 * (0.03 - 0.02) / 0.01)                                     # the bound first
+    assert _probes(b, cfg) == [round(400 * (goal / 400) ** (i / 3)) for i in (1, 2, 3)]
+    b.checks = [check(100, 0.2, 0.0), check(200, 0.2, 0.0)]                            # no trend: 3 doublings
+    assert _probes(b, cfg) == [400, 800, 1600]
+    b.checks = [check(1600, 0.3, 0.0), check(1601, 0.99, 0.0)]                         # nothing left between
+    assert _probes(b, cfg) == []
+
+
+def test_the_count_is_the_fewest_checked_rows_that_meet_both():
+    from types import SimpleNamespace
+
+    from mscp.core.budget import Budget, _conclude
 
     cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03)
-    aligned, finetuned = (0.9, 0.05), (0.1, 0.0)
-    b, bounds = Budget(10.0, limit=1000, candidates=5000, rows=100), [0, 1000]
-    _judge(b, bounds, (0.3, 0.06), finetuned, aligned, cfg)       # won back 0.25: too few
-    assert b.rows == 220 and bounds == [100, 1000]                # doubled, 10 % past
-    _judge(b, bounds, (0.85, 0.10), finetuned, aligned, cfg)      # benign +0.05: too many
-    assert b.rows == 160 and bounds == [100, 219]
-    _judge(b, bounds, (0.8, 0.07), finetuned, aligned, cfg)       # 0.875 won back, +0.02: enough
-    t = (0.8 - 0.25) / (0.875 - 0.25)                             # back along the trend from 100 rows
-    assert b.rows == round(100 * 1.6 ** t)
+    b = Budget(10.0, limit=1000, candidates=5000)
+    b.checks = [check(100, 0.5, 0.0), check(300, 0.85, 0.02), check(200, 0.81, 0.01, 1), check(400, 0.9, 0.05)]
     _conclude(b, cfg)
-    assert b.rows == 160 and "fewest checked rows" in b.why
-    lone = Budget(10.0, limit=1000, candidates=5000, rows=300)
-    _judge(lone, [0, 1000], (0.9, 0.2), finetuned, aligned, cfg)  # breaks the bound, nothing else checked
-    _conclude(lone, cfg)
-    assert lone.rows == 150 and "every checked count" in lone.why
-    trend = Budget(10.0, limit=100_000, candidates=500_000, rows=1000)
-    bounds = [0, 100_000]
-    _judge(trend, bounds, (0.3, 0.0), finetuned, aligned, cfg)    # 0.25
-    _judge(trend, bounds, (0.5, 0.0), finetuned, aligned, cfg)    # 0.5 at 2200: +0.25 per 2.2x
-    per_doubling = 0.25 / math.log2(2.2)
-    assert trend.rows == round(2200 * min(2 ** (0.3 / per_doubling) * 1.1, 4.0))
+    assert b.rows == 200 and "fewest checked rows" in b.why
+    b.checks = [check(100, 0.5, 0.0), check(200, 0.6, 0.01), check(400, 0.9, 0.05)]
+    _conclude(b, cfg)
+    assert b.rows == 200 and "the most it won back (0.60)" in b.why
+    b.checks = [check(300, 0.9, 0.05), check(200, 0.85, 0.04)]
+    _conclude(b, cfg)
+    assert b.rows == 200 and "every checked count" in b.why
 
 
 def test_without_checks_the_count_is_the_first_order_estimate_of_the_whole_loss(llama_trio):
@@ -136,3 +166,29 @@ def test_a_q_given_without_a_budget_means_the_fixed_budget():
     assert config_from_args(p.parse_args(["--q", "0.05"])).budget == "fixed"
     assert config_from_args(p.parse_args([])).budget == "auto"
     assert config_from_args(p.parse_args(["--q", "0.05", "--budget", "adaptive"])).budget == "adaptive"
+
+
+def test_benign_penalty_ranks_rows_by_harmful_score_less_their_benign_refusal_rise():
+    from mscp.core.scoring import safety_rank
+
+    harmful = torch.tensor([3.0, 2.0, 1.0, 0.5])
+    rows = {"m": {"harmful": harmful, "benign_refusal": torch.tensor([2.5, -1.0, 0.0, 0.0])}}
+    assert global_safety_rows(safety_rank(rows, 0.0), None, 0.0, 0.0, count=2)["m"].tolist() == [0, 1]
+    rank = safety_rank(rows, 1.0)                 # row 0: 3 - 2.5; a fall of benign refusals earns nothing
+    assert rank["m"].tolist() == [0.5, 2.0, 1.0, 0.5]
+    assert global_safety_rows(rank, None, 0.0, 0.0, count=2)["m"].tolist() == [1, 2]
+    assert rows_for_gain({"m": harmful}, 2.5, limit=4, rank=rank) == 2      # 2.0 + 1.0, in the rank's order
+    never = safety_rank(rows, 2.0)                # row 0: 3 - 5 < 0, never edited, so it adds nothing
+    assert global_safety_rows(never, None, 0.0, 0.0, count=4)["m"].tolist() == [1, 2, 3]
+    assert rows_for_gain({"m": harmful}, 3.5, limit=4, rank=never) == 3
+
+
+def test_a_patch_with_a_benign_penalty_scores_benign_refusals_in_the_same_pass_and_selects_by_them(llama_trio):
+    from mscp.core.scoring import safety_rank
+
+    r = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], benign_penalty=1.0, **OPTS)
+    assert all(set(sc) == {"harmful", "benign_refusal"} for sc in r.scores.values())
+    assert "benign_refusal" in r.report["score_details"]["targets_loglik"]
+    rows = global_safety_rows(safety_rank(r.scores, 1.0), None, 0.0, 0.0, count=r.report["score_details"]["budget"]["rows"])
+    assert {k: m.get("selected_rows", m["rows"]) for k, m in r.report["modules"].items()} == \
+        {k: rows.get(k, torch.tensor([], dtype=torch.long)).tolist() for k in r.report["modules"]}

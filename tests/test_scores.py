@@ -144,6 +144,29 @@ def test_attribution_matches_a_float64_full_model(attribution_case, dtype, rtol,
             assert (got - exp).abs().max() <= rtol * exp.abs().max() + 1e-12, (index, rel)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_two_sets_in_one_pass_each_score_what_they_score_alone_in_float64(attribution_case, batch_size):
+    """The benign refusal score rides the harmful pass (benign_penalty): each set's micro-batches add
+    to its own sums, so each set's scores and log-likelihood are its float64 reference's."""
+    from mscp.core.attribution import attribution_scores_sets
+
+    trio, prompts, targets, ad, by_layer, scored, edits = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned", dtype="float64")
+    sets = [(prompts[:3], targets[:3]), (prompts[3:], targets[3:])]
+    (per_set, aligned) = attribution_scores_sets(shell, shell.head(), sets, [(ad, by_layer), None], [edits, {}],
+                                                 scored, batch_size=batch_size, pad_id=0)
+    for (scores, total), (p, t) in zip(per_set, sets):
+        expected, ll = reference_attribution(trio, p, t, edits, set(edits))
+        assert total == pytest.approx(ll, rel=1e-6)
+        for index in scored:
+            for rel, m in by_layer[index].items():
+                got, exp = scores[index][rel].double(), expected[m.key_b]
+                assert (got - exp).abs().max() <= 1e-6 * exp.abs().max() + 1e-12, (index, rel)
+    for (scores, total), (p, t) in zip(aligned, sets):  # the model alone scores nothing; its own likelihood
+        alone = target_logliks(shell, shell.head(), p, t, [None], batch_size=batch_size, pad_id=0)[0]
+        assert scores == {} and total == pytest.approx(float(alone.sum()), rel=1e-6)
+
+
 def test_attribution_leaves_no_scratch_files(attribution_case, tmp_path):
     trio, prompts, targets, ad, by_layer, scored, edits = attribution_case
     shell = ModelShell(trio["aligned"], label="aligned")

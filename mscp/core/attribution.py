@@ -133,17 +133,17 @@ class _KeepInputs(Observer):
             self.kwargs[index] = [per_batch[index] for per_batch in stream.layer_kwargs]
 
 
-def _target_loglik_grads(head: Head, stream: Stream) -> tuple[list[torch.Tensor], float]:
-    """d (sum of target log-likelihoods) / d (last hidden states), per micro-batch; and that sum."""
-    grads, total = [], 0.0
+def _target_loglik_grads(head: Head, stream: Stream) -> tuple[list[torch.Tensor], list[float]]:
+    """Per micro-batch: d (sum of its target log-likelihoods) / d (its last hidden states), and that sum."""
+    grads, totals = [], []
     for h, batch in zip(stream.hidden, stream.batches):
         h = h.detach().requires_grad_(True)
         with torch.enable_grad():
             ll = _loglik(head, h, batch)
             ll.backward()
         grads.append(h.grad.detach())
-        total += ll.item()
-    return grads, total
+        totals.append(ll.item())
+    return grads, totals
 
 
 def _loglik(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
@@ -195,13 +195,29 @@ def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[in
                             batch_size: int, pad_id: int, scratch: str | Path | None = None, progress=None
                             ) -> list[tuple[dict[int, dict[str, torch.Tensor]], float]]:
     """`attribution_scores` of several adapters on the same prompts and targets, each layer loaded
-    once per pass for all of them (a forward pass with one stream per adapter, then a backward pass
-    that recomputes each adapter's layer from its stored input): each adapter's scores are what it
-    gets alone, and the weights are read as for one. A None in `loras` is the model alone: it
-    scores nothing ({}) and gives the model's own log-likelihood of the targets, from the same
+    once per pass for all of them: `attribution_scores_sets` with one set."""
+    return [per_set[0] for per_set in attribution_scores_sets(
+        model, head, [(prompts, targets)], loras, edits, scored, batch_size=batch_size, pad_id=pad_id,
+        scratch=scratch, progress=progress)]
+
+
+def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list[list[int]], list[list[int]]]],
+                            loras: list[Lora | None], edits: list[dict[str, torch.Tensor]], scored: set[int], *,
+                            batch_size: int, pad_id: int, scratch: str | Path | None = None, progress=None
+                            ) -> list[list[tuple[dict[int, dict[str, torch.Tensor]], float]]]:
+    """Per adapter, per set of (prompts, targets): `attribution_scores`. One forward pass with one
+    stream per adapter, then a backward pass that recomputes each adapter's layer from its stored
+    input; every layer is loaded once per pass for all adapters and sets. A sequence's gradient
+    depends on its own tokens only, so each set's scores are what it gets alone (its micro-batches
+    add to its own sums), and so are each adapter's. A None in `loras` is the model alone: it scores
+    nothing ({}) and gives the model's own log-likelihood of each set's targets, from the same
     forward pass (no backward)."""
     first = min(scored)
-    batches = make_target_batches(prompts, targets, 0, batch_size, pad_id)
+    batches, owner = [], []  # micro-batches of every set, and the set each belongs to
+    for g, (prompts, targets) in enumerate(sets):
+        made = make_target_batches(prompts, targets, 0, batch_size, pad_id)
+        batches += made
+        owner += [g] * len(made)
     captured = model.capture({"targets": batches})["targets"]
     streams = [captured] + [captured.copy() for _ in loras[1:]]
     stores = [_ScratchStore(scratch) if lora is not None else None for lora in loras]
@@ -212,21 +228,22 @@ def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[in
               progress=progress, desc="forward")
         grads, totals = [], []
         for stream, lora in zip(streams, loras):
-            g, total = _target_loglik_grads(head, stream) if lora is not None else ([], target_loglik(head, stream))
+            g, per_batch = _target_loglik_grads(head, stream) if lora is not None else ([], _logliks(head, stream))
             grads.append(g)
-            totals.append(total)
+            totals.append([sum(ll for ll, o in zip(per_batch, owner) if o == s) for s in range(len(sets))])
             stream.release()
-        scores: list[dict[int, dict[str, torch.Tensor]]] = [{} for _ in loras]
+        scores: list[list[dict[int, dict[str, torch.Tensor]]]] = [[{} for _ in sets] for _ in loras]
         scoring = [j for j, lora in enumerate(loras) if lora is not None]
         keep_of = dict(zip(scoring, keeps))
 
         def backward(step: Step, layer) -> None:
             for j in scoring:
                 adapter, by_layer = loras[j]
-                acc = _backward_layer(layer, step.index, adapter, by_layer.get(step.index, {}), edits[j], scored,
-                                      batches, keep_of[j], stores[j], grads[j])
-                if acc:
-                    scores[j][step.index] = acc
+                accs = _backward_layer(layer, step.index, adapter, by_layer.get(step.index, {}), edits[j], scored,
+                                       batches, owner, len(sets), keep_of[j], stores[j], grads[j])
+                for s, acc in enumerate(accs):
+                    if acc:
+                        scores[j][s][step.index] = acc
 
         steps = [Step(model, i) for i in reversed(range(first, model.n_layers))]
         sweep(steps, backward, progress=progress, desc="backward")
@@ -234,7 +251,7 @@ def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[in
         for store in stores:
             if store is not None:
                 store.close()
-    return list(zip(scores, totals))
+    return [list(zip(per_set, total)) for per_set, total in zip(scores, totals)]
 
 
 def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
@@ -256,32 +273,35 @@ def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targ
     return per_prompt
 
 
-def target_loglik(head: Head, stream: Stream) -> float:
-    """The sum of the target tokens' log-likelihoods at the end of a stream (no gradient)."""
+def _logliks(head: Head, stream: Stream) -> list[float]:
+    """Per micro-batch, the sum of its target tokens' log-likelihoods at the end of a stream (no gradient)."""
     with torch.no_grad():
-        return sum(_loglik(head, h, batch).item() for h, batch in zip(stream.hidden, stream.batches))
+        return [_loglik(head, h, batch).item() for h, batch in zip(stream.hidden, stream.batches)]
 
 
 def _backward_layer(layer, index: int, adapter, mods: dict[str, LoraModule], edits: dict[str, torch.Tensor],
-                    scored: set[int], batches, keep: _KeepInputs, store: _ScratchStore, grads: list[torch.Tensor]
-                    ) -> dict[str, torch.Tensor]:
+                    scored: set[int], batches, owner: list[int], n_sets: int, keep: _KeepInputs,
+                    store: _ScratchStore, grads: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """One adapter's step of the backward pass through `layer`: recompute it (LoRA added) from the
-    stored input, carry `grads` down (in place) and return the scored modules' a_i."""
+    stored input, carry `grads` down (in place) and return, per set, the scored modules' a_i (each
+    micro-batch adds to its own set's: `owner`)."""
     linears = linears_of(layer, index, mods)
     w = next(layer.parameters())
-    accs = {rel: torch.zeros(linears[rel].weight.shape[0], dtype=torch.float64, device=w.device)
-            for rel, m in mods.items() if index in scored and m.key_b in edits}
+    targeted = [rel for rel, m in mods.items() if index in scored and m.key_b in edits]
+    accs = [{rel: torch.zeros(linears[rel].weight.shape[0], dtype=torch.float64, device=w.device) for rel in targeted}
+            for _ in range(n_sets)]
     for k in range(len(batches)):
         x = store.take(index, k, w.device).to(w.dtype).requires_grad_(True)
         handles = []
         for rel, m in mods.items():
             A = adapter.tensors[m.key_a].to(w.device, w.dtype)
             B = adapter.tensors[m.key_b].to(w.device, w.dtype)
-            E = edits[m.key_b].to(w.device, w.dtype) if rel in accs else None
-            handles.append(linears[rel].register_forward_hook(_attribution_hook(A, B, m.scale, E, accs.get(rel))))
+            E = edits[m.key_b].to(w.device, w.dtype) if rel in accs[owner[k]] else None
+            handles.append(linears[rel].register_forward_hook(_attribution_hook(A, B, m.scale, E,
+                                                                                accs[owner[k]].get(rel))))
         with torch.enable_grad(), hooks(handles):
             out = layer(x, **keep.kwargs[index][k])
             out = out[0] if isinstance(out, tuple) else out
             torch.autograd.backward(out, grads[k])
         grads[k] = x.grad.detach()
-    return {rel: acc.cpu() for rel, acc in accs.items()}
+    return [{rel: acc.cpu() for rel, acc in per_set.items()} for per_set in accs]

@@ -3,22 +3,24 @@
 1. A first proposal from what the attribution pass already knows, in its unit (log-likelihood of
    the aligned model's refusals to the harmful prompts, summed over tokens):
        lost = LL_aligned - LL_finetuned      (the aligned model rides along the attribution pass)
-       k    = the fewest top rows whose a_i sum to lost (closing all of it to first order is about
+       k0   = the fewest top rows whose a_i sum to lost (closing all of it to first order is about
               what brings most refusals back: the organism's fine-tunes, docs/results/evaluation.md).
-2. `budget_checks` forward passes (every adapter of the call in the same pass, no weight read per
-   adapter) measure a proposal as behaviour, with the refusal's opening (its first
-   REFUSAL_OPENING tokens) as the target:
+2. `budget_checks` forward passes (every adapter of the call and every count in the same pass: the
+   weights are read once a pass) measure `budget_probes` counts per adapter as behaviour, with the
+   refusal's opening (its first REFUSAL_OPENING tokens) as the target:
        won back   (P_patched - P_finetuned) / (P_aligned - P_finetuned) on the harmful prompts,
                   P = the mean probability of the aligned model's own refusal opening;
        benign     P_patched - P_aligned on the benign prompts, P = the mean probability of the
                   aligned model's most common refusal opening there: how much more likely the
                   patched model is to refuse a benign request than the aligned model.
-   A proposal that raises the benign figure above max_over_refusal is halved (towards the most
-   rows seen to win back too little); one that wins back less than `recover` grows along the trend
-   of the checks so far in log(rows) (doubled after the first; never past a count seen to break the
-   bound); one that meets both moves back along that trend towards the goal, to look for fewer.
+   The first pass probes k0, 2 k0, 4 k0, ... (the first-order estimate falls short: curvature).
+   Each later pass probes counts spaced evenly in log(rows) inside the bracket the checks so far
+   left: above the most rows seen to win back too little, below the fewest seen to meet both (or,
+   failing that, to break the benign bound). With no such ceiling yet it probes up to where the
+   trend of the two largest checks in log(rows) reaches `recover`, or sooner where the trend of
+   the benign rise reaches the bound.
 3. The count: the fewest checked rows that meet both; else the checked count that wins back most
-   while keeping the benign bound; else the last proposal. Capped at q_max of the rows; an adapter
+   while keeping the benign bound; else the fewest checked. Capped at q_max of the rows; an adapter
    that lost nothing gets none. Every check is in the report (`score_details.budget`).
 """
 from __future__ import annotations
@@ -45,8 +47,8 @@ class Budget:
     lost: float  # aligned minus fine-tuned log-likelihood of the refusals (nats, summed over tokens)
     limit: int  # q_max of the candidate rows
     candidates: int  # rows in the safety layers
-    rows: int = 0  # the chosen count
-    checks: list[dict] = field(default_factory=list)  # per forward pass: rows, won back, benign rise
+    rows: int = 0  # the first proposal, then the chosen count
+    checks: list[dict] = field(default_factory=list)  # per count checked: pass, rows, won back, benign rise
     why: str = ""
 
     def to_dict(self) -> dict:
@@ -55,80 +57,96 @@ class Budget:
                 "candidate_rows": self.candidates, "checks": self.checks, "why": self.why}
 
 
+def refusal_openings(refusals: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """Each refusal's opening (its first REFUSAL_OPENING tokens) and the most common one: the target
+    whose probability on a benign prompt says how likely the model is to refuse it."""
+    openings = [r[:REFUSAL_OPENING] for r in refusals]
+    return openings, list(Counter(map(tuple, openings)).most_common(1)[0][0])
+
+
 def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[int]], benign: list[list[int]],
-                   runs: list, aligned_ll: float, config, *, batch_size: int, pad_id: int, progress=None
-                   ) -> list[Budget]:
+                   runs: list, aligned_ll: float, ranks: list[dict], config, *, batch_size: int, pad_id: int,
+                   progress=None) -> list[Budget]:
     """Each run's Budget (runs: the patcher's AdapterRuns, their harmful scores, fine-tuned
-    log-likelihood and every row's projection already computed by the attribution pass)."""
-    budgets, scores_of = [], []
-    for run in runs:
-        scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
-        candidates = sum(t.numel() for t in scores.values())
+    log-likelihood and every row's projection already computed by the attribution pass; ranks: each
+    run's selection order, scoring.safety_rank)."""
+    budgets = []
+    for run, rank in zip(runs, ranks):
+        harmful_scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
+        candidates = sum(t.numel() for t in harmful_scores.values())
         lost = aligned_ll - run.scores.details["targets_loglik"]["harmful"]
         b = Budget(lost, round(config.q_max * candidates), candidates)
-        b.rows = rows_for_gain(scores, lost, b.limit)  # the first proposal closes all of `lost`
+        b.rows = rows_for_gain(harmful_scores, lost, b.limit, rank=rank)  # the first proposal closes all of `lost`
         b.why = ("the fine-tune lost none of the refusals' likelihood" if lost <= 0 else "first-order estimate")
         budgets.append(b)
-        scores_of.append(scores)
-    openings = [r[:REFUSAL_OPENING] for r in refusals]
-    usual = list(Counter(map(tuple, openings)).most_common(1)[0][0])
+    openings, usual = refusal_openings(refusals)
     prompts, targets = harmful + benign, openings + [usual] * len(benign)
     n = len(harmful)
-    aligned: tuple[float, float] | None = None  # (harmful P, benign P), from the first check's pass
+    aligned: tuple[float, float] | None = None  # (harmful P, benign P), from the first pass
     references: dict[int, tuple[float, float]] = {}  # run -> fine-tuned (harmful P, benign P)
-    bounds = [[0, b.limit] for b in budgets]  # per run: counts known to keep / to break the benign bound
-    for _ in range(config.budget_checks):
-        open_runs = [j for j, b in enumerate(budgets) if b.rows > 0 and b.rows not in [c["rows"] for c in b.checks]]
-        if not open_runs:
+    for step in range(config.budget_checks):
+        probes = {j: _probes(b, config) for j, b in enumerate(budgets) if b.rows > 0}
+        probes = {j: counts for j, counts in probes.items() if counts}
+        if not probes:
             break
-        fresh = [j for j in open_runs if j not in references]
+        fresh = [j for j in probes if j not in references]
+        patched = [(j, k) for j, counts in probes.items() for k in counts]
         loras = ([None] * (aligned is None) + [(runs[j].lora, runs[j].by_layer) for j in fresh]
-                 + [_patched(runs[j], scores_of[j], budgets[j].rows) for j in open_runs])
+                 + [_patched(runs[j], ranks[j], k) for j, k in patched])
         ll = target_logliks(model, head, prompts, targets, loras, batch_size=batch_size, pad_id=pad_id,
                             progress=progress)
         if aligned is None:  # the model alone answers the same in every pass: measured once
             aligned, ll = _probabilities(ll[0], n), ll[1:]
         for j, each in zip(fresh, ll[: len(fresh)]):
             references[j] = _probabilities(each, n)
-        for j, each in zip(open_runs, ll[len(fresh):]):
-            _judge(budgets[j], bounds[j], _probabilities(each, n), references[j], aligned, config)
+        for (j, k), each in zip(patched, ll[len(fresh):]):
+            _record(budgets[j], step, k, _probabilities(each, n), references[j], aligned)
     for b in budgets:
         _conclude(b, config)
     return budgets
 
 
-def _judge(b: Budget, bounds: list[int], patched: tuple, finetuned: tuple, aligned: tuple, config) -> None:
-    """Record one check of b.rows and propose the next count."""
+def _record(b: Budget, step: int, rows: int, patched: tuple, finetuned: tuple, aligned: tuple) -> None:
+    """One check of `rows` rows, in the report's form."""
     lost = aligned[0] - finetuned[0]
-    won = (patched[0] - finetuned[0]) / lost if lost > 0 else 1.0
-    rise = patched[1] - aligned[1]
-    k = b.rows
-    b.checks.append({"rows": k, "won_back": won, "benign_refusal_rise": rise,
+    b.checks.append({"pass": step, "rows": rows, "won_back": (patched[0] - finetuned[0]) / lost if lost > 0 else 1.0,
+                     "benign_refusal_rise": patched[1] - aligned[1],
                      "refusal_probability": {"harmful": patched[0], "benign": patched[1]},
                      "references": {"aligned": list(aligned), "finetuned": list(finetuned)}})
-    low, high = bounds  # the most rows seen to win back too little; the most rows not seen to break the bound
-    if rise > config.max_over_refusal:  # too many: between what was too few and this
-        bounds[1] = k - 1
-        b.rows = max(1, (low + k) // 2)
-        return
-    fewer = [c for c in b.checks[:-1] if c["rows"] < k and c["won_back"] < won
-             and c["benign_refusal_rise"] <= config.max_over_refusal]
-    if won < config.recover:  # too few: along the trend of the last two checks in log(rows), else double
-        bounds[0] = k
-        factor = 2.0
-        if fewer:
-            prev = max(fewer, key=lambda c: c["rows"])
-            per_doubling = (won - prev["won_back"]) / math.log2(k / prev["rows"])
-            factor = 2 ** ((config.recover - won) / per_doubling) if per_doubling > 0 else 4.0
-        factor = min(max(factor * 1.1, 1.25), 4.0)  # a little past the trend: the count must meet, not approach
-        b.rows = min(round(k * factor), b.limit, high)
-    else:  # enough: along the same trend back to the goal, above what was too few
-        target = low + 1
-        if fewer:
-            prev = max(fewer, key=lambda c: c["rows"])
-            t = (config.recover - prev["won_back"]) / (won - prev["won_back"])
-            target = round(prev["rows"] * (k / prev["rows"]) ** t)
-        b.rows = max(low + 1, min(target if fewer else (low + k) // 2, k))
+
+
+def _probes(b: Budget, config) -> list[int]:
+    """The counts the next pass checks (module doc, step 2): new ones only, within [1, limit]."""
+    n = config.budget_probes
+    seen = {c["rows"] for c in b.checks}
+    if not b.checks:
+        wanted = [b.rows * 2 ** i for i in range(n)]
+    else:
+        kept = [c for c in b.checks if c["benign_refusal_rise"] <= config.max_over_refusal]
+        low = max((c["rows"] for c in kept if c["won_back"] < config.recover), default=0)
+        met = [c["rows"] for c in kept if c["won_back"] >= config.recover]
+        broke = [c["rows"] for c in b.checks if c["benign_refusal_rise"] > config.max_over_refusal]
+        ceiling = min(met) if met else min(broke) if broke else None
+        if ceiling is not None:  # inside (low, ceiling), evenly in log(rows); from 0: evenly
+            wanted = ([low * (ceiling / low) ** (i / (n + 1)) for i in range(1, n + 1)] if low > 0
+                      else [ceiling * i / (n + 1) for i in range(1, n + 1)])
+        else:  # every count won back too little: up to where the trend of the two largest reaches recover
+            by_rows = sorted(kept, key=lambda c: c["rows"])
+            top, below = by_rows[-1], by_rows[-2] if len(by_rows) > 1 else by_rows[-1]
+            doublings = min(_doublings_to(below, top, "won_back", config.recover),
+                            _doublings_to(below, top, "benign_refusal_rise", config.max_over_refusal))
+            # a little past the nearer trend, at most 2 doublings a probe; with no trend, one a probe
+            goal = top["rows"] * 2 ** (min(max(1.1 * doublings, 0.5), 2.0 * n) if math.isfinite(doublings) else n)
+            wanted = [top["rows"] * (goal / top["rows"]) ** (i / n) for i in range(1, n + 1)]
+    return sorted({min(max(1, round(k)), b.limit) for k in wanted} - seen)
+
+
+def _doublings_to(below: dict, top: dict, figure: str, goal: float) -> float:
+    """How many doublings of top's rows bring `figure` to `goal` along the trend from `below` to
+    `top` in log(rows) (inf where it does not rise)."""
+    if top["rows"] <= below["rows"] or top[figure] <= below[figure]:
+        return math.inf
+    return (goal - top[figure]) / ((top[figure] - below[figure]) / math.log2(top["rows"] / below["rows"]))
 
 
 def _conclude(b: Budget, config) -> None:
@@ -147,7 +165,8 @@ def _conclude(b: Budget, config) -> None:
         b.rows, b.why = best["rows"], (f"no checked count won back {config.recover:g} within the benign bound; "
                                        f"the most it won back ({best['won_back']:.2f})")
     else:
-        b.why = f"every checked count raised benign refusals above the bound; the last proposal, {b.rows} rows"
+        b.rows = min(c["rows"] for c in b.checks)
+        b.why = f"every checked count raised benign refusals above the bound; the fewest checked, {b.rows} rows"
 
 
 def _probabilities(ll: torch.Tensor, n_harmful: int) -> tuple[float, float]:
@@ -156,9 +175,9 @@ def _probabilities(ll: torch.Tensor, n_harmful: int) -> tuple[float, float]:
     return float(p[:n_harmful].mean()), float(p[n_harmful:].mean()) if p.numel() > n_harmful else 0.0
 
 
-def _patched(run, harmful: dict, count: int) -> tuple[Adapter, dict]:
+def _patched(run, rank: dict, count: int) -> tuple[Adapter, dict]:
     """The run's adapter with its top `count` rows projected (from the attribution pass's projection
     of every row: no weight is read), as a LoRA for a forward pass."""
-    masks = global_safety_rows(harmful, None, 0.0, 0.0, count=count)
+    masks = global_safety_rows(rank, None, 0.0, 0.0, count=count)
     tensors, _ = rows_from(run.lora, run.scores.every_row, masks)
     return Adapter(run.lora.config, tensors), run.by_layer

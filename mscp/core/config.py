@@ -108,8 +108,13 @@ class PatchConfig:
                                      "the benign prompts)")
     q_max: float = option(0.2, "adaptive budget: the most rows it may select, as a fraction of all rows in the "
                           "safety layers")
-    budget_checks: int = option(3, "adaptive budget: forward passes that measure a proposed count (refusals won back, "
-                                "benign refusals added) and propose the next (0: the first-order estimate alone)")
+    budget_checks: int = option(2, "adaptive budget: forward passes that measure proposed counts (refusals won back, "
+                                "benign refusals added) and narrow the next ones (0: the first-order estimate alone)")
+    budget_probes: int = option(3, "adaptive budget: counts each check pass measures per adapter, in the same "
+                                "pass (more compute, no more weight reads)")
+    benign_penalty: float = option(0.0, "attribution: rank rows by the harmful score less this weight times the rise "
+                                "their edit brings to a refusal's likelihood on the benign prompts (scored in the "
+                                "same pass; 0: not scored)")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
     resident_gb: float | None = option(None, "attribution: GB of layers kept loaded while the greedy answers are "
@@ -156,7 +161,7 @@ class PatchConfig:
             if not ok:
                 raise MSCPError(message)
 
-        for name in ("rho", "q", "p", "alpha", "recover", "q_max", "max_over_refusal"):
+        for name in ("rho", "q", "p", "alpha", "recover", "q_max", "max_over_refusal", "benign_penalty"):
             value = getattr(self, name)
             check(_finite_number(value), f"{name} must be a finite number, got {value!r:.60}")
         for name in ("chat_template", "allow_pickle", "hash_inputs", "progress"):  # "no" would be true
@@ -175,13 +180,16 @@ class PatchConfig:
             first, last = parse_layer_range(self.layers)
             check(0 <= first <= last, f"layers must be a range A-B with 0 <= A <= B, got {first}-{last}")
             object.__setattr__(self, "layers", (first, last))
-        for name in ("batch_size", "max_length", "exact_rank", "target_tokens", "max_prompts", "budget_checks"):
+        for name in ("batch_size", "max_length", "exact_rank", "target_tokens", "max_prompts", "budget_checks",
+                     "budget_probes"):
             check(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool),
                   f"{name} must be an integer, got {getattr(self, name)!r}")
         check(self.batch_size >= 1 and self.max_length >= 1, "batch_size and max_length must be positive")
         check(self.exact_rank >= 1, f"exact_rank must be positive, got {self.exact_rank}")
         check(self.target_tokens >= 1, f"target_tokens must be positive, got {self.target_tokens}")
         check(0 <= self.budget_checks <= 8, f"budget_checks must be in 0..8, got {self.budget_checks}")
+        check(1 <= self.budget_probes <= 8, f"budget_probes must be in 1..8, got {self.budget_probes}")
+        check(0 <= self.benign_penalty <= 100, f"benign_penalty must be in [0, 100], got {self.benign_penalty}")
         check(self.budget != "adaptive" or self.score == "attribution",
               f"the adaptive budget needs the attribution score (its scores are log-likelihood changes), got {self.score!r}")
         check(self.resident_gb is None or (_finite_number(self.resident_gb) and self.resident_gb >= 0),

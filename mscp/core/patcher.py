@@ -30,8 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model, layer_index
-from mscp.core.attribution import attribution_scores, attribution_scores_many, greedy_answers
-from mscp.core.budget import choose_budgets
+from mscp.core.attribution import attribution_scores, attribution_scores_sets, greedy_answers
+from mscp.core.budget import choose_budgets, refusal_openings
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig
@@ -58,7 +58,8 @@ from mscp.core.report import (
     prompt_sources,
     write_adapter_atomically,
 )
-from mscp.core.scoring import LoraAdded, WandaScores, global_safety_rows, safety_rows, top_rows, weight_safety_mass
+from mscp.core.scoring import (LoraAdded, WandaScores, global_safety_rows, safety_rank, safety_rows, top_rows,
+                                weight_safety_mass)
 from mscp.core.sequential import Observer, Step, advance_with, sweep
 from mscp.core.streaming import ModelShell, Stream, resident_budget
 from mscp.errors import MSCPError, log, warn
@@ -456,20 +457,33 @@ class Patcher:
             loras.append((run.lora, run.by_layer))
             all_edits.append({key: projected[key].float() - run.lora.tensors[key].float() for key in rows})
         common = {k: gen[k] for k in ("batch_size", "pad_id", "progress")}
-        # the harmful side: every adapter's forward and backward pass with each layer loaded once for all
+        # the harmful side: every adapter's forward and backward pass with each layer loaded once for all;
+        # with benign_penalty, the benign prompts and the aligned model's usual refusal opening in the same pass
         clock = time.perf_counter()
         adaptive = config.adaptive_budget  # the aligned model rides along: its likelihood of its refusals
-        harmful_side = attribution_scores_many(self.aligned_model, head, harmful, refusals, loras + [None] * adaptive,
-                                               all_edits + [{}] * adaptive, scored, **common)
-        aligned_ll = harmful_side.pop()[1] if adaptive else None
+        benign = self._encode(self.sets["benign"]) if adaptive or config.benign_penalty else []
+        sets = [(harmful, refusals)]
+        if config.benign_penalty and benign:
+            sets.append((benign, [refusal_openings(refusals)[1]] * len(benign)))
+        per_adapter = attribution_scores_sets(self.aligned_model, head, sets, loras + [None] * adaptive,
+                                              all_edits + [{}] * adaptive, scored, **common)
+        aligned_ll = per_adapter.pop()[0][1] if adaptive else None
         mark("attribution")
         timings["attribution"] = time.perf_counter() - clock
-        for run, lora, edits, (a_harmful, ll_harmful) in zip(runs, loras, all_edits, harmful_side):
+        for run, lora, edits, per_set in zip(runs, loras, all_edits, per_adapter):
             scores = run.scores
+            (a_harmful, ll_harmful) = per_set[0]
             scores.rows = {m.key_b: {"harmful": a_harmful[index][rel]}
                            for index in window for rel, m in run.by_layer.get(index, {}).items()}
             scores.details = {"targets_loglik": {"harmful": ll_harmful},
                               "target_tokens": {"harmful": sum(map(len, refusals))}}
+            if len(per_set) > 1:  # per harmful prompt, summed over as many: the harmful score's unit
+                a_benign, ll_benign = per_set[1]
+                scale = len(harmful) / len(benign)
+                for index in window:
+                    for rel, m in run.by_layer.get(index, {}).items():
+                        scores.rows[m.key_b]["benign_refusal"] = a_benign[index][rel] * scale
+                scores.details["targets_loglik"]["benign_refusal"] = ll_benign
             if config.p > 0:  # each adapter's own answers to the task prompts: its own pass
                 clock = time.perf_counter()
                 answers = greedy_answers(self.aligned_model, head, task, config.target_tokens, lora=lora, **gen)
@@ -489,14 +503,22 @@ class Patcher:
                 scores.details["task"] = "not scored: p = 0 removes no task rows"
         if adaptive:
             clock = time.perf_counter()
-            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, self._encode(self.sets["benign"]),
-                                     runs, aligned_ll, config, **common)
+            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, benign, runs, aligned_ll,
+                                     [self._rank(run) for run in runs], config, **common)
             for run, budget in zip(runs, budgets):
                 run.scores.budget = budget.rows
                 run.scores.details["targets_loglik"]["aligned"] = aligned_ll
                 run.scores.details["budget"] = budget.to_dict()
             mark("budget_checks")
             timings["budget_checks"] = time.perf_counter() - clock
+
+    def _rank(self, run: AdapterRun) -> dict[str, torch.Tensor]:
+        """The attribution score's selection order of the run's rows (scoring.safety_rank)."""
+        keep = self.config.benign_penalty
+        if keep and any("benign_refusal" not in sc for sc in run.scores.rows.values()):
+            raise MSCPError("benign_penalty needs each row's benign refusal score, and these scores were computed "
+                            "without it (score with benign_penalty > 0, or select with benign_penalty 0)")
+        return safety_rank(run.scores.rows, keep)
 
     def _refusals(self, head, harmful: list, gen: dict) -> list:
         """The aligned model's greedy answers to the harmful prompts: the result cache's, or generated."""
@@ -562,9 +584,9 @@ class Patcher:
         config, scores = self.config, run.scores.rows
         modules = {m.key_b: m for index in self.window.safety_layers for m in run.by_layer.get(index, {}).values()}
         if config.score == "attribution":
-            return global_safety_rows({k: scores[k]["harmful"] for k in modules},
-                                      {k: scores[k].get("task") for k in modules}, config.q, config.p,
-                                      count=run.scores.budget)
+            rank = self._rank(run)
+            return global_safety_rows({k: rank[k] for k in modules}, {k: scores[k].get("task") for k in modules},
+                                      config.q, config.p, count=run.scores.budget)
         masks = {}
         for key, m in modules.items():
             sc = scores[key]

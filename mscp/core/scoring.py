@@ -202,12 +202,27 @@ def global_safety_rows(harmful: dict[str, torch.Tensor], task: dict[str, torch.T
     return out
 
 
-def rows_for_gain(harmful: dict[str, torch.Tensor], gain: float, limit: int) -> int:
-    """The fewest top rows (global_safety_rows' order) whose scores sum to `gain`, the first-order
-    estimate of what their edits win back; `limit` if even that many do not reach it."""
+def rows_for_gain(harmful: dict[str, torch.Tensor], gain: float, limit: int,
+                  rank: dict[str, torch.Tensor] | None = None) -> int:
+    """The fewest top rows (global_safety_rows' order by `rank`, the harmful score if None) whose
+    harmful scores sum to `gain`, the first-order estimate of what their edits win back; `limit` if
+    even that many do not reach it. Rows global_safety_rows never edits (rank <= 0) add nothing."""
     if gain <= 0 or not harmful:
         return 0
-    h = torch.cat([harmful[k].double() for k in sorted(harmful)])
-    ranked = torch.sort(h, descending=True, stable=True).values[:limit]
-    reached = torch.nonzero(torch.cumsum(ranked.clamp(min=0), 0) >= gain)
+    keys = sorted(harmful)
+    h = torch.cat([harmful[k].double() for k in keys])
+    r = h if rank is None else torch.cat([rank[k].double() for k in keys])
+    order = torch.sort(r, descending=True, stable=True).indices[:limit]
+    reached = torch.nonzero(torch.cumsum(h[order].clamp(min=0) * (r[order] > 0), 0) >= gain)
     return int(reached[0]) + 1 if reached.numel() else min(limit, h.numel())
+
+
+def safety_rank(rows: dict[str, dict[str, torch.Tensor]], benign_penalty: float) -> dict[str, torch.Tensor]:
+    """The order in which the attribution score selects rows (global_safety_rows' `harmful`): the
+    harmful score a_i less `benign_penalty` times b_i, the rise of the refusal opening's likelihood on
+    the benign prompts that the row's edit brings (only a rise counts; "benign_refusal", already in
+    a_i's unit: per prompt, times the harmful prompts). benign_penalty 0: a_i alone."""
+    if benign_penalty == 0:
+        return {key: sc["harmful"] for key, sc in rows.items()}
+    return {key: sc["harmful"].double() - benign_penalty * sc["benign_refusal"].double().clamp(min=0)
+            for key, sc in rows.items()}
