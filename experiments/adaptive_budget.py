@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--probes", type=int, default=PatchConfig.budget_probes)
     ap.add_argument("--penalty", type=float, nargs="+", default=[PatchConfig.benign_penalty],
                     help="benign_penalty weights to try (each with every --recover)")
+    ap.add_argument("--max-edit", type=float, default=PatchConfig.max_edit)
     ap.add_argument("--robust", action="store_true", help="eval: also the robustness split")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--choose", type=Path, nargs="+", help="only apply the defaults' rule to these localisation runs")
@@ -94,9 +95,10 @@ def main() -> None:
     out = {"split": a.split, "organism": org.config.digest(), "rule": RULE.text(a.split), "finetunes": {}}
     out["aligned"] = {n: measure(org, None, a.split, n, judge) for n in a.finetunes}
     settings = [("fixed", PatchConfig(hash_inputs=False, budget="fixed"))] if a.fixed else []
-    settings += [(f"adaptive_{r:g}" + (f"_penalty{penalty:g}" if len(a.penalty) > 1 or penalty else ""),
+    settings += [(f"adaptive_{r:g}" + (f"_penalty{penalty:g}" if len(a.penalty) > 1 or penalty else "")
+                  + (f"_maxedit{a.max_edit:g}" if a.max_edit != PatchConfig.max_edit else ""),
                   PatchConfig(hash_inputs=False, budget="adaptive", recover=r, budget_checks=a.checks,
-                              budget_probes=a.probes, benign_penalty=penalty))
+                              budget_probes=a.probes, benign_penalty=penalty, max_edit=a.max_edit))
                  for r in a.recover for penalty in a.penalty]
     for name in a.finetunes:
         out["finetunes"][name] = {"finetuned": measure(org, org.finetuned(name), a.split, name, judge), "points": {}}

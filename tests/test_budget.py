@@ -40,7 +40,8 @@ def test_the_report_says_how_many_rows_and_why(llama_trio):
     lost = r.report["score_details"]["targets_loglik"]["aligned"] - r.report["score_details"]["targets_loglik"]["harmful"]
     assert b["lost_loglik"] == pytest.approx(lost)
     assert b["goal_loglik"] == pytest.approx(lost)  # the first proposal closes all of it, to first order
-    assert 0 <= b["rows"] <= b["limit_rows"] == round(0.2 * b["candidate_rows"])
+    assert 0 <= b["rows"] <= b["limit_rows"] <= b["candidate_rows"]
+    assert r.report["edit_fraction"] <= PatchConfig().max_edit
     assert b["why"]
     edited = sum(len(m["rows"]) for m in r.report["modules"].values())
     assert edited <= b["rows"]  # rows whose score is not positive are never edited
@@ -145,8 +146,8 @@ def test_the_budget_needs_the_attribution_score():
             PatchConfig(recover=bad)
     with pytest.raises(MSCPError, match="max_over_refusal"):
         PatchConfig(max_over_refusal=-0.1)
-    with pytest.raises(MSCPError, match="q_max"):
-        PatchConfig(q_max=1.5)
+    with pytest.raises(MSCPError, match="max_edit"):
+        PatchConfig(max_edit=1.5)
 
 
 def test_a_q_given_without_a_budget_means_the_fixed_budget():
@@ -192,3 +193,14 @@ def test_a_patch_with_a_benign_penalty_scores_benign_refusals_in_the_same_pass_a
     rows = global_safety_rows(safety_rank(r.scores, 1.0), None, 0.0, 0.0, count=r.report["score_details"]["budget"]["rows"])
     assert {k: m.get("selected_rows", m["rows"]) for k, m in r.report["modules"].items()} == \
         {k: rows.get(k, torch.tensor([], dtype=torch.long)).tolist() for k in r.report["modules"]}
+
+
+def test_the_row_limit_keeps_the_edits_within_max_edit_of_the_loras_parameters():
+    from types import SimpleNamespace
+
+    from mscp.core.budget import row_limit
+
+    rank = {"a": torch.tensor([3.0, 1.0]), "b": torch.tensor([2.0, 0.5, 4.0])}
+    lora = SimpleNamespace(tensors={"a": torch.zeros(2, 4), "b": torch.zeros(3, 2)}, n_parameters=lambda: 40)
+    # in rank order: b[2] (2 parameters), a[0] (4), b[0] (2), a[1] (4), b[1] (2): 2, 6, 8, 12, 14
+    assert [row_limit(lora, rank, f) for f in (0.0, 0.05, 0.2, 0.25, 1.0)] == [0, 1, 3, 3, 5]

@@ -20,7 +20,8 @@
    trend of the two largest checks in log(rows) reaches `recover`, or sooner where the trend of
    the benign rise reaches the bound.
 3. The count: the fewest checked rows that meet both; else the checked count that wins back most
-   while keeping the benign bound; else the fewest checked. Capped at q_max of the rows; an adapter
+   while keeping the benign bound; else the fewest checked. Capped where the top rows' edits reach
+   max_edit of the LoRA's parameters (the most rows any probe takes); an adapter
    that lost nothing gets none. Every check is in the report (`score_details.budget`).
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Budget:
     """One adapter's budget and how it was found (the report's `budget` record)."""
 
     lost: float  # aligned minus fine-tuned log-likelihood of the refusals (nats, summed over tokens)
-    limit: int  # q_max of the candidate rows
+    limit: int  # the most top rows whose edits stay within max_edit of the LoRA's parameters
     candidates: int  # rows in the safety layers
     rows: int = 0  # the first proposal, then the chosen count
     checks: list[dict] = field(default_factory=list)  # per count checked: pass, rows, won back, benign rise
@@ -75,7 +76,7 @@ def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[in
         harmful_scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
         candidates = sum(t.numel() for t in harmful_scores.values())
         lost = aligned_ll - run.scores.details["targets_loglik"]["harmful"]
-        b = Budget(lost, round(config.q_max * candidates), candidates)
+        b = Budget(lost, row_limit(run.lora, rank, config.max_edit), candidates)
         b.rows = rows_for_gain(harmful_scores, lost, b.limit, rank=rank)  # the first proposal closes all of `lost`
         b.why = ("the fine-tune lost none of the refusals' likelihood" if lost <= 0 else "first-order estimate")
         budgets.append(b)
@@ -149,10 +150,21 @@ def _doublings_to(below: dict, top: dict, figure: str, goal: float) -> float:
     return (goal - top[figure]) / ((top[figure] - below[figure]) / math.log2(top["rows"] / below["rows"]))
 
 
+def row_limit(lora: Adapter, rank: dict[str, torch.Tensor], max_edit: float) -> int:
+    """The most rows, taken in `rank`'s order (global_safety_rows'), whose edits change at most
+    max_edit of the LoRA's parameters: a row of lora_B holds r of them."""
+    keys = sorted(rank)
+    if not keys:
+        return 0
+    order = torch.sort(torch.cat([rank[k].double() for k in keys]), descending=True, stable=True).indices
+    width = torch.cat([torch.full((rank[k].numel(),), lora.tensors[k].shape[1], dtype=torch.float64) for k in keys])
+    return int((torch.cumsum(width[order], 0) <= max_edit * lora.n_parameters()).sum())
+
+
 def _conclude(b: Budget, config) -> None:
     """The count from the checks (module doc, step 3)."""
     if not b.checks:
-        b.why += " (capped at q_max)" if b.rows == b.limit and b.rows else ""
+        b.why += " (capped at max_edit)" if b.rows == b.limit and b.rows else ""
         return
     kept = [c for c in b.checks if c["benign_refusal_rise"] <= config.max_over_refusal]
     met = [c for c in kept if c["won_back"] >= config.recover]

@@ -106,8 +106,8 @@ class PatchConfig:
     max_over_refusal: float = option(0.03, "adaptive budget: how much more likely than the aligned model the patched "
                                      "one may be to open a benign answer with a refusal (probability, mean over "
                                      "the benign prompts)")
-    q_max: float = option(0.2, "adaptive budget: the most rows it may select, as a fraction of all rows in the "
-                          "safety layers")
+    max_edit: float = option(0.05, "adaptive budget: the most it may edit, as a fraction of the LoRA's parameters "
+                             "(the paper's bound: 5 percent)")
     budget_checks: int = option(2, "adaptive budget: forward passes that measure proposed counts (refusals won back, "
                                 "benign refusals added) and narrow the next ones (0: the first-order estimate alone)")
     budget_probes: int = option(3, "adaptive budget: counts each check pass measures per adapter, in the same "
@@ -161,14 +161,14 @@ class PatchConfig:
             if not ok:
                 raise MSCPError(message)
 
-        for name in ("rho", "q", "p", "alpha", "recover", "q_max", "max_over_refusal", "benign_penalty"):
+        for name in ("rho", "q", "p", "alpha", "recover", "max_edit", "max_over_refusal", "benign_penalty"):
             value = getattr(self, name)
             check(_finite_number(value), f"{name} must be a finite number, got {value!r:.60}")
         for name in ("chat_template", "allow_pickle", "hash_inputs", "progress"):  # "no" would be true
             value = getattr(self, name)
             check(isinstance(value, bool), f"{name} must be True or False, got {value!r:.60}")
         check(0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}")
-        for name in ("q", "p", "q_max", "max_over_refusal"):
+        for name in ("q", "p", "max_edit", "max_over_refusal"):
             check(0 <= getattr(self, name) <= 1, f"{name} must be a fraction in [0, 1], got {getattr(self, name)}")
         check(-16 <= self.alpha <= 16, f"alpha must be in [-16, 16], got {self.alpha}")
         check(0 < self.recover <= 1, f"recover must be in (0, 1], got {self.recover}")

@@ -112,7 +112,8 @@ def _header(report: dict) -> str:
     if budget:  # the adaptive budget: how many rows, and why
         facts.insert(4, ("budget (adaptive)", f"{_num(budget.get('rows'))} rows",
                          f"{budget.get('why')}; lost {_num(budget.get('lost_loglik'))} nats of the refusals' "
-                         f"log-likelihood, goal {_num(budget.get('goal_loglik'))}"))
+                         f"log-likelihood, goal {_num(budget.get('goal_loglik'))}; "
+                         f"{len(budget.get('checks') or [])} counts checked"))
     fact_html = "".join(f'<div class="fact">{escape(name)}<b>{escape(value)}</b>'
                         f'<span class="sub">{escape(note)}</span></div>' for name, value, note in facts)
     warnings = report.get("warnings") or []
