@@ -19,6 +19,7 @@ from mscp import patch, patch_many
 CASES = {
     "single-pass (wanda, paper setting)": dict(score="wanda", q=0.3, p=0.3, rho=0.2),
     "default, layers reloaded per token (resident_gb 0)": dict(resident_gb=0),
+    "default, fixed budget (q 2 %)": dict(budget="fixed"),
     "default": {},
 }
 

@@ -195,9 +195,12 @@ def test_rows_projected_for_one_dimension_are_never_touched_again(sequence):
 
 
 # -- reuse and agreement with `patch` -----------------------------------------------------------------
+# a dimension ranks by its harmful score alone (no benign penalty: it scores its harmful prompts only)
 @pytest.mark.parametrize("score, options", [("wanda", {}), ("wanda_weight", {}),
-                                            ("attribution", {"q": 0.2, "p": 0.05, "target_tokens": 3}),
-                                            ("attribution", {"q": 0.2, "p": 0.0, "target_tokens": 3})])
+                                            ("attribution", {"q": 0.2, "p": 0.05, "target_tokens": 3,
+                                                             "benign_penalty": 0.0}),
+                                            ("attribution", {"q": 0.2, "p": 0.0, "target_tokens": 3,
+                                                             "benign_penalty": 0.0})])
 def test_a_dimension_equal_to_the_init_prompts_reproduces_patch(trio_root, prompt_dir, tmp_path, score, options):
     trio = make_trio(trio_root, "qwen2")
     harmful = prompt_dir / "violence.txt"

@@ -339,6 +339,18 @@ def test_choose_defaults_drops_a_configuration_that_over_refuses_on_any_finetune
     assert d["chosen"]["params"] == b and [c["params"] for c in d["ranked"]] == [b]
 
 
+def test_choose_defaults_drops_a_configuration_that_edits_more_than_the_papers_bound_anywhere():
+    from mscp.harness.pareto import choose_defaults
+
+    a, b = {"q": 0.05}, {"q": 0.01}
+    runs = [_over_refusal_run("one", [(a, 0.1, 0.05), (b, 0.5, 0.0)]),
+            _over_refusal_run("two", [(a, 0.1, 0.05), (b, 0.5, 0.0)])]
+    runs[1]["points"][0]["edit_fraction"] = 0.051  # a's edits on "two": above 5 % of the LoRA
+    d = choose_defaults(runs)
+    assert d["chosen"]["params"] == b and [c["params"] for c in d["ranked"]] == [b]
+    assert choose_defaults(runs, max_edit=0.06)["chosen"]["params"] == a
+
+
 def test_choose_defaults_leaves_out_a_finetune_where_no_configuration_keeps_the_bounds():
     from mscp.harness.pareto import choose_defaults
 

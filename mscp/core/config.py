@@ -112,9 +112,9 @@ class PatchConfig:
                                 "benign refusals added) and narrow the next ones (0: the first-order estimate alone)")
     budget_probes: int = option(3, "adaptive budget: counts each check pass measures per adapter, in the same "
                                 "pass (more compute, no more weight reads)")
-    benign_penalty: float = option(0.0, "attribution: rank rows by the harmful score less this weight times the rise "
-                                "their edit brings to a refusal's likelihood on the benign prompts (scored in the "
-                                "same pass; 0: not scored)")
+    benign_penalty: float = option(0.3, "attribution: rank rows by the harmful score less this weight times the rise "
+                                   "their edit brings to a refusal's likelihood on the benign prompts (scored in the "
+                                   "same pass; 0: not scored)")
     target_tokens: int = option(16, "attribution: length of the greedy answers scored (the aligned model's to the "
                                 "harmful prompts, the fine-tuned model's to the task prompts)")
     resident_gb: float | None = option(None, "attribution: GB of layers kept loaded while the greedy answers are "
