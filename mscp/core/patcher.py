@@ -429,6 +429,12 @@ class Patcher:
         adapter together, each weight read once; then per adapter its own answers to the task prompts
         and their pass. At p = 0 no task row is ever removed, so the task side (a third of the time)
         is skipped."""
+        # every stage below runs the aligned model: layers loaded by one stay loaded for the next, up to
+        # the resident budget (a model that fits is read once for all of them)
+        with self.aligned_model.resident(self._greedy()["resident_bytes"]):
+            self._score_attribution_stages(runs)
+
+    def _score_attribution_stages(self, runs: list[AdapterRun]) -> None:
         config, timings, mark, window = self.config, self.timings, self.reads.mark, self.window.safety_layers
         head = self.aligned_model.head()
         mark("other")  # the final norm and the output embedding

@@ -219,7 +219,11 @@ class ModelShell:
     def resident(self, budget_bytes: int):
         """Inside the block, layers stay loaded once loaded, up to `budget_bytes` of weights: a loop
         that runs the model once per generated token then reads each layer once, not once per token.
-        Outside it, every load reads the layer anew (memory flat in depth)."""
+        Outside it, every load reads the layer anew (memory flat in depth). A block inside another
+        shares the outer one's layers and budget (the outermost block decides)."""
+        if self._resident is not None:
+            yield
+            return
         saved = self._resident
         self._resident = {"layers": {}, "left": max(int(budget_bytes), 0), "embedding": False}
         try:
