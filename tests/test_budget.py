@@ -123,9 +123,12 @@ def test_the_count_is_the_fewest_checked_rows_that_meet_both():
 def test_without_checks_the_count_is_the_first_order_estimate_of_the_whole_loss(llama_trio):
     r = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], budget_checks=0, **OPTS)
     b = r.report["score_details"]["budget"]
+    from mscp.core.scoring import safety_rank
+
     harmful = {k: sc["harmful"] for k, sc in r.scores.items()}
+    rank = safety_rank(r.scores, PatchConfig().benign_penalty)
     assert b["checks"] == [] and b["goal_loglik"] == pytest.approx(b["lost_loglik"])
-    assert b["rows"] == rows_for_gain(harmful, b["lost_loglik"], b["limit_rows"])
+    assert b["rows"] == rows_for_gain(harmful, b["lost_loglik"], b["limit_rows"], rank=rank)
 
 
 def test_adapters_of_one_call_get_their_own_budgets_and_the_same_as_alone(llama_trio, tmp_path):

@@ -11,13 +11,13 @@ from conftest import make_trio
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from mscp import patch
+from mscp import PatchConfig, patch
 from mscp.core.adapter import Adapter
 from mscp.core.attribution import target_logliks, attribution_scores, greedy_answers
 from mscp.core.patcher import modules_by_layer
 from mscp.core.pipeline import patch_many
 from mscp.core.prompts import default_prompts, encode, load_tokenizer
-from mscp.core.scoring import global_safety_rows, weight_safety_mass
+from mscp.core.scoring import global_safety_rows, safety_rank, weight_safety_mass
 from mscp.core.streaming import ModelShell
 from mscp.errors import MSCPError
 
@@ -154,15 +154,17 @@ def test_two_sets_in_one_pass_each_score_what_they_score_alone_in_float64(attrib
     shell = ModelShell(trio["aligned"], label="aligned", dtype="float64")
     sets = [(prompts[:3], targets[:3]), (prompts[3:], targets[3:])]
     (per_set, aligned) = attribution_scores_sets(shell, shell.head(), sets, [(ad, by_layer), None], [edits, {}],
-                                                 scored, batch_size=batch_size, pad_id=0)
-    for (scores, total), (p, t) in zip(per_set, sets):
+                                                 scored, batch_size=batch_size, pad_id=0, opening=2)
+    for (scores, total, opening), (p, t) in zip(per_set, sets):  # and each target's first 2 tokens
+        first = target_logliks(shell, shell.head(), p, [x[:2] for x in t], [(ad, by_layer)], batch_size=1, pad_id=0)
+        torch.testing.assert_close(opening, first[0], rtol=1e-9, atol=1e-9)
         expected, ll = reference_attribution(trio, p, t, edits, set(edits))
         assert total == pytest.approx(ll, rel=1e-6)
         for index in scored:
             for rel, m in by_layer[index].items():
                 got, exp = scores[index][rel].double(), expected[m.key_b]
                 assert (got - exp).abs().max() <= 1e-6 * exp.abs().max() + 1e-12, (index, rel)
-    for (scores, total), (p, t) in zip(aligned, sets):  # the model alone scores nothing; its own likelihood
+    for (scores, total, _), (p, t) in zip(aligned, sets):  # the model alone scores nothing; its own likelihood
         alone = target_logliks(shell, shell.head(), p, t, [None], batch_size=batch_size, pad_id=0)[0]
         assert scores == {} and total == pytest.approx(float(alone.sum()), rel=1e-6)
 
@@ -213,7 +215,7 @@ def test_a_patch_edits_exactly_the_selected_rows_of_the_window(llama_trio, score
 
 def test_attribution_patch_selects_what_the_global_rule_says(llama_trio):
     res = patch_with(llama_trio, "attribution", q=0.1, p=0.05)
-    chosen = global_safety_rows({k: s["harmful"] for k, s in res.scores.items()},
+    chosen = global_safety_rows(safety_rank(res.scores, PatchConfig().benign_penalty),  # the default ranking
                                 {k: s["task"] for k, s in res.scores.items()}, 0.1, 0.05)
     assert {k: m["rows"] for k, m in res.report["modules"].items()} == {k: v.tolist() for k, v in chosen.items()}
     details = res.report["score_details"]
@@ -227,7 +229,7 @@ def test_attribution_at_p_0_skips_the_task_side_and_selects_the_same_rows(llama_
     assert "targets_task" not in without.report["timings_s"] and "targets_task" in with_task.report["timings_s"]
     for key, s in without.scores.items():  # the harmful side does not depend on p
         assert torch.equal(s["harmful"], with_task.scores[key]["harmful"])
-    at_p0 = global_safety_rows({k: s["harmful"] for k, s in with_task.scores.items()},
+    at_p0 = global_safety_rows(safety_rank(with_task.scores, PatchConfig().benign_penalty),
                                {k: s["task"] for k, s in with_task.scores.items()}, 0.1, 0.0)
     assert {k: m["rows"] for k, m in without.report["modules"].items()} == {k: v.tolist() for k, v in at_p0.items()}
 

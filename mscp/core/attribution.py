@@ -27,6 +27,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -122,14 +123,15 @@ class _ScratchStore:
 class _KeepInputs(Observer):
     """Stores each layer's input (hidden states and layer kwargs) from `first` on, for the backward pass."""
 
-    def __init__(self, stream: Stream, first: int, store: _ScratchStore):
-        self.stream, self.first, self.store = stream, first, store
+    def __init__(self, stream: Stream, first: int, store: _ScratchStore, skip: set[int] = frozenset()):
+        self.stream, self.first, self.store, self.skip = stream, first, store, skip  # skip: micro-batches not kept
         self.kwargs: dict[int, list[dict]] = {}
 
     def before(self, stream, index, layer):
         if stream is self.stream and index >= self.first:
             for k, h in enumerate(stream.hidden):
-                self.store.put(index, k, h)
+                if k not in self.skip:
+                    self.store.put(index, k, h)
             self.kwargs[index] = [per_batch[index] for per_batch in stream.layer_kwargs]
 
 
@@ -152,10 +154,13 @@ def _loglik(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
     return _row_logliks(head, h, batch).sum()
 
 
-def _row_logliks(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """Each sequence's target log-likelihood (n,), from the positions that predict a target token."""
+def _row_logliks(head: Head, h: torch.Tensor, batch: Batch, first: int | None = None) -> torch.Tensor:
+    """Each sequence's target log-likelihood (n,), from the positions that predict a target token
+    (its first `first` target tokens only, if given)."""
     follow = batch.labels.to(h.device)[:, 1:]
     sel = follow != -100
+    if first is not None:
+        sel &= sel.cumsum(dim=1) <= first
     logits = head.logits(h[:, :-1][sel]).float()
     token_ll = torch.log_softmax(logits, dim=-1).gather(-1, follow[sel][:, None])[:, 0]
     rows = torch.arange(follow.shape[0], device=h.device)[:, None].expand_as(follow)[sel]
@@ -196,16 +201,26 @@ def attribution_scores_many(model: ModelShell, head: Head, prompts: list[list[in
                             ) -> list[tuple[dict[int, dict[str, torch.Tensor]], float]]:
     """`attribution_scores` of several adapters on the same prompts and targets, each layer loaded
     once per pass for all of them: `attribution_scores_sets` with one set."""
-    return [per_set[0] for per_set in attribution_scores_sets(
+    return [per_set[0][:2] for per_set in attribution_scores_sets(
         model, head, [(prompts, targets)], loras, edits, scored, batch_size=batch_size, pad_id=pad_id,
         scratch=scratch, progress=progress)]
 
 
+class SetScores(NamedTuple):
+    """One adapter's `attribution_scores_sets` on one set."""
+
+    scores: dict[int, dict[str, torch.Tensor]]  # layer -> module name -> a_i
+    total: float  # the targets' log-likelihood, summed
+    opening: torch.Tensor | None  # per prompt, the log-likelihood of the targets' first `opening` tokens
+
+
 def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list[list[int]], list[list[int]]]],
                             loras: list[Lora | None], edits: list[dict[str, torch.Tensor]], scored: set[int], *,
-                            batch_size: int, pad_id: int, scratch: str | Path | None = None, progress=None
-                            ) -> list[list[tuple[dict[int, dict[str, torch.Tensor]], float]]]:
-    """Per adapter, per set of (prompts, targets): `attribution_scores`. One forward pass with one
+                            batch_size: int, pad_id: int, opening: int | None = None, unscored: frozenset = frozenset(),
+                            scratch: str | Path | None = None, progress=None) -> list[list[SetScores]]:
+    """Per adapter, per set of (prompts, targets): `attribution_scores`, and with `opening` each
+    prompt's log-likelihood of its target's first `opening` tokens (float64); the sets whose index is
+    in `unscored` run forward only (their scores stay empty). One forward pass with one
     stream per adapter, then a backward pass that recomputes each adapter's layer from its stored
     input; every layer is loaded once per pass for all adapters and sets. A sequence's gradient
     depends on its own tokens only, so each set's scores are what it gets alone (its micro-batches
@@ -222,12 +237,15 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
     streams = [captured] + [captured.copy() for _ in loras[1:]]
     stores = [_ScratchStore(scratch) if lora is not None else None for lora in loras]
     try:
-        keeps = [_KeepInputs(stream, first, store) for stream, store in zip(streams, stores) if store is not None]
+        forward_only = {k for k, s in enumerate(owner) if s in unscored}
+        keeps = [_KeepInputs(stream, first, store, forward_only) for stream, store in zip(streams, stores)
+                 if store is not None]
         observers = [LoraAdded(stream, *lora) for stream, lora in zip(streams, loras) if lora is not None]
         sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers + keeps),
               progress=progress, desc="forward")
-        grads, totals = [], []
+        grads, totals, openings = [], [], []
         for stream, lora in zip(streams, loras):
+            openings.append(_openings(head, stream, owner, len(sets), opening) if opening else [None] * len(sets))
             g, per_batch = _target_loglik_grads(head, stream) if lora is not None else ([], _logliks(head, stream))
             grads.append(g)
             totals.append([sum(ll for ll, o in zip(per_batch, owner) if o == s) for s in range(len(sets))])
@@ -240,7 +258,7 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
             for j in scoring:
                 adapter, by_layer = loras[j]
                 accs = _backward_layer(layer, step.index, adapter, by_layer.get(step.index, {}), edits[j], scored,
-                                       batches, owner, len(sets), keep_of[j], stores[j], grads[j])
+                                       batches, owner, len(sets), unscored, keep_of[j], stores[j], grads[j])
                 for s, acc in enumerate(accs):
                     if acc:
                         scores[j][s][step.index] = acc
@@ -251,7 +269,16 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
         for store in stores:
             if store is not None:
                 store.close()
-    return [list(zip(per_set, total)) for per_set, total in zip(scores, totals)]
+    return [[SetScores(*each) for each in zip(per_set, total, opened)]
+            for per_set, total, opened in zip(scores, totals, openings)]
+
+
+def _openings(head: Head, stream: Stream, owner: list[int], n_sets: int, first: int) -> list[torch.Tensor]:
+    """Per set, each prompt's log-likelihood of its target's first `first` tokens (float64)."""
+    with torch.no_grad():
+        rows = [_row_logliks(head, h, batch, first).double().cpu() for h, batch in zip(stream.hidden, stream.batches)]
+    return [torch.cat([r for r, o in zip(rows, owner) if o == s] or [torch.zeros(0, dtype=torch.float64)])
+            for s in range(n_sets)]
 
 
 def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
@@ -280,7 +307,7 @@ def _logliks(head: Head, stream: Stream) -> list[float]:
 
 
 def _backward_layer(layer, index: int, adapter, mods: dict[str, LoraModule], edits: dict[str, torch.Tensor],
-                    scored: set[int], batches, owner: list[int], n_sets: int, keep: _KeepInputs,
+                    scored: set[int], batches, owner: list[int], n_sets: int, unscored: frozenset, keep: _KeepInputs,
                     store: _ScratchStore, grads: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """One adapter's step of the backward pass through `layer`: recompute it (LoRA added) from the
     stored input, carry `grads` down (in place) and return, per set, the scored modules' a_i (each
@@ -289,8 +316,10 @@ def _backward_layer(layer, index: int, adapter, mods: dict[str, LoraModule], edi
     w = next(layer.parameters())
     targeted = [rel for rel, m in mods.items() if index in scored and m.key_b in edits]
     accs = [{rel: torch.zeros(linears[rel].weight.shape[0], dtype=torch.float64, device=w.device) for rel in targeted}
-            for _ in range(n_sets)]
+            if s not in unscored else {} for s in range(n_sets)]
     for k in range(len(batches)):
+        if owner[k] in unscored:  # forward only: nothing to carry down
+            continue
         x = store.take(index, k, w.device).to(w.dtype).requires_grad_(True)
         handles = []
         for rel, m in mods.items():

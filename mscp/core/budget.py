@@ -2,11 +2,13 @@
 
 1. A first proposal from what the attribution pass already knows, in its unit (log-likelihood of
    the aligned model's refusals to the harmful prompts, summed over tokens):
-       lost = LL_aligned - LL_finetuned      (the aligned model rides along the attribution pass)
+       lost = LL_aligned - LL_finetuned      (the aligned model rides along the attribution pass,
+                                              whose forward pass also gives both references below)
        k0   = the fewest top rows whose a_i sum to lost (closing all of it to first order is about
               what brings most refusals back: the organism's fine-tunes, docs/results/evaluation.md).
 2. `budget_checks` forward passes (every adapter of the call and every count in the same pass: the
-   weights are read once a pass) measure `budget_probes` counts per adapter as behaviour, with the
+   weights are read once a pass, or not at all when the model stays resident) measure
+   `budget_probes` counts per adapter as behaviour, with the
    refusal's opening (its first REFUSAL_OPENING tokens) as the target:
        won back   (P_patched - P_finetuned) / (P_aligned - P_finetuned) on the harmful prompts,
                   P = the mean probability of the aligned model's own refusal opening;
@@ -66,11 +68,16 @@ def refusal_openings(refusals: list[list[int]]) -> tuple[list[list[int]], list[i
 
 
 def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[int]], benign: list[list[int]],
-                   runs: list, aligned_ll: float, ranks: list[dict], config, *, batch_size: int, pad_id: int,
-                   progress=None) -> list[Budget]:
-    """Each run's Budget (runs: the patcher's AdapterRuns, their harmful scores, fine-tuned
+                   runs: list, ranks: list[dict], aligned: list, finetuned: list[list], config, *, batch_size: int,
+                   pad_id: int, progress=None) -> list[Budget]:
+    """Each run's Budget. runs: the patcher's AdapterRuns, their harmful scores, fine-tuned
     log-likelihood and every row's projection already computed by the attribution pass; ranks: each
-    run's selection order, scoring.safety_rank)."""
+    run's selection order (scoring.safety_rank); aligned, finetuned (per run): the attribution
+    pass's SetScores of the aligned model and of each fine-tuned one on [harmful, benign], whose
+    refusal openings are the checks' references."""
+    aligned_ll = aligned[0].total
+    reference = _probabilities(*aligned)
+    references = [_probabilities(*sets) for sets in finetuned]
     budgets = []
     for run, rank in zip(runs, ranks):
         harmful_scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
@@ -83,25 +90,15 @@ def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[in
     openings, usual = refusal_openings(refusals)
     prompts, targets = harmful + benign, openings + [usual] * len(benign)
     n = len(harmful)
-    aligned: tuple[float, float] | None = None  # (harmful P, benign P), from the first pass
-    references: dict[int, tuple[float, float]] = {}  # run -> fine-tuned (harmful P, benign P)
     for step in range(config.budget_checks):
         probes = {j: _probes(b, config) for j, b in enumerate(budgets) if b.rows > 0}
-        probes = {j: counts for j, counts in probes.items() if counts}
-        if not probes:
-            break
-        fresh = [j for j in probes if j not in references]
         patched = [(j, k) for j, counts in probes.items() for k in counts]
-        loras = ([None] * (aligned is None) + [(runs[j].lora, runs[j].by_layer) for j in fresh]
-                 + [_patched(runs[j], ranks[j], k) for j, k in patched])
-        ll = target_logliks(model, head, prompts, targets, loras, batch_size=batch_size, pad_id=pad_id,
-                            progress=progress)
-        if aligned is None:  # the model alone answers the same in every pass: measured once
-            aligned, ll = _probabilities(ll[0], n), ll[1:]
-        for j, each in zip(fresh, ll[: len(fresh)]):
-            references[j] = _probabilities(each, n)
-        for (j, k), each in zip(patched, ll[len(fresh):]):
-            _record(budgets[j], step, k, _probabilities(each, n), references[j], aligned)
+        if not patched:
+            break
+        ll = target_logliks(model, head, prompts, targets, [_patched(runs[j], ranks[j], k) for j, k in patched],
+                            batch_size=batch_size, pad_id=pad_id, progress=progress)
+        for (j, k), each in zip(patched, ll):
+            _record(budgets[j], step, k, _probabilities(each[:n], each[n:]), references[j], reference)
     for b in budgets:
         _conclude(b, config)
     return budgets
@@ -181,10 +178,12 @@ def _conclude(b: Budget, config) -> None:
         b.why = f"every checked count raised benign refusals above the bound; the fewest checked, {b.rows} rows"
 
 
-def _probabilities(ll: torch.Tensor, n_harmful: int) -> tuple[float, float]:
-    """(mean probability of the refusal openings on the harmful prompts, on the benign prompts)."""
-    p = ll.exp()
-    return float(p[:n_harmful].mean()), float(p[n_harmful:].mean()) if p.numel() > n_harmful else 0.0
+def _probabilities(harmful, benign=None) -> tuple[float, float]:
+    """(mean probability of the refusal openings on the harmful prompts, on the benign prompts),
+    from per-prompt log-likelihoods (a SetScores' `opening`, or a tensor)."""
+    harmful, benign = (getattr(x, "opening", x) for x in (harmful, benign))
+    mean = lambda ll: float(ll.exp().mean()) if ll is not None and ll.numel() else 0.0  # noqa: E731
+    return mean(harmful), mean(benign)
 
 
 def _patched(run, rank: dict, count: int) -> tuple[Adapter, dict]:

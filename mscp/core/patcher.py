@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model, layer_index
 from mscp.core.attribution import attribution_scores, attribution_scores_sets, greedy_answers
-from mscp.core.budget import choose_budgets, refusal_openings
+from mscp.core.budget import REFUSAL_OPENING, choose_budgets, refusal_openings
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig
@@ -464,27 +464,30 @@ class Patcher:
             all_edits.append({key: projected[key].float() - run.lora.tensors[key].float() for key in rows})
         common = {k: gen[k] for k in ("batch_size", "pad_id", "progress")}
         # the harmful side: every adapter's forward and backward pass with each layer loaded once for all;
-        # with benign_penalty, the benign prompts and the aligned model's usual refusal opening in the same pass
+        # the benign prompts with the aligned model's usual refusal opening in the same pass (scored for
+        # benign_penalty; forward only for the adaptive budget's references, whose refusal openings come
+        # from the same forward pass, as does the aligned model's own, riding along as one more stream)
         clock = time.perf_counter()
-        adaptive = config.adaptive_budget  # the aligned model rides along: its likelihood of its refusals
+        adaptive = config.adaptive_budget
         benign = self._encode(self.sets["benign"]) if adaptive or config.benign_penalty else []
-        sets = [(harmful, refusals)]
-        if config.benign_penalty and benign:
-            sets.append((benign, [refusal_openings(refusals)[1]] * len(benign)))
+        sets = [(harmful, refusals)] + ([(benign, [refusal_openings(refusals)[1]] * len(benign))] if benign else [])
         per_adapter = attribution_scores_sets(self.aligned_model, head, sets, loras + [None] * adaptive,
-                                              all_edits + [{}] * adaptive, scored, **common)
-        aligned_ll = per_adapter.pop()[0][1] if adaptive else None
+                                              all_edits + [{}] * adaptive, scored,
+                                              opening=REFUSAL_OPENING if adaptive else None,
+                                              unscored=frozenset() if config.benign_penalty else frozenset({1}),
+                                              **common)
+        aligned_side = per_adapter.pop() if adaptive else None
         mark("attribution")
         timings["attribution"] = time.perf_counter() - clock
         for run, lora, edits, per_set in zip(runs, loras, all_edits, per_adapter):
             scores = run.scores
-            (a_harmful, ll_harmful) = per_set[0]
+            a_harmful, ll_harmful, _ = per_set[0]
             scores.rows = {m.key_b: {"harmful": a_harmful[index][rel]}
                            for index in window for rel, m in run.by_layer.get(index, {}).items()}
             scores.details = {"targets_loglik": {"harmful": ll_harmful},
                               "target_tokens": {"harmful": sum(map(len, refusals))}}
-            if len(per_set) > 1:  # per harmful prompt, summed over as many: the harmful score's unit
-                a_benign, ll_benign = per_set[1]
+            if config.benign_penalty and len(per_set) > 1:  # per harmful prompt, times as many: a_i's unit
+                a_benign, ll_benign, _ = per_set[1]
                 scale = len(harmful) / len(benign)
                 for index in window:
                     for rel, m in run.by_layer.get(index, {}).items():
@@ -509,11 +512,11 @@ class Patcher:
                 scores.details["task"] = "not scored: p = 0 removes no task rows"
         if adaptive:
             clock = time.perf_counter()
-            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, benign, runs, aligned_ll,
-                                     [self._rank(run) for run in runs], config, **common)
+            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, benign, runs,
+                                     [self._rank(run) for run in runs], aligned_side, per_adapter, config, **common)
             for run, budget in zip(runs, budgets):
                 run.scores.budget = budget.rows
-                run.scores.details["targets_loglik"]["aligned"] = aligned_ll
+                run.scores.details["targets_loglik"]["aligned"] = aligned_side[0].total
                 run.scores.details["budget"] = budget.to_dict()
             mark("budget_checks")
             timings["budget_checks"] = time.perf_counter() - clock
