@@ -85,10 +85,9 @@ def init(base, aligned, adapter, out, *, harmful=None, benign=None, task=None, p
     task prompts give I^T. No dimension is applied yet: STATE/adapter is B0.
     """
     config = with_overrides(config or PatchConfig(), overrides)
-    if config.budget == "auto":  # each dimension adds its top q rows: the adaptive budget is a patch's
-        config = replace(config, budget="fixed")
-    if config.benign_penalty:  # a dimension scores its harmful prompts only: no benign refusal score to rank by
-        config = replace(config, benign_penalty=0.0)
+    # each dimension adds its top q rows by its own harmful score: the adaptive budget is a patch's, and
+    # a dimension scores no benign prompts for the benign penalty to rank by
+    config = replace(config, budget="fixed" if config.budget == "auto" else config.budget, benign_penalty=0.0)
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise MSCPError("--device cuda requested but CUDA is not available")
     out = Path(out)

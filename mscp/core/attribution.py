@@ -245,7 +245,7 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
               progress=progress, desc="forward")
         grads, totals, openings = [], [], []
         for stream, lora in zip(streams, loras):
-            openings.append(_openings(head, stream, owner, len(sets), opening) if opening else [None] * len(sets))
+            openings.append(_per_prompt(head, stream, owner, len(sets), opening) if opening else [None] * len(sets))
             g, per_batch = _target_loglik_grads(head, stream) if lora is not None else ([], _logliks(head, stream))
             grads.append(g)
             totals.append([sum(ll for ll, o in zip(per_batch, owner) if o == s) for s in range(len(sets))])
@@ -273,8 +273,10 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
             for per_set, total, opened in zip(scores, totals, openings)]
 
 
-def _openings(head: Head, stream: Stream, owner: list[int], n_sets: int, first: int) -> list[torch.Tensor]:
-    """Per set, each prompt's log-likelihood of its target's first `first` tokens (float64)."""
+def _per_prompt(head: Head, stream: Stream, owner: list[int], n_sets: int, first: int | None = None
+                ) -> list[torch.Tensor]:
+    """Per set (`owner`: each micro-batch's), each prompt's log-likelihood of its target (its first
+    `first` tokens only, if given) at the end of a stream, float64."""
     with torch.no_grad():
         rows = [_row_logliks(head, h, batch, first).double().cpu() for h, batch in zip(stream.hidden, stream.batches)]
     return [torch.cat([r for r, o in zip(rows, owner) if o == s] or [torch.zeros(0, dtype=torch.float64)])
@@ -292,9 +294,7 @@ def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targ
     observers = [LoraAdded(stream, *lora) for stream, lora in zip(streams, loras) if lora is not None]
     sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers), progress=progress,
           desc="check")
-    with torch.no_grad():
-        per_prompt = [torch.cat([_row_logliks(head, h, batch).double().cpu()
-                                 for h, batch in zip(stream.hidden, stream.batches)]) for stream in streams]
+    per_prompt = [_per_prompt(head, stream, [0] * len(batches), 1)[0] for stream in streams]
     for stream in streams:
         stream.release()
     return per_prompt

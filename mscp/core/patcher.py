@@ -523,11 +523,11 @@ class Patcher:
 
     def _rank(self, run: AdapterRun) -> dict[str, torch.Tensor]:
         """The attribution score's selection order of the run's rows (scoring.safety_rank)."""
-        keep = self.config.benign_penalty
-        if keep and any("benign_refusal" not in sc for sc in run.scores.rows.values()):
+        penalty = self.config.benign_penalty
+        if penalty and any("benign_refusal" not in sc for sc in run.scores.rows.values()):
             raise MSCPError("benign_penalty needs each row's benign refusal score, and these scores were computed "
                             "without it (score with benign_penalty > 0, or select with benign_penalty 0)")
-        return safety_rank(run.scores.rows, keep)
+        return safety_rank(run.scores.rows, penalty)
 
     def _refusals(self, head, harmful: list, gen: dict) -> list:
         """The aligned model's greedy answers to the harmful prompts: the result cache's, or generated."""

@@ -224,14 +224,13 @@ class ModelShell:
         if self._resident is not None:
             yield
             return
-        saved = self._resident
         self._resident = {"layers": {}, "left": max(int(budget_bytes), 0), "embedding": False}
         try:
             yield
         finally:
             if self._resident["embedding"]:
                 self._skeleton.to(device="meta")
-            self._resident = saved
+            self._resident = None
 
     def load_layer(self, index: int) -> nn.Module:
         """Decoder layer `index` with its checkpoint weights, on the compute device and dtype."""
