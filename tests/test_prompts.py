@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from mscp.core.prompts import (
+    by_prompt,
     default_prompts,
     encode,
     load_tokenizer,
     make_batches,
+    make_target_batches,
     read_prompts,
 )
 from mscp.errors import MSCPError
@@ -282,6 +284,31 @@ def test_last_index_points_at_the_last_real_token():
         inside = after < b.input_ids.shape[1]
         assert torch.all(b.attention_mask[rows[inside], after[inside]] == 0)
         assert torch.equal(b.attention_mask.sum(1) - 1, b.last_index)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3, 7])
+def test_target_batches_group_similar_lengths_and_by_prompt_restores_the_callers_order(batch_size):
+    g = torch.Generator().manual_seed(batch_size)
+    prompts = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 12, (11,), generator=g)]
+    targets = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 4, (11,), generator=g)]
+    batches = make_target_batches(prompts, targets, 0, batch_size, pad_id=0)
+    lengths = [int(b.attention_mask.sum(1).max()) for b in batches]
+    assert lengths == sorted(lengths)  # shortest first: a batch pads only to its own length
+    for b in batches:  # each row holds its own prompt and labels its own target
+        for row, i in enumerate(b.order.tolist()):
+            seq = prompts[i] + targets[i]
+            assert b.input_ids[row, : len(seq)].tolist() == seq
+            assert b.labels[row][b.labels[row] != -100].tolist() == targets[i]
+    per_row = [b.order.double() * 10 for b in batches]  # a figure that names its prompt
+    assert by_prompt(per_row, batches).tolist() == [10.0 * i for i in range(len(prompts))]
+
+
+def test_padding_of_target_batches_is_less_than_in_file_order():
+    prompts = [[1] * n for n in (3, 30, 4, 28, 5, 29, 6, 27)]
+    targets = [[2]] * len(prompts)
+    padded = lambda bs: sum(b.input_ids.numel() for b in bs)  # noqa: E731
+    in_file_order = make_batches([p + t for p, t in zip(prompts, targets)], [0] * 8, 2, 0)
+    assert padded(make_target_batches(prompts, targets, 0, 2, pad_id=0)) < padded(in_file_order)
 
 
 # -- fuzz findings (benchmarks/fuzz_parsers.py, docs/results/robustness.md 2026-12-06) -----------------

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from mscp.core.adapter import Adapter, LoraModule
-from mscp.core.prompts import Batch, make_target_batches
+from mscp.core.prompts import Batch, by_prompt, make_target_batches
 from mscp.core.scoring import LoraAdded, linears_of
 from mscp.core.sequential import Observer, Step, advance_with, sweep
 from mscp.core.streaming import Head, ModelShell, Stream, hooks
@@ -276,10 +276,10 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
 def _per_prompt(head: Head, stream: Stream, owner: list[int], n_sets: int, first: int | None = None
                 ) -> list[torch.Tensor]:
     """Per set (`owner`: each micro-batch's), each prompt's log-likelihood of its target (its first
-    `first` tokens only, if given) at the end of a stream, float64."""
+    `first` tokens only, if given) at the end of a stream, float64, in the set's own order."""
     with torch.no_grad():
         rows = [_row_logliks(head, h, batch, first).double().cpu() for h, batch in zip(stream.hidden, stream.batches)]
-    return [torch.cat([r for r, o in zip(rows, owner) if o == s] or [torch.zeros(0, dtype=torch.float64)])
+    return [by_prompt([r for r, o in zip(rows, owner) if o == s], [b for b, o in zip(stream.batches, owner) if o == s])
             for s in range(n_sets)]
 
 

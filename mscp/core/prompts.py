@@ -215,6 +215,7 @@ class Batch:
     last_index: torch.Tensor  # (n,) position of each prompt's last token
     group: torch.Tensor  # (n,) int64 label of each prompt's set (e.g. 0 harmful, 1 benign)
     labels: torch.Tensor | None = None  # (n, T) int64: the token at each target position, -100 elsewhere
+    order: torch.Tensor | None = None  # (n,) int64: each row's index in the list it was made from (target batches)
 
     @property
     def token_mask(self) -> torch.Tensor:
@@ -223,14 +224,29 @@ class Batch:
 
 def make_target_batches(prompts: list[list[int]], targets: list[list[int]], group: int, batch_size: int,
                         pad_id: int) -> list[Batch]:
-    """Micro-batches of prompt + target sequences whose `labels` mark the target tokens (teacher forcing)."""
+    """Micro-batches of prompt + target sequences whose `labels` mark the target tokens (teacher forcing).
+    The sequences are batched shortest first, so that each micro-batch pads to about its own length
+    (file order padded the organism's check prompts by 35 %, this order by 12 %); `order` says where
+    each row came from (by_prompt puts per-row figures back in the caller's order)."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]) + len(targets[i]), i))
+    prompts, targets = [prompts[i] for i in order], [targets[i] for i in order]
     batches = make_batches([p + t for p, t in zip(prompts, targets)], [group] * len(prompts), batch_size, pad_id)
     for start, batch in zip(range(0, len(prompts), batch_size), batches):
         labels = torch.full_like(batch.input_ids, -100)
         for row, (p, t) in enumerate(zip(prompts[start: start + batch_size], targets[start: start + batch_size])):
             labels[row, len(p): len(p) + len(t)] = torch.tensor(t, dtype=torch.int64)
         batch.labels = labels
+        batch.order = torch.tensor(order[start: start + batch_size], dtype=torch.int64)
     return batches
+
+
+def by_prompt(rows: list[torch.Tensor], batches: list[Batch]) -> torch.Tensor:
+    """Per-row figures of target micro-batches (one tensor per batch, as make_target_batches made
+    them from one list) back in that list's order."""
+    if not rows:
+        return torch.zeros(0, dtype=torch.float64)
+    values, order = torch.cat(rows), torch.cat([b.order for b in batches])
+    return torch.empty_like(values).index_copy_(0, order, values)
 
 
 def make_batches(sequences: list[list[int]], groups: list[int], batch_size: int, pad_id: int) -> list[Batch]:
