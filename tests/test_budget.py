@@ -73,6 +73,21 @@ def test_the_first_pass_probes_the_estimate_and_its_doublings():
     assert _probes(Budget(10.0, limit=300, candidates=5000, rows=100), cfg) == [100, 200, 300]  # capped at the limit
 
 
+@pytest.mark.parametrize("refine", [True, False])
+def test_without_refine_an_adapter_is_checked_again_only_while_no_count_met_both_bounds(refine):
+    from types import SimpleNamespace
+
+    from mscp.core.budget import Budget, _next_probes
+
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3, budget_refine=refine)
+    met, short, broke, lost_none = (Budget(10.0, limit=10_000, candidates=50_000, rows=100) for _ in range(4))
+    met.checks = [check(100, 0.5, 0.0), check(200, 0.7, 0.01), check(400, 0.9, 0.02)]
+    short.checks = [check(100, 0.2, 0.0), check(200, 0.3, 0.0), check(400, 0.4, 0.0)]
+    broke.checks = [check(100, 0.5, 0.0), check(200, 0.9, 0.05)]  # won back, but past the benign bound
+    lost_none.rows = 0
+    assert sorted(_next_probes([met, short, broke, lost_none], cfg)) == ([0, 1, 2] if refine else [1, 2])
+
+
 def test_later_passes_probe_inside_the_bracket_the_checks_left():
     """Above the most rows seen to win back too little, below the fewest seen to meet both (or to
     break the benign bound), evenly in log(rows); with no ceiling, up to where the trend of the two

@@ -35,6 +35,7 @@ from mscp.core.adapter import Adapter, LoraModule
 from mscp.core.prompts import Batch, by_prompt, make_target_batches
 from mscp.core.scoring import LoraAdded, linears_of
 from mscp.core.sequential import Observer, Step, advance_with, sweep
+from mscp.core.shared_prefix import shared_length, with_prefix
 from mscp.core.streaming import Head, ModelShell, Stream, hooks
 from mscp.kernels import lora_attribution
 
@@ -287,13 +288,17 @@ def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targ
                    loras: list[Lora | None], *, batch_size: int, pad_id: int, progress=None) -> list[torch.Tensor]:
     """Each target's log-likelihood (one value per prompt) under the model with each LoRA added
     (None: the model alone), from one forward pass with each layer loaded once for all of them;
-    nothing is scored."""
-    batches = make_target_batches(prompts, targets, 0, batch_size, pad_id)
-    captured = model.capture({"targets": batches})["targets"]
+    nothing is scored. The tokens every prompt opens with run once per LoRA (core/shared_prefix.py)."""
+    shared = shared_length(prompts)
+    batches = make_target_batches([p[shared:] for p in prompts], targets, 0, batch_size, pad_id)
+    captured_batches, extra = with_prefix(model, prompts[0][:shared], batches) if shared else (batches, None)
+    captured = model.capture({"targets": captured_batches}, extra and {"targets": extra})["targets"]
     streams = [captured] + [captured.copy() for _ in loras[1:]]
     observers = [LoraAdded(stream, *lora) for stream, lora in zip(streams, loras) if lora is not None]
     sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers), progress=progress,
           desc="check")
+    for stream in streams:  # the prefix's micro-batch has done its part
+        stream.hidden, stream.batches = stream.hidden[len(captured_batches) - len(batches):], batches
     per_prompt = [_per_prompt(head, stream, [0] * len(batches), 1)[0] for stream in streams]
     for stream in streams:
         stream.release()

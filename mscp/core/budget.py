@@ -20,7 +20,8 @@
    left: above the most rows seen to win back too little, below the fewest seen to meet both (or,
    failing that, to break the benign bound). With no such ceiling yet it probes up to where the
    trend of the two largest checks in log(rows) reaches `recover`, or sooner where the trend of
-   the benign rise reaches the bound.
+   the benign rise reaches the bound. With budget_refine off, an adapter is checked again only
+   while no count has met both bounds (fewer passes for more rows).
 3. The count: the fewest checked rows that meet both; else the checked count that wins back most
    while keeping the benign bound; else the fewest checked. Capped where the top rows' edits reach
    max_edit of the LoRA's parameters (the most rows any probe takes); an adapter
@@ -91,8 +92,7 @@ def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[in
     prompts, targets = harmful + benign, openings + [usual] * len(benign)
     n = len(harmful)
     for step in range(config.budget_checks):
-        probes = {j: _probes(b, config) for j, b in enumerate(budgets) if b.rows > 0}
-        patched = [(j, k) for j, counts in probes.items() for k in counts]
+        patched = [(j, k) for j, counts in _next_probes(budgets, config).items() for k in counts]
         if not patched:
             break
         ll = target_logliks(model, head, prompts, targets, [_patched(runs[j], ranks[j], k) for j, k in patched],
@@ -113,6 +113,13 @@ def _record(b: Budget, step: int, rows: int, patched: tuple, finetuned: tuple, a
                      "references": {"aligned": list(aligned), "finetuned": list(finetuned)}})
 
 
+def _next_probes(budgets: list[Budget], config) -> dict[int, list[int]]:
+    """The counts the next pass checks, per adapter (by index) still being searched: one that lost
+    something, and (budget_refine off) whose checks have not yet met both bounds."""
+    return {j: _probes(b, config) for j, b in enumerate(budgets)
+            if b.rows > 0 and (config.budget_refine or not _sorted(b, config)[1])}
+
+
 def _probes(b: Budget, config) -> list[int]:
     """The counts the next pass checks (module doc, step 2): new ones only, within [1, limit]."""
     n = config.budget_probes
@@ -120,11 +127,9 @@ def _probes(b: Budget, config) -> list[int]:
     if not b.checks:
         wanted = [b.rows * 2 ** i for i in range(n)]
     else:
-        kept = [c for c in b.checks if c["benign_refusal_rise"] <= config.max_over_refusal]
+        kept, met, broke = _sorted(b, config)
         low = max((c["rows"] for c in kept if c["won_back"] < config.recover), default=0)
-        met = [c["rows"] for c in kept if c["won_back"] >= config.recover]
-        broke = [c["rows"] for c in b.checks if c["benign_refusal_rise"] > config.max_over_refusal]
-        ceiling = min(met) if met else min(broke) if broke else None
+        ceiling = min(c["rows"] for c in met or broke) if met or broke else None
         if ceiling is not None:  # inside (low, ceiling), evenly in log(rows); from 0: evenly
             wanted = ([low * (ceiling / low) ** (i / (n + 1)) for i in range(1, n + 1)] if low > 0
                       else [ceiling * i / (n + 1) for i in range(1, n + 1)])
@@ -137,6 +142,14 @@ def _probes(b: Budget, config) -> list[int]:
             goal = top["rows"] * 2 ** (min(max(1.1 * doublings, 0.5), 2.0 * n) if math.isfinite(doublings) else n)
             wanted = [top["rows"] * (goal / top["rows"]) ** (i / n) for i in range(1, n + 1)]
     return sorted({min(max(1, round(k)), b.limit) for k in wanted} - seen)
+
+
+def _sorted(b: Budget, config) -> tuple[list[dict], list[dict], list[dict]]:
+    """b's checks that kept the benign bound, those of them that also won back `recover`, and those
+    that broke the benign bound."""
+    kept = [c for c in b.checks if c["benign_refusal_rise"] <= config.max_over_refusal]
+    broke = [c for c in b.checks if c["benign_refusal_rise"] > config.max_over_refusal]
+    return kept, [c for c in kept if c["won_back"] >= config.recover], broke
 
 
 def _doublings_to(below: dict, top: dict, figure: str, goal: float) -> float:
@@ -163,8 +176,7 @@ def _conclude(b: Budget, config) -> None:
     if not b.checks:
         b.why += " (capped at max_edit)" if b.rows == b.limit and b.rows else ""
         return
-    kept = [c for c in b.checks if c["benign_refusal_rise"] <= config.max_over_refusal]
-    met = [c for c in kept if c["won_back"] >= config.recover]
+    kept, met, _ = _sorted(b, config)
     if met:
         best = min(met, key=lambda c: c["rows"])
         b.rows, b.why = best["rows"], (f"the fewest checked rows that win back {config.recover:g} of the refusals "

@@ -112,6 +112,9 @@ class PatchConfig:
                                 "benign refusals added) and narrow the next ones (0: the first-order estimate alone)")
     budget_probes: int = option(3, "adaptive budget: counts each check pass measures per adapter, in the same "
                                 "pass (more compute, no more weight reads)")
+    budget_refine: bool = option(False, "adaptive budget: a pass after one that found a count meeting both bounds "
+                                 "looks for fewer rows below it (off: only adapters with no such count are checked "
+                                 "again; fewer passes, more rows)")
     benign_penalty: float = option(0.3, "attribution: rank rows by the harmful score less this weight times the rise "
                                    "their edit brings to a refusal's likelihood on the benign prompts (scored in the "
                                    "same pass; 0: not scored)")
@@ -164,7 +167,7 @@ class PatchConfig:
         for name in ("rho", "q", "p", "alpha", "recover", "max_edit", "max_over_refusal", "benign_penalty"):
             value = getattr(self, name)
             check(_finite_number(value), f"{name} must be a finite number, got {value!r:.60}")
-        for name in ("chat_template", "allow_pickle", "hash_inputs", "progress"):  # "no" would be true
+        for name in ("chat_template", "allow_pickle", "hash_inputs", "progress", "budget_refine"):  # "no" would be true
             value = getattr(self, name)
             check(isinstance(value, bool), f"{name} must be True or False, got {value!r:.60}")
         check(0 < self.rho <= 1, f"rho must be in (0, 1], got {self.rho}")

@@ -132,7 +132,8 @@ class ModelShell:
         """Run the embedding and everything before the first layer; record each layer's inputs.
 
         One `Stream` per prompt set; the embedding is loaded once and dropped afterwards. `extra`:
-        per set, per micro-batch, more arguments of the model's forward (a KV cache, position ids).
+        per set, per micro-batch, more arguments of the model's forward (a KV cache, position ids, a
+        wider attention mask).
         """
         sink: list = []
         skeleton = self._skeleton
@@ -153,8 +154,9 @@ class ModelShell:
                     for k, batch in enumerate(batches):
                         sink.clear()
                         more = (extra or {}).get(name, [{}] * len(batches))[k]
-                        skeleton(input_ids=batch.input_ids.to(self.device),
-                                 attention_mask=batch.attention_mask.to(self.device), **({"use_cache": False} | more))
+                        skeleton(**({"input_ids": batch.input_ids.to(self.device),
+                                     "attention_mask": batch.attention_mask.to(self.device), "use_cache": False}
+                                    | self._on_device(more)))
                         if len(sink) != self.n_layers:
                             raise MSCPError(f"{self.label}: captured {len(sink)} of {self.n_layers} layers' inputs")
                         stream.hidden.append(sink[0][1].to(self.dtype))
