@@ -63,14 +63,16 @@ def check(rows, won, rise, step=0):
     return {"pass": step, "rows": rows, "won_back": won, "benign_refusal_rise": rise}
 
 
-def test_the_first_pass_probes_the_estimate_and_its_doublings():
+def test_the_first_pass_probes_evenly_in_log_rows_above_the_estimate_up_to_four_times_it():
     from types import SimpleNamespace
 
     from mscp.core.budget import Budget, _probes
 
     cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3)
-    assert _probes(Budget(10.0, limit=1000, candidates=5000, rows=100), cfg) == [100, 200, 400]
-    assert _probes(Budget(10.0, limit=300, candidates=5000, rows=100), cfg) == [100, 200, 300]  # capped at the limit
+    assert _probes(Budget(10.0, limit=1000, candidates=5000, rows=100), cfg) == [159, 252, 400]
+    assert _probes(Budget(10.0, limit=300, candidates=5000, rows=100), cfg) == [159, 252, 300]  # capped at the limit
+    cfg.budget_probes = 2
+    assert _probes(Budget(10.0, limit=1000, candidates=5000, rows=100), cfg) == [200, 400]
 
 
 @pytest.mark.parametrize("refine", [True, False])

@@ -15,7 +15,8 @@
        benign     P_patched - P_aligned on the benign prompts, P = the mean probability of the
                   aligned model's most common refusal opening there: how much more likely the
                   patched model is to refuse a benign request than the aligned model.
-   The first pass probes k0, 2 k0, 4 k0, ... (the first-order estimate falls short: curvature).
+   The first pass probes counts evenly in log(rows) up to 4 k0, k0 4^(j/n) for j = 1..n (the
+   first-order estimate falls 2-4x short: curvature).
    Each later pass probes counts spaced evenly in log(rows) inside the bracket the checks so far
    left: above the most rows seen to win back too little, below the fewest seen to meet both (or,
    failing that, to break the benign bound). With no such ceiling yet it probes up to where the
@@ -124,8 +125,8 @@ def _probes(b: Budget, config) -> list[int]:
     """The counts the next pass checks (module doc, step 2): new ones only, within [1, limit]."""
     n = config.budget_probes
     seen = {c["rows"] for c in b.checks}
-    if not b.checks:
-        wanted = [b.rows * 2 ** i for i in range(n)]
+    if not b.checks:  # above the first-order estimate, which fell 2-4x short on every fine-tune
+        wanted = [b.rows * 4 ** (i / n) for i in range(1, n + 1)]
     else:
         kept, met, broke = _sorted(b, config)
         low = max((c["rows"] for c in kept if c["won_back"] < config.recover), default=0)

@@ -1,7 +1,7 @@
 """A prefix every prompt shares, run once per stream instead of once per prompt.
 
-A chat template opens every prompt with the same tokens (SmolLM2's default system prompt is 31 of
-the organism's 50-token mean). In a teacher-forced forward pass without gradients (the budget's
+A chat template opens every prompt with the same tokens (SmolLM2's default system prompt: 24 of
+the organism's 44-token mean). In a teacher-forced forward pass without gradients (the budget's
 checks) those tokens' keys and values are the same for every prompt of a stream, so the stream runs
 them once, as its first micro-batch, and every other micro-batch holds only its own tokens and
 attends to the prefix's keys and values. Exact up to float rounding (tests/test_shared_prefix.py:
