@@ -21,8 +21,8 @@
    left: above the most rows seen to win back too little, below the fewest seen to meet both (or,
    failing that, to break the benign bound). With no such ceiling yet it probes up to where the
    trend of the two largest checks in log(rows) reaches `recover`, or sooner where the trend of
-   the benign rise reaches the bound. With budget_refine off, an adapter is checked again only
-   while no count has met both bounds (fewer passes for more rows).
+   the benign rise reaches the bound. With budget_refine off (the default), an adapter is checked
+   again only while no count has met both bounds (fewer passes for more rows).
 3. The count: the fewest checked rows that meet both; else the checked count that wins back most
    while keeping the benign bound; else the fewest checked. Capped where the top rows' edits reach
    max_edit of the LoRA's parameters (the most rows any probe takes); an adapter

@@ -108,8 +108,9 @@ class PatchConfig:
                                      "the benign prompts)")
     max_edit: float = option(0.05, "adaptive budget: the most it may edit, as a fraction of the LoRA's parameters "
                              "(the paper's bound: 5 percent)")
-    budget_checks: int = option(2, "adaptive budget: forward passes that measure proposed counts (refusals won back, "
-                                "benign refusals added) and narrow the next ones (0: the first-order estimate alone)")
+    budget_checks: int = option(2, "adaptive budget: the most forward passes that measure proposed counts (refusals "
+                                "won back, benign refusals added) and narrow the next ones (0: the first-order "
+                                "estimate alone)")
     budget_probes: int = option(3, "adaptive budget: counts each check pass measures per adapter, in the same "
                                 "pass (more compute, no more weight reads)")
     budget_refine: bool = option(False, "adaptive budget: a pass after one that found a count meeting both bounds "

@@ -1,0 +1,83 @@
+"""Can adapters share the attribution pass's gradients? (issue 22, item 3)
+
+    python experiments/shared_gradients.py --finetunes benign harmful-32 --json shared.json
+
+The attribution score of row i is s sum_tokens grad(y)_i (E_i A x): each adapter's own forward and
+backward pass gives grad(y) and x. Shared, they would come from one pass of the aligned model
+alone, and each adapter would add only its own A x and edits E: K adapters for about the cost of
+one. This measures whether the repair survives that, on the organism: for each fine-tune, the
+same number of rows (the package default's count for it, from its report) is selected both ways
+with the fixed budget (q = rows / candidate rows, benign penalty as the default), patched on the
+localisation prompts and judged on them (keyword judge). "own" is today's score; "shared" runs the
+pass with the adapter's lora_B set to zero (the aligned model) and keeps its true edits.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+import mscp.core.patcher as patcher
+from mscp import PatchConfig, patch
+from mscp.core.adapter import Adapter
+from mscp.harness.evaluate import evaluate
+from mscp.harness.organism import OrganismConfig, build
+
+REAL = patcher.attribution_scores_sets
+
+
+def aligned_gradients(model, head, sets, loras, edits, scored, **kw):
+    """attribution_scores_sets with every LoRA's B zeroed for the pass (the aligned model's
+    gradients and activations), each adapter's edits kept."""
+    zeroed = [None if lora is None else (Adapter(lora[0].config, {k: torch.zeros_like(t) if "lora_B" in k
+                                                                  else t for k, t in lora[0].tensors.items()}),
+                                         lora[1]) for lora in loras]
+    return REAL(model, head, sets, zeroed, edits, scored, **kw)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--finetunes", nargs="+", default=["benign", "harmful-32"])
+    ap.add_argument("--json", type=Path, required=True)
+    a = ap.parse_args()
+    org = build(None, OrganismConfig(), finetunes=tuple(a.finetunes), progress=False)
+    sp = org.splits
+    files = dict(harmful=sp / "harmful_localize.txt", benign=sp / "benign_localize.txt", task=sp / "task_localize.txt")
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in a.finetunes:
+            default = patch(org.base, org.aligned, org.finetuned(name), harmful=[files["harmful"]],
+                            benign=files["benign"], task=files["task"], config=PatchConfig(hash_inputs=False),
+                            cache=org.patch_cache)
+            budget = default.report["score_details"]["budget"]
+            q = budget["rows"] / budget["candidate_rows"]
+            fixed = PatchConfig(hash_inputs=False, budget="fixed", q=q)
+            row = {"rows": budget["rows"], "q": q}
+            selected = {}
+            for way in ("own", "shared"):
+                patcher.attribution_scores_sets = REAL if way == "own" else aligned_gradients
+                try:
+                    res = patch(org.base, org.aligned, org.finetuned(name), harmful=[files["harmful"]],
+                                benign=files["benign"], task=files["task"], config=fixed)
+                finally:
+                    patcher.attribution_scores_sets = REAL
+                folder = Path(tmp) / f"{name}-{way}"
+                res.save(folder)
+                selected[way] = {(k, r) for k, m in res.report["modules"].items() for r in m["rows"]}
+                figures = evaluate(org.aligned, folder, **files, judge="keyword", max_new_tokens=org.config.eval_tokens,
+                                   batch_size=org.config.gen_batch, progress=False, keep_responses=False,
+                                   cache=org.responses)
+                row[way] = {"edited_rows": len(selected[way]), "edit_fraction": res.report["edit_fraction"],
+                            **{k: figures[k] for k in ("keyword_asr", "over_refusal", "task_accuracy")}}
+            both = selected["own"] & selected["shared"]
+            row["overlap"] = len(both) / max(1, len(selected["own"] | selected["shared"]))
+            out[name] = row
+            print(name, json.dumps(row), flush=True)
+            a.json.write_text(json.dumps(out, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
