@@ -46,6 +46,7 @@ def main() -> None:
     org = build(None, OrganismConfig(), finetunes=tuple(a.finetunes), progress=False)
     sp = org.splits
     files = dict(harmful=sp / "harmful_localize.txt", benign=sp / "benign_localize.txt", task=sp / "task_localize.txt")
+    judged = {**files, "task": sp / "task_localize.jsonl"}  # with the answers: task accuracy
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.finetunes:
@@ -67,7 +68,7 @@ def main() -> None:
                 folder = Path(tmp) / f"{name}-{way}"
                 res.save(folder)
                 selected[way] = {(k, r) for k, m in res.report["modules"].items() for r in m["rows"]}
-                figures = evaluate(org.aligned, folder, **files, judge="keyword", max_new_tokens=org.config.eval_tokens,
+                figures = evaluate(org.aligned, folder, **judged, judge="keyword", max_new_tokens=org.config.eval_tokens,
                                    batch_size=org.config.gen_batch, progress=False, keep_responses=False,
                                    cache=org.responses)
                 row[way] = {"edited_rows": len(selected[way]), "edit_fraction": res.report["edit_fraction"],
