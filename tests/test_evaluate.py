@@ -171,13 +171,13 @@ def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
     grid = {"mscp:wanda": [dict(q=0.2, p=0.0, window="sigma"), dict(q=0.5, p=0.0, window="sigma")],
             "mscp:attribution": [dict(q=0.05, p=0.0, window="all"), dict(q=0.05, p=0.05, window="all", keep="task+benign")],
             "mscp:wanda_weight": [dict(q=0.3, p=0.0, window="sigma")],
-            "safe_lora": [dict(tau=0.5), dict(modules=0.1)], "drop_safety_layers": [dict(window="sigma")],
-            "wanda_zero": [dict(q=0.3, p=0.3, window="sigma")]}
+            "mscp_default": [{}], "safe_lora": [dict(tau=0.5), dict(modules=0.1)],
+            "drop_safety_layers": [dict(window="sigma")], "wanda_zero": [dict(q=0.3, p=0.3, window="sigma")]}
     r = run_pareto(tmp_path / "pa", cache=org.root.parent / "cache", grid=grid, max_new_tokens=2, judge="keyword",
                    progress=False, organism_cfg=OrganismConfig(**TINY), base_dir=base, finetune="benign",
                    config=PatchConfig(progress=False, batch_size=4, target_tokens=2, hash_inputs=False))
     saved = json.loads((tmp_path / "pa" / "pareto.json").read_text())
-    assert saved["points"] == r["points"] and len(r["points"]) == 9
+    assert saved["points"] == r["points"] and len(r["points"]) == 10
     for p in r["points"]:
         assert {"method", "params", "keyword_asr", "judge_refusal_rate", "over_refusal", "task_accuracy",
                 "edit_fraction", "localisation"} <= set(p)
@@ -185,6 +185,9 @@ def test_pareto_on_the_tiny_organism(tiny_organism, tmp_path):  # noqa: F811
         assert (tmp_path / "pa" / "adapters" / p["point"] / "adapter_model.safetensors").is_file()
     efs = {p["point"]: p["edit_fraction"] for p in r["points"]}
     assert efs["mscp-wanda_q0.5_p0.0_windowsigma"] >= efs["mscp-wanda_q0.2_p0.0_windowsigma"] > 0
+    default = json.loads((tmp_path / "pa" / "adapters" / "mscp_default_" / "mscp_report.json").read_text())
+    assert "budget" in default["score_details"]  # the adaptive budget chose its rows, as `mscp patch` does
+    assert efs["mscp_default_"] == pytest.approx(default["edit_fraction"])
     assert set(r["chosen"]) == set(grid) and r["finetuned"]["edit_fraction"] == 0.0
     assert set(r["fronts"]) == {"mscp:wanda", "mscp:attribution", "mscp:wanda_weight"}  # each against Safe LoRA
     assert r["windows"]["all"] == list(range(4))

@@ -183,6 +183,11 @@ def _mscp(bench: Bench, params: dict, out: Path) -> float:
     return fraction
 
 
+def _mscp_default(bench: Bench, params: dict, out: Path) -> float:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)  # patch writes OUT, never its parents
+    return patch_on_localisation(bench.org, bench.adapter, bench.config, out).report["edit_fraction"]
+
+
 def _safe_lora(bench: Bench, params: dict, out: Path) -> float:
     from mscp.harness import baselines
 
@@ -216,6 +221,8 @@ def _wanda_zero(bench: Bench, params: dict, out: Path) -> float:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("mscp", ("score", "q", "p", "window", "keep"),
            "MSCP: the selected lora_B rows projected onto the safety direction", _mscp),
+    Method("mscp_default", (), "MSCP with the package defaults, as `mscp patch` runs it: the adaptive budget "
+           "chooses each adapter's row count", _mscp_default),
     Method("safe_lora", ("tau", "modules"),
            "Safe LoRA: whole modules projected where cos(C dW, dW) < tau, or the given share of modules", _safe_lora),
     Method("csulora", ("energy", "lam"),

@@ -32,6 +32,7 @@ GRID: dict[str, list[dict]] = {
     + [dict(q=0.3, p=0.0, window="all")],
     "mscp:attribution": [dict(q=q, p=0.0, window="all") for q in (0.0025, 0.005, 0.01, 0.02, 0.05)]
     + [dict(q=q, p=0.0, window="sigma") for q in (0.01, 0.05)] + [dict(q=0.02, p=0.02, window="all")],
+    "mscp_default": [{}],  # one point: its budget is chosen per adapter, not set
     "safe_lora": [dict(tau=t) for t in (0.35, 0.5, 0.6)] + [dict(modules=0.1)],
     # lam around its default 4 at the default energy, and one smaller subspace (not tuned)
     "csulora": [dict(energy=0.9, lam=lam) for lam in (1.0, 4.0, 16.0)] + [dict(energy=0.5, lam=4.0)],
