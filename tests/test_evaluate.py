@@ -369,6 +369,20 @@ def _front_result(points):
                         "edit_fraction": ef} for i, (m, asr, task, ef) in enumerate(points)]}
 
 
+def test_the_table_names_each_methods_chosen_point_and_a_method_of_one_point_without_parameters():
+    from mscp.harness.pareto import format_table
+
+    figures = dict(keyword_asr=0.17, judge_refusal_rate=0.9, over_refusal=0.083, task_accuracy=0.983)
+    reference = {**figures, "edit_fraction": None}
+    r = {"aligned": reference, "finetuned": reference, "chosen": {"mscp_default": "d", "safe_lora": "s", "csulora": None},
+         "points": [{"point": "d", "params": {}, "edit_fraction": 0.0136, **figures},
+                    {"point": "s", "params": {"tau": 0.5}, "edit_fraction": 0.49, **figures}]}
+    lines = format_table(r).splitlines()
+    assert lines[4] == "| mscp_default | its one point (no parameters) | 17.0 | 90.0 | 8.3 | 98.3 | 1.36 |"
+    assert lines[5].startswith("| safe_lora | tau 0.5 | 17.0 |")
+    assert lines[6] == "| csulora | no point keeps the task and over-refusal bounds | | | | | |"
+
+
 def test_a_front_is_above_another_when_every_point_with_the_task_kept_is_matched():
     from mscp.harness.pareto import front_comparison
 

@@ -188,7 +188,7 @@ def format_table(result: dict) -> str:
             lines.append(f"| {method} | no point keeps the task and over-refusal bounds | | | | | |")
             continue
         r = by_name[point]
-        params = ", ".join(f"{k} {v}" for k, v in r["params"].items())
+        params = ", ".join(f"{k} {v}" for k, v in r["params"].items()) or "its one point (no parameters)"
         lines.append(f"| {method} | {params} | {pct(r['keyword_asr'])} | {pct(r['judge_refusal_rate'])} | "
                      f"{pct(r['over_refusal'])} | {pct(r['task_accuracy'])} | {100 * r['edit_fraction']:.2f} |")
     return "\n".join(lines)
