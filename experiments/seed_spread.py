@@ -40,7 +40,6 @@ def main() -> None:
             rows.append({"seed": seed, "model": name, **{k: ft[k] for k in KEYS}})
             clock = time.time()
             out = Path(args.work) / f"seed{seed}-{name}"
-            out.parent.mkdir(parents=True, exist_ok=True)  # patch writes OUT, never its parents
             res = patch_on_localisation(org, org.finetuned(name), config, out)
             sp = org.splits
             r = evaluate(org.aligned, out, harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",

@@ -62,24 +62,26 @@ class Budget:
                 "candidate_rows": self.candidates, "checks": self.checks, "why": self.why}
 
 
-def refusal_openings(refusals: list[list[int]]) -> tuple[list[list[int]], list[int]]:
-    """Each refusal's opening (its first REFUSAL_OPENING tokens) and the most common one: the target
-    whose probability on a benign prompt says how likely the model is to refuse it."""
-    openings = [r[:REFUSAL_OPENING] for r in refusals]
-    return openings, list(Counter(map(tuple, openings)).most_common(1)[0][0])
+def benign_refusal_targets(refusals: list[list[int]], n: int) -> list[list[int]]:
+    """The targets of n benign prompts: the most common opening (first REFUSAL_OPENING tokens) of
+    the aligned model's refusals, whose probability on a benign prompt says how likely the model is
+    to refuse it."""
+    usual = Counter(tuple(r[:REFUSAL_OPENING]) for r in refusals).most_common(1)[0][0]
+    return [list(usual)] * n
 
 
-def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[int]], benign: list[list[int]],
-                   runs: list, ranks: list[dict], aligned: list, finetuned: list[list], config, *, batch_size: int,
-                   pad_id: int, progress=None) -> list[Budget]:
-    """Each run's Budget. runs: the patcher's AdapterRuns, their harmful scores, fine-tuned
-    log-likelihood and every row's projection already computed by the attribution pass; ranks: each
-    run's selection order (scoring.safety_rank); aligned, finetuned (per run): the attribution
-    pass's SetScores of the aligned model and of each fine-tuned one on [harmful, benign], whose
-    refusal openings are the checks' references."""
+def choose_budgets(model, head, sets: list[tuple[list[list[int]], list[list[int]]]], runs: list, ranks: list[dict],
+                   aligned: list, finetuned: list[list], config, *, batch_size: int, pad_id: int,
+                   progress=None) -> list[Budget]:
+    """Each run's Budget. sets: the attribution pass's [(harmful prompts, the aligned model's
+    refusals), (benign prompts, benign_refusal_targets)]; runs: the patcher's AdapterRuns, their
+    harmful scores, fine-tuned log-likelihood and every row's projection already computed by that
+    pass; ranks: each run's selection order (scoring.safety_rank); aligned, finetuned (per run): the
+    pass's SetScores of the aligned model and of each fine-tuned one on `sets`, whose refusal
+    openings are the checks' references."""
     aligned_ll = aligned[0].total
-    reference = _probabilities(*aligned)
-    references = [_probabilities(*sets) for sets in finetuned]
+    reference = _probabilities(*(each.opening for each in aligned))
+    references = [_probabilities(*(each.opening for each in per_set)) for per_set in finetuned]
     budgets = []
     for run, rank in zip(runs, ranks):
         harmful_scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
@@ -89,8 +91,8 @@ def choose_budgets(model, head, harmful: list[list[int]], refusals: list[list[in
         b.rows = rows_for_gain(harmful_scores, lost, b.limit, rank=rank)  # the first proposal closes all of `lost`
         b.why = ("the fine-tune lost none of the refusals' likelihood" if lost <= 0 else "first-order estimate")
         budgets.append(b)
-    openings, usual = refusal_openings(refusals)
-    prompts, targets = harmful + benign, openings + [usual] * len(benign)
+    (harmful, refusals), (benign, benign_targets) = sets[0], sets[1] if len(sets) > 1 else ([], [])
+    prompts, targets = harmful + benign, [r[:REFUSAL_OPENING] for r in refusals] + benign_targets
     n = len(harmful)
     for step in range(config.budget_checks):
         patched = [(j, k) for j, counts in _next_probes(budgets, config).items() for k in counts]
@@ -191,10 +193,9 @@ def _conclude(b: Budget, config) -> None:
         b.why = f"every checked count raised benign refusals above the bound; the fewest checked, {b.rows} rows"
 
 
-def _probabilities(harmful, benign=None) -> tuple[float, float]:
+def _probabilities(harmful: torch.Tensor, benign: torch.Tensor | None = None) -> tuple[float, float]:
     """(mean probability of the refusal openings on the harmful prompts, on the benign prompts),
-    from per-prompt log-likelihoods (a SetScores' `opening`, or a tensor)."""
-    harmful, benign = (getattr(x, "opening", x) for x in (harmful, benign))
+    from per-prompt log-likelihoods."""
     mean = lambda ll: float(ll.exp().mean()) if ll is not None and ll.numel() else 0.0  # noqa: E731
     return mean(harmful), mean(benign)
 

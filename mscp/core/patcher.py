@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model, layer_index
 from mscp.core.attribution import attribution_scores, attribution_scores_sets, greedy_answers
-from mscp.core.budget import REFUSAL_OPENING, choose_budgets, refusal_openings
+from mscp.core.budget import REFUSAL_OPENING, benign_refusal_targets, choose_budgets
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
 from mscp.core.config import PatchConfig
@@ -470,7 +470,7 @@ class Patcher:
         clock = time.perf_counter()
         adaptive = config.adaptive_budget
         benign = self._encode(self.sets["benign"]) if adaptive or config.benign_penalty else []
-        sets = [(harmful, refusals)] + ([(benign, [refusal_openings(refusals)[1]] * len(benign))] if benign else [])
+        sets = [(harmful, refusals)] + ([(benign, benign_refusal_targets(refusals, len(benign)))] if benign else [])
         per_adapter = attribution_scores_sets(self.aligned_model, head, sets, loras + [None] * adaptive,
                                               all_edits + [{}] * adaptive, scored,
                                               opening=REFUSAL_OPENING if adaptive else None,
@@ -512,8 +512,8 @@ class Patcher:
                 scores.details["task"] = "not scored: p = 0 removes no task rows"
         if adaptive:
             clock = time.perf_counter()
-            budgets = choose_budgets(self.aligned_model, head, harmful, refusals, benign, runs,
-                                     [self._rank(run) for run in runs], aligned_side, per_adapter, config, **common)
+            budgets = choose_budgets(self.aligned_model, head, sets, runs, [self._rank(run) for run in runs],
+                                     aligned_side, per_adapter, config, **common)
             for run, budget in zip(runs, budgets):
                 run.scores.budget = budget.rows
                 run.scores.details["targets_loglik"]["aligned"] = aligned_side[0].total

@@ -34,22 +34,15 @@ def shared_length(prompts: list[list[int]]) -> int:
     return n if n >= MIN_SHARED else 0
 
 
-class _Holder:
-    """The current stream's prefix keys and values, per layer."""
-
-    def __init__(self):
-        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 class _Recorder(DynamicCache):
     """The prefix micro-batch's cache: keeps each layer's keys and values in the holder."""
 
-    def __init__(self, config, holder: _Holder):
+    def __init__(self, config, holder: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         super().__init__(config=config)
-        self.holder = holder
+        self.holder = holder  # layer -> the current stream's prefix keys and values
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        self.holder.kv[layer_idx] = (key_states, value_states)
+        self.holder[layer_idx] = (key_states, value_states)
         return key_states, value_states
 
 
@@ -57,7 +50,8 @@ class _Reader(DynamicCache):
     """A later micro-batch's cache: the holder's prefix in front of its own keys and values. It is
     made `length` tokens long (placeholders) so the model builds positions and masks past the prefix."""
 
-    def __init__(self, config, holder: _Holder, rows: int, length: int, n_layers: int, device):
+    def __init__(self, config, holder: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: int, length: int,
+                 n_layers: int, device):
         super().__init__(config=config)
         self.holder = holder
         placeholder = torch.zeros(1, 1, 1, 1, device=device).expand(rows, 1, length, 1)
@@ -65,7 +59,7 @@ class _Reader(DynamicCache):
             super().update(placeholder, placeholder, i)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        k, v = self.holder.kv[layer_idx]
+        k, v = self.holder[layer_idx]
         rows = key_states.shape[0]
         return (torch.cat([k.expand(rows, -1, -1, -1), key_states], dim=-2),
                 torch.cat([v.expand(rows, -1, -1, -1), value_states], dim=-2))
@@ -74,14 +68,13 @@ class _Reader(DynamicCache):
 def with_prefix(model, prefix: list[int], batches: list[Batch]) -> tuple[list[Batch], list[dict]]:
     """The micro-batches to capture (the prefix's first, then `batches`, which hold what follows it)
     and each one's extra forward arguments (model.capture's `extra`)."""
-    holder = _Holder()
+    holder: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     ids = torch.tensor([prefix], dtype=torch.int64)
     ones = torch.ones_like(ids)
-    head = Batch(ids, ones, torch.tensor([len(prefix) - 1]), torch.zeros(1, dtype=torch.int64))
+    opening = Batch(ids, ones, torch.tensor([len(prefix) - 1]), torch.zeros(1, dtype=torch.int64))
     extra = [{"cache": _Recorder(model.config, holder), "use_cache": True}]
     for b in batches:  # the 2-d mask covers the prefix too; positions continue after it
-        extra.append({"cache": _Reader(model.config, holder, len(b.input_ids), len(prefix), model.n_layers,
-                                               model.device),
-                      "use_cache": True,
-                      "attention_mask": torch.cat([ones.expand(len(b.input_ids), -1), b.attention_mask], dim=1)})
-    return [head] + batches, extra
+        rows = len(b.input_ids)
+        extra.append({"cache": _Reader(model.config, holder, rows, len(prefix), model.n_layers, model.device),
+                      "use_cache": True, "attention_mask": torch.cat([ones.expand(rows, -1), b.attention_mask], dim=1)})
+    return [opening] + batches, extra

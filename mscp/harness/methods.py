@@ -32,6 +32,8 @@ def patch_on_localisation(org, adapter: Path, config, out, *, keep_benign: bool 
     from mscp.harness.organism import task_of
 
     sp = org.splits
+    if out is not None:  # patch writes OUT, never its parents
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
     task = [org.task_file("localize", task_of(adapter), ext="txt")] + ([sp / "benign_localize.txt"] if keep_benign else [])
     return patch(org.base, org.aligned, adapter, out, harmful=[sp / "harmful_localize.txt"],
                  benign=sp / "benign_localize.txt", task=task, config=config, overwrite=out is not None,
@@ -184,7 +186,6 @@ def _mscp(bench: Bench, params: dict, out: Path) -> float:
 
 
 def _mscp_default(bench: Bench, params: dict, out: Path) -> float:
-    Path(out).parent.mkdir(parents=True, exist_ok=True)  # patch writes OUT, never its parents
     return patch_on_localisation(bench.org, bench.adapter, bench.config, out).report["edit_fraction"]
 
 
