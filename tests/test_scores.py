@@ -169,6 +169,50 @@ def test_two_sets_in_one_pass_each_score_what_they_score_alone_in_float64(attrib
         assert scores == {} and total == pytest.approx(float(alone.sum()), rel=1e-6)
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_model_alone_runs_only_the_sets_it_is_given_and_measures_them_as_over_all(attribution_case, batch_size):
+    """`alone`: the aligned model's stream runs only those sets (the adaptive budget's benign
+    reference); what it measures there is what it measures running every set; the others are None."""
+    from mscp.core.attribution import attribution_scores_sets
+
+    trio, prompts, targets, ad, by_layer, scored, edits = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned", dtype="float64")
+    sets = [(prompts[:3], targets[:3]), (prompts[3:], targets[3:])]
+    run = dict(batch_size=batch_size, pad_id=0, opening=2)
+    full = attribution_scores_sets(shell, shell.head(), sets, [(ad, by_layer), None], [edits, {}], scored, **run)
+    apart = attribution_scores_sets(shell, shell.head(), sets, [(ad, by_layer), None], [edits, {}], scored,
+                                    alone=frozenset({1}), **run)
+    assert apart[1][0] is None
+    assert apart[1][1].total == pytest.approx(full[1][1].total, rel=1e-12)
+    torch.testing.assert_close(apart[1][1].opening, full[1][1].opening, rtol=1e-12, atol=1e-12)
+    for mine, theirs in zip(apart[0], full[0]):  # the adapter's stream still runs every set
+        assert mine.total == pytest.approx(theirs.total, rel=1e-12)
+        for index in scored:
+            for rel in mine.scores[index]:
+                torch.testing.assert_close(mine.scores[index][rel], theirs.scores[index][rel], rtol=1e-12, atol=1e-12)
+
+
+# both take the softmax in float32 (attribution._token_logliks): ~1e-6 nats apart in a float64 model
+@pytest.mark.parametrize("dtype, rtol", [("float64", 1e-7), ("float32", 1e-4)])
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_the_log_likelihood_taken_while_answering_is_a_teacher_forced_pass(attribution_case, dtype, rtol, batch_size):
+    """scored_greedy_answers: each answer token's log-likelihood, read off the logits that chose it
+    (left-padded prompts, KV cache), is what a teacher-forced pass over prompt + answer gives."""
+    from mscp.core.attribution import scored_greedy_answers
+
+    trio, prompts, _, ad, by_layer, _, _ = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned", dtype=dtype)
+    for lora in (None, (ad, by_layer)):
+        answers, logliks = scored_greedy_answers(shell, shell.head(), prompts, 6, eos={2}, batch_size=batch_size,
+                                                 pad_id=0, lora=lora)
+        assert [len(a) for a in answers] == [len(ll) for ll in logliks]
+        assert answers == greedy_answers(shell, shell.head(), prompts, 6, eos={2}, batch_size=batch_size, pad_id=0,
+                                         lora=lora)
+        forced = target_logliks(shell, shell.head(), prompts, answers, [lora], batch_size=batch_size, pad_id=0)[0]
+        assert [sum(ll) for ll in logliks] == pytest.approx(forced.tolist(), rel=rtol)
+        assert all(x <= 0 for ll in logliks for x in ll)
+
+
 def test_attribution_leaves_no_scratch_files(attribution_case, tmp_path):
     trio, prompts, targets, ad, by_layer, scored, edits = attribution_case
     shell = ModelShell(trio["aligned"], label="aligned")

@@ -49,16 +49,28 @@ def greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_to
     pass over the layers per token, each layer keeping its own KV cache, prompts left-padded.
     Layers stay loaded across tokens up to `resident_bytes` (ModelShell.resident): a model that
     fits is read once, not once per token; the answers are the same either way."""
+    return scored_greedy_answers(model, head, prompts, n_tokens, eos=eos, batch_size=batch_size, pad_id=pad_id,
+                                 lora=lora, progress=progress, resident_bytes=resident_bytes)[0]
+
+
+def scored_greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_tokens: int, *,
+                          eos: set[int], batch_size: int, pad_id: int, lora: Lora | None = None, progress=None,
+                          resident_bytes: int = 0) -> tuple[list[list[int]], list[list[float]]]:
+    """`greedy_answers`, and the log-likelihood of each answer token under the model that chose it,
+    taken from the logits that chose it: the model's own log-likelihood of its answers without the
+    teacher-forced pass that would otherwise measure it (the adaptive budget's reference)."""
     with model.resident(resident_bytes):
         return _greedy_answers(model, head, prompts, n_tokens, eos=eos, batch_size=batch_size, pad_id=pad_id,
                                lora=lora, progress=progress)
 
 
 def _greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_tokens: int, *, eos: set[int],
-                    batch_size: int, pad_id: int, lora: Lora | None, progress) -> list[list[int]]:
+                    batch_size: int, pad_id: int, lora: Lora | None, progress
+                    ) -> tuple[list[list[int]], list[list[float]]]:
     from transformers import DynamicCache
 
     answers: list[list[int]] = [[] for _ in prompts]
+    logliks: list[list[float]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     groups = [list(range(start, min(start + batch_size, len(prompts)))) for start in range(0, len(prompts), batch_size)]
     masks, caches, step_ids = [], [], []
@@ -86,10 +98,13 @@ def _greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_t
         sweep([Step(model, i, [stream]) for i in range(model.n_layers)], advance_with(observers))
         with torch.no_grad():
             for g, rows in enumerate(groups):
-                tokens = head.logits(stream.hidden[g][:, -1]).argmax(dim=-1)
+                logits = head.logits(stream.hidden[g][:, -1])
+                tokens = logits.argmax(dim=-1)
+                chosen = _token_logliks(logits, tokens).double().cpu()
                 for r, i in enumerate(rows):
                     if not done[i]:
                         answers[i].append(int(tokens[r]))
+                        logliks[i].append(float(chosen[r]))
                         done[i] = int(tokens[r]) in eos
                 step_ids[g] = tokens[:, None].cpu()
                 masks[g] = torch.cat([masks[g], torch.ones((len(rows), 1), dtype=torch.int64)], dim=1)
@@ -99,7 +114,7 @@ def _greedy_answers(model: ModelShell, head: Head, prompts: list[list[int]], n_t
             break
     if bar is not None:
         bar.close()
-    return answers
+    return answers, logliks
 
 
 class _ScratchStore:
@@ -162,10 +177,14 @@ def _row_logliks(head: Head, h: torch.Tensor, batch: Batch, first: int | None = 
     sel = follow != -100
     if first is not None:
         sel &= sel.cumsum(dim=1) <= first
-    logits = head.logits(h[:, :-1][sel]).float()
-    token_ll = torch.log_softmax(logits, dim=-1).gather(-1, follow[sel][:, None])[:, 0]
+    token_ll = _token_logliks(head.logits(h[:, :-1][sel]), follow[sel])
     rows = torch.arange(follow.shape[0], device=h.device)[:, None].expand_as(follow)[sel]
     return torch.zeros(follow.shape[0], dtype=token_ll.dtype, device=h.device).index_add_(0, rows, token_ll)
+
+
+def _token_logliks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) per position (n, vocab) -> (n,), the softmax taken in float32 at least."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
 
 
 def _attribution_hook(A, B, s, E, acc):
@@ -218,7 +237,8 @@ class SetScores(NamedTuple):
 def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list[list[int]], list[list[int]]]],
                             loras: list[Lora | None], edits: list[dict[str, torch.Tensor]], scored: set[int], *,
                             batch_size: int, pad_id: int, opening: int | None = None, unscored: frozenset = frozenset(),
-                            scratch: str | Path | None = None, progress=None) -> list[list[SetScores]]:
+                            alone: frozenset | None = None, scratch: str | Path | None = None, progress=None
+                            ) -> list[list[SetScores | None]]:
     """Per adapter, per set of (prompts, targets): `attribution_scores`, and with `opening` each
     prompt's log-likelihood of its target's first `opening` tokens (float64); the sets whose index is
     in `unscored` run forward only (their scores stay empty). One forward pass with one
@@ -227,15 +247,24 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
     depends on its own tokens only, so each set's scores are what it gets alone (its micro-batches
     add to its own sums), and so are each adapter's. A None in `loras` is the model alone: it scores
     nothing ({}) and gives the model's own log-likelihood of each set's targets, from the same
-    forward pass (no backward)."""
+    forward pass (no backward); of the sets in `alone` only, if given (None for the others)."""
     first = min(scored)
     batches, owner = [], []  # micro-batches of every set, and the set each belongs to
     for g, (prompts, targets) in enumerate(sets):
         made = make_target_batches(prompts, targets, 0, batch_size, pad_id)
         batches += made
         owner += [g] * len(made)
-    captured = model.capture({"targets": batches})["targets"]
-    streams = [captured] + [captured.copy() for _ in loras[1:]]
+    apart = alone is not None and None in loras  # the model alone runs only some sets: its own capture
+    runs_alone = [k for k, g in enumerate(owner) if not apart or g in alone]  # what a None stream runs
+    captured = model.capture({"targets": batches} | ({"alone": [batches[k] for k in runs_alone]} if apart else {}))
+    streams, owners = [], []
+    for lora in loras:
+        name = "alone" if lora is None and apart else "targets"
+        streams.append(captured[name].copy() if any(s is captured[name] for s in streams) else captured[name])
+        owners.append(owner if lora is not None else [owner[k] for k in runs_alone])
+    for name, stream in captured.items():  # a capture no stream took
+        if not any(s is stream for s in streams):
+            stream.release()
     stores = [_ScratchStore(scratch) if lora is not None else None for lora in loras]
     try:
         forward_only = {k for k, s in enumerate(owner) if s in unscored}
@@ -245,11 +274,11 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
         sweep([Step(model, i, streams) for i in range(model.n_layers)], advance_with(observers + keeps),
               progress=progress, desc="forward")
         grads, totals, openings = [], [], []
-        for stream, lora in zip(streams, loras):
-            openings.append(_per_prompt(head, stream, owner, len(sets), opening) if opening else [None] * len(sets))
+        for stream, lora, own in zip(streams, loras, owners):
+            openings.append(_per_prompt(head, stream, own, len(sets), opening) if opening else [None] * len(sets))
             g, per_batch = _target_loglik_grads(head, stream) if lora is not None else ([], _logliks(head, stream))
             grads.append(g)
-            totals.append([sum(ll for ll, o in zip(per_batch, owner) if o == s) for s in range(len(sets))])
+            totals.append([sum(ll for ll, o in zip(per_batch, own) if o == s) for s in range(len(sets))])
             stream.release()
         scores: list[list[dict[int, dict[str, torch.Tensor]]]] = [[{} for _ in sets] for _ in loras]
         scoring = [j for j, lora in enumerate(loras) if lora is not None]
@@ -270,8 +299,9 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
         for store in stores:
             if store is not None:
                 store.close()
-    return [[SetScores(*each) for each in zip(per_set, total, opened)]
-            for per_set, total, opened in zip(scores, totals, openings)]
+    ran = [set(own) for own in owners]
+    return [[SetScores(*each) if g in sets_run else None for g, each in enumerate(zip(per_set, total, opened))]
+            for per_set, total, opened, sets_run in zip(scores, totals, openings, ran)]
 
 
 def _per_prompt(head: Head, stream: Stream, owner: list[int], n_sets: int, first: int | None = None

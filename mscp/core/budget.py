@@ -2,8 +2,9 @@
 
 1. A first proposal from what the attribution pass already knows, in its unit (log-likelihood of
    the aligned model's refusals to the harmful prompts, summed over tokens):
-       lost = LL_aligned - LL_finetuned      (the aligned model rides along the attribution pass,
-                                              whose forward pass also gives both references below)
+       lost = LL_aligned - LL_finetuned      (LL_aligned from the logits that generated the
+                                              refusals; the attribution pass gives LL_finetuned and
+                                              the references below)
        k0   = the fewest top rows whose a_i sum to lost (closing all of it to first order is about
               what brings most refusals back: the organism's fine-tunes, docs/results/evaluation.md).
 2. `budget_checks` forward passes (every adapter of the call and every count in the same pass: the
@@ -77,8 +78,8 @@ def choose_budgets(model, head, sets: list[tuple[list[list[int]], list[list[int]
     refusals), (benign prompts, benign_refusal_targets)]; runs: the patcher's AdapterRuns, their
     harmful scores, fine-tuned log-likelihood and every row's projection already computed by that
     pass; ranks: each run's selection order (scoring.safety_rank); aligned, finetuned (per run): the
-    pass's SetScores of the aligned model and of each fine-tuned one on `sets`, whose refusal
-    openings are the checks' references."""
+    SetScores of the aligned model (its generation's on the harmful set) and of each fine-tuned one
+    (the pass's) on `sets`, whose refusal openings are the checks' references."""
     aligned_ll = aligned[0].total
     reference = _probabilities(*(each.opening for each in aligned))
     references = [_probabilities(*(each.opening for each in per_set)) for per_set in finetuned]

@@ -30,7 +30,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mscp.core.adapter import Adapter, LoraModule, check_against_model, layer_index
-from mscp.core.attribution import attribution_scores, attribution_scores_sets, greedy_answers
+from mscp.core.attribution import (SetScores, attribution_scores, attribution_scores_sets, greedy_answers,
+                                   scored_greedy_answers)
 from mscp.core.budget import REFUSAL_OPENING, benign_refusal_targets, choose_budgets
 from mscp.core.cache import ResultCache, files_sha256
 from mscp.core.checkpoint import config_files, resolve_model_path
@@ -440,7 +441,7 @@ class Patcher:
         mark("other")  # the final norm and the output embedding
         harmful, task = self._encode(self.sets["harmful"]), self._encode(self.sets["task"])
         gen = self._greedy()
-        refusals = self._refusals(head, harmful, gen)
+        refusals, refusal_logliks = self._refusals(head, harmful, gen)
         scored = set(window)
         # every row's edit, for every adapter: computed in localize's sweep while each layer was loaded
         # (EveryRowEdits, nothing read here), else in one projection call, each weight read once for all
@@ -466,17 +467,23 @@ class Patcher:
         # the harmful side: every adapter's forward and backward pass with each layer loaded once for all;
         # the benign prompts with the aligned model's usual refusal opening in the same pass (scored for
         # benign_penalty; forward only for the adaptive budget's references, whose refusal openings come
-        # from the same forward pass, as does the aligned model's own, riding along as one more stream)
+        # from the same forward pass). The aligned model's own references: on the harmful prompts from
+        # the logits that chose its refusals; on the benign ones it rides along as one more stream.
         clock = time.perf_counter()
         adaptive = config.adaptive_budget
         benign = self._encode(self.sets["benign"]) if adaptive or config.benign_penalty else []
         sets = [(harmful, refusals)] + ([(benign, benign_refusal_targets(refusals, len(benign)))] if benign else [])
-        per_adapter = attribution_scores_sets(self.aligned_model, head, sets, loras + [None] * adaptive,
-                                              all_edits + [{}] * adaptive, scored,
+        alone = int(adaptive and bool(benign))
+        per_adapter = attribution_scores_sets(self.aligned_model, head, sets, loras + [None] * alone,
+                                              all_edits + [{}] * alone, scored,
                                               opening=REFUSAL_OPENING if adaptive else None,
                                               unscored=frozenset() if config.benign_penalty else frozenset({1}),
-                                              **common)
-        aligned_side = per_adapter.pop() if adaptive else None
+                                              alone=frozenset({1}), **common)
+        aligned_side = None
+        if adaptive:
+            aligned_side = [SetScores({}, sum(map(sum, refusal_logliks)), torch.tensor(
+                [sum(each[:REFUSAL_OPENING]) for each in refusal_logliks], dtype=torch.float64))]
+            aligned_side += per_adapter.pop()[1:] if alone else []
         mark("attribution")
         timings["attribution"] = time.perf_counter() - clock
         for run, lora, edits, per_set in zip(runs, loras, all_edits, per_adapter):
@@ -529,22 +536,25 @@ class Patcher:
                             "without it (score with benign_penalty > 0, or select with benign_penalty 0)")
         return safety_rank(run.scores.rows, penalty)
 
-    def _refusals(self, head, harmful: list, gen: dict) -> list:
-        """The aligned model's greedy answers to the harmful prompts: the result cache's, or generated."""
+    def _refusals(self, head, harmful: list, gen: dict) -> tuple[list, list]:
+        """The aligned model's greedy answers to the harmful prompts, and its log-likelihood of each of
+        their tokens: the result cache's, or generated."""
         clock = time.perf_counter()
         model, config, store = self.aligned_model, self.config, self.store
         key = None if store is None else {
             "aligned": files_sha256(model_files(model)), "harmful": harmful, "tokens": config.target_tokens,
             "eos": sorted(gen["eos"]), "pad": gen["pad_id"], "batch_size": config.batch_size,
             "dtype": str(model.dtype), "device": str(model.device)}
-        refusals = store.get("targets_harmful", key) if store is not None else None
-        if refusals is None:
-            refusals = greedy_answers(model, head, harmful, config.target_tokens, **gen)
+        cached = store.get("targets_harmful", key) if store is not None else None
+        if cached is not None:
+            refusals, logliks = cached["answers"], cached["logliks"]
+        else:
+            refusals, logliks = scored_greedy_answers(model, head, harmful, config.target_tokens, **gen)
             if store is not None:
-                store.put("targets_harmful", key, refusals)
+                store.put("targets_harmful", key, {"answers": refusals, "logliks": logliks})
         self.reads.mark("targets_harmful")
         self.timings["targets_harmful"] = time.perf_counter() - clock
-        return refusals
+        return refusals, logliks
 
     def _greedy(self) -> dict:
         """What every greedy decoding of a patch shares (attribution.greedy_answers): the EOS and pad
