@@ -91,6 +91,19 @@ def test_a_damaged_entry_is_a_miss_and_is_replaced(trio, tmp_path):
     assert json.loads(entry.read_text()) == first.report["layer_curves"]
 
 
+@pytest.mark.parametrize("damage", [[[1, 2], [3]], {"answers": [[1, 2]], "logliks": [[-0.5]]}],
+                         ids=["stop-23 form", "lengths disagree"])
+def test_a_refusals_entry_of_the_wrong_shape_is_a_miss_and_is_replaced(trio, tmp_path, damage):
+    first = run(trio, tmp_path / "cache", **SCORES[0])
+    entry, = (tmp_path / "cache").glob("targets_harmful-*.json")
+    kept = json.loads(entry.read_text())
+    entry.write_text(json.dumps(damage))
+    second = run(trio, tmp_path / "cache", **SCORES[0])
+    assert second.report["cache"]["targets_harmful"] == "stored"
+    assert json.loads(entry.read_text()) == kept
+    assert second.report["modules"] == first.report["modules"]
+
+
 def test_entries_are_store_entries_named_by_kind_version_and_digest(trio, tmp_path):
     import re
 

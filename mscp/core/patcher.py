@@ -546,7 +546,7 @@ class Patcher:
             "eos": sorted(gen["eos"]), "pad": gen["pad_id"], "batch_size": config.batch_size,
             "dtype": str(model.dtype), "device": str(model.device)}
         cached = store.get("targets_harmful", key) if store is not None else None
-        if cached is not None:
+        if _well_formed_refusals(cached, len(harmful)):  # else a miss: absent, or damaged into other JSON
             refusals, logliks = cached["answers"], cached["logliks"]
         else:
             refusals, logliks = scored_greedy_answers(model, head, harmful, config.target_tokens, **gen)
@@ -718,6 +718,17 @@ def check_same_architecture(base: ModelShell, aligned: ModelShell) -> None:
     for key in sorted(set(a) | set(b)):
         if b.get(key) != a.get(key):
             raise MSCPError(f"base and aligned differ in shape at {key}: {b.get(key)} vs {a.get(key)}")
+
+
+def _well_formed_refusals(entry, n: int) -> bool:
+    """A targets_harmful cache entry as `Patcher._refusals` stores it: n answers of token ids, each
+    with one log-likelihood per token."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("answers"), list)
+            and isinstance(entry.get("logliks"), list) and len(entry["answers"]) == len(entry["logliks"]) == n):
+        return False
+    return all(isinstance(a, list) and isinstance(ll, list) and len(a) == len(ll)
+               and all(isinstance(t, int) for t in a) and all(isinstance(x, float) for x in ll)
+               for a, ll in zip(entry["answers"], entry["logliks"]))
 
 
 def modules_by_layer(lora: Adapter, aligned_model: ModelShell) -> dict[int, dict[str, LoraModule]]:
