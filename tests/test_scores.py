@@ -183,6 +183,9 @@ def test_the_model_alone_runs_only_the_sets_it_is_given_and_measures_them_as_ove
     apart = attribution_scores_sets(shell, shell.head(), sets, [(ad, by_layer), None], [edits, {}], scored,
                                     alone=frozenset({1}), **run)
     assert apart[1][0] is None
+    with_empty = attribution_scores_sets(shell, shell.head(), sets + [([], [])], [(ad, by_layer), None],
+                                         [edits, {}], scored, alone=frozenset({1}), **run)
+    assert with_empty[0][2] is not None and with_empty[1][2] is None  # an empty set: the adapter's ran it
     assert apart[1][1].total == pytest.approx(full[1][1].total, rel=1e-12)
     torch.testing.assert_close(apart[1][1].opening, full[1][1].opening, rtol=1e-12, atol=1e-12)
     for mine, theirs in zip(apart[0], full[0]):  # the adapter's stream still runs every set

@@ -299,7 +299,7 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
         for store in stores:
             if store is not None:
                 store.close()
-    ran = [set(own) for own in owners]
+    ran = [alone if lora is None and apart else range(len(sets)) for lora in loras]  # the sets each stream ran
     return [[SetScores(*each) if g in sets_run else None for g, each in enumerate(zip(per_set, total, opened))]
             for per_set, total, opened, sets_run in zip(scores, totals, openings, ran)]
 

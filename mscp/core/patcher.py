@@ -473,9 +473,9 @@ class Patcher:
         adaptive = config.adaptive_budget
         benign = self._encode(self.sets["benign"]) if adaptive or config.benign_penalty else []
         sets = [(harmful, refusals)] + ([(benign, benign_refusal_targets(refusals, len(benign)))] if benign else [])
-        alone = int(adaptive and bool(benign))
-        per_adapter = attribution_scores_sets(self.aligned_model, head, sets, loras + [None] * alone,
-                                              all_edits + [{}] * alone, scored,
+        aligned_stream = int(adaptive and bool(benign))  # the aligned model alone, over the benign prompts
+        per_adapter = attribution_scores_sets(self.aligned_model, head, sets, loras + [None] * aligned_stream,
+                                              all_edits + [{}] * aligned_stream, scored,
                                               opening=REFUSAL_OPENING if adaptive else None,
                                               unscored=frozenset() if config.benign_penalty else frozenset({1}),
                                               alone=frozenset({1}), **common)
@@ -483,7 +483,7 @@ class Patcher:
         if adaptive:
             aligned_side = [SetScores({}, sum(map(sum, refusal_logliks)), torch.tensor(
                 [sum(each[:REFUSAL_OPENING]) for each in refusal_logliks], dtype=torch.float64))]
-            aligned_side += per_adapter.pop()[1:] if alone else []
+            aligned_side += per_adapter.pop()[1:] if aligned_stream else []
         mark("attribution")
         timings["attribution"] = time.perf_counter() - clock
         for run, lora, edits, per_set in zip(runs, loras, all_edits, per_adapter):

@@ -34,12 +34,15 @@ def shared_length(prompts: list[list[int]]) -> int:
     return n if n >= MIN_SHARED else 0
 
 
+Holder = dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> the current stream's prefix keys and values
+
+
 class _Recorder(DynamicCache):
     """The prefix micro-batch's cache: keeps each layer's keys and values in the holder."""
 
-    def __init__(self, config, holder: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, config, holder: Holder):
         super().__init__(config=config)
-        self.holder = holder  # layer -> the current stream's prefix keys and values
+        self.holder = holder
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         self.holder[layer_idx] = (key_states, value_states)
@@ -50,8 +53,7 @@ class _Reader(DynamicCache):
     """A later micro-batch's cache: the holder's prefix in front of its own keys and values. It is
     made `length` tokens long (placeholders) so the model builds positions and masks past the prefix."""
 
-    def __init__(self, config, holder: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: int, length: int,
-                 n_layers: int, device):
+    def __init__(self, config, holder: Holder, rows: int, length: int, n_layers: int, device):
         super().__init__(config=config)
         self.holder = holder
         placeholder = torch.zeros(1, 1, 1, 1, device=device).expand(rows, 1, length, 1)
@@ -68,7 +70,7 @@ class _Reader(DynamicCache):
 def with_prefix(model, prefix: list[int], batches: list[Batch]) -> tuple[list[Batch], list[dict]]:
     """The micro-batches to capture (the prefix's first, then `batches`, which hold what follows it)
     and each one's extra forward arguments (model.capture's `extra`)."""
-    holder: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    holder: Holder = {}
     ids = torch.tensor([prefix], dtype=torch.int64)
     ones = torch.ones_like(ids)
     opening = Batch(ids, ones, torch.tensor([len(prefix) - 1]), torch.zeros(1, dtype=torch.int64))
