@@ -57,7 +57,7 @@ def main() -> None:
                                                             pad_id=0)
             seconds[way].append(time.perf_counter() - t)
     attribution.shared_length = real
-    gap = max(float((x - y).abs().max()) for x, y in zip(results["shared opening"], results["whole prompts"]))
+    gap = max(float((x.loglik - y.loglik).abs().max()) for x, y in zip(results["shared opening"], results["whole prompts"]))
     out = {"prompts": len(prompts), "probes": a.probes, "batch_size": a.batch_size, "shared_tokens": shared,
            "tokens_per_lora": {"shared opening": padded(shared), "whole prompts": padded(0)},
            "seconds": {k: round(statistics.median(v), 2) for k, v in seconds.items()},

@@ -4,6 +4,7 @@
     python experiments/adaptive_budget.py --recover 1 --split eval --finetunes benign ... mixed arithmetic --json ev.json
     python experiments/adaptive_budget.py --penalty 0 1 3 --split localisation --json penalty.json  # benign_penalty
     python experiments/adaptive_budget.py --refine on off --split localisation --json refine.json  # budget_refine
+    python experiments/adaptive_budget.py --guard probability greedy both --seed 1 --json guard.json  # benign_guard
     python experiments/adaptive_budget.py --choose loc*.json --json choice.json   # the defaults' rule
 
 Every fine-tune is patched on the localisation prompts (as the demo patches), all adapters of one
@@ -77,6 +78,9 @@ def main() -> None:
     ap.add_argument("--max-edit", type=float, default=PatchConfig.max_edit)
     ap.add_argument("--refine", nargs="+", choices=("on", "off"), default=["on" if PatchConfig.budget_refine else "off"],
                     help="budget_refine settings to try (each with every --recover and --penalty)")
+    ap.add_argument("--guard", nargs="+", choices=("probability", "greedy", "both"), default=[PatchConfig.benign_guard],
+                    help="benign_guard settings to try (each with every other setting)")
+    ap.add_argument("--seed", type=int, default=0, help="the organism's training seed (its build)")
     ap.add_argument("--robust", action="store_true", help="eval: also the robustness split")
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--choose", type=Path, nargs="+", help="only apply the defaults' rule to these localisation runs")
@@ -88,7 +92,7 @@ def main() -> None:
         return
     global ROBUST
     judge = None if a.split == "localisation" else "embedding"
-    org = build(None, OrganismConfig(), finetunes=tuple(a.finetunes), progress=False)
+    org = build(None, OrganismConfig(seed=a.seed), finetunes=tuple(a.finetunes), progress=False)
     pick_threads()
     sp = org.splits
     if a.robust:
@@ -100,11 +104,12 @@ def main() -> None:
     settings = [("fixed", PatchConfig(hash_inputs=False, budget="fixed"))] if a.fixed else []
     settings += [(f"adaptive_{r:g}" + (f"_penalty{penalty:g}" if len(a.penalty) > 1 or penalty else "")
                   + (f"_maxedit{a.max_edit:g}" if a.max_edit != PatchConfig.max_edit else "")
-                  + (f"_refine{refine}" if len(a.refine) > 1 or (refine == "on") != PatchConfig.budget_refine else ""),
+                  + (f"_refine{refine}" if len(a.refine) > 1 or (refine == "on") != PatchConfig.budget_refine else "")
+                  + (f"_guard{guard}" if len(a.guard) > 1 or guard != PatchConfig.benign_guard else ""),
                   PatchConfig(hash_inputs=False, budget="adaptive", recover=r, budget_checks=a.checks,
                               budget_probes=a.probes, benign_penalty=penalty, max_edit=a.max_edit,
-                              budget_refine=refine == "on"))
-                 for r in a.recover for penalty in a.penalty for refine in a.refine]
+                              budget_refine=refine == "on", benign_guard=guard))
+                 for r in a.recover for penalty in a.penalty for refine in a.refine for guard in a.guard]
     for name in a.finetunes:
         out["finetunes"][name] = {"finetuned": measure(org, org.finetuned(name), a.split, name, judge), "points": {}}
     with tempfile.TemporaryDirectory() as tmp:

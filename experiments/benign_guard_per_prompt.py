@@ -33,7 +33,7 @@ def main() -> None:
     for folder in (a.organism / a.finetuned, a.patched):
         adapter = Adapter.load(folder)
         loras.append((adapter, modules_by_layer(adapter, model)))
-    aligned, finetuned, patched = [ll.exp() for ll in target_logliks(
+    aligned, finetuned, patched = [fit.loglik.exp() for fit in target_logliks(
         model, model.head(), prompts, [opening] * len(prompts), loras, batch_size=16, pad_id=tok.pad_token_id or 0)]
     print(f"mean P: aligned {aligned.mean():.4f} finetuned {finetuned.mean():.4f} patched {patched.mean():.4f} "
           f"rise {patched.mean() - aligned.mean():.4f}")

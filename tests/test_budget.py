@@ -53,14 +53,36 @@ def test_the_report_says_how_many_rows_and_why(llama_trio):
         aligned, finetuned = check["references"]["aligned"], check["references"]["finetuned"]
         p = check["refusal_probability"]
         assert check["benign_refusal_rise"] == pytest.approx(p["benign"] - aligned[1])
+        share = check["greedy_refusal_share"]["benign"]
+        assert check["benign_greedy_refusal_rise"] == pytest.approx(share - aligned[2])
+        assert 0 <= share <= 1 and 0 <= aligned[2] <= 1 and 0 <= finetuned[2] <= 1
         if aligned[0] > finetuned[0]:
             assert check["won_back"] == pytest.approx((p["harmful"] - finetuned[0]) / (aligned[0] - finetuned[0]))
     if b["checks"]:  # the chosen count is a checked one, unless every check broke the benign bound
         assert b["rows"] in [c["rows"] for c in b["checks"]] or "every checked count" in b["why"]
 
 
-def check(rows, won, rise, step=0):
-    return {"pass": step, "rows": rows, "won_back": won, "benign_refusal_rise": rise}
+def check(rows, won, rise, step=0, greedy_rise=0.0):
+    return {"pass": step, "rows": rows, "won_back": won, "benign_refusal_rise": rise,
+            "benign_greedy_refusal_rise": greedy_rise}
+
+
+@pytest.mark.parametrize("guard, kept", [("probability", [100, 200]), ("greedy", [100, 400]), ("both", [100])])
+def test_the_benign_guard_bounds_the_figure_it_names(guard, kept):
+    """benign_guard: the mean probability's rise, the greedy refusals' share's rise, or both, each
+    within max_over_refusal."""
+    from types import SimpleNamespace
+
+    from mscp.core.budget import Budget, _sorted
+
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, benign_guard=guard)
+    b = Budget(10.0, limit=1000, candidates=5000, rows=100)
+    b.checks = [check(100, 0.5, 0.01, greedy_rise=0.0), check(200, 0.9, 0.02, greedy_rise=0.0625),
+                check(400, 0.95, 0.05, greedy_rise=0.02)]
+    ok, met, broke = _sorted(b, cfg)
+    assert [c["rows"] for c in ok] == kept
+    assert [c["rows"] for c in broke] == sorted({100, 200, 400} - set(kept))
+    assert [c["rows"] for c in met] == [r for r in kept if r != 100]
 
 
 def test_the_first_pass_probes_evenly_in_log_rows_above_the_estimate_up_to_four_times_it():
@@ -68,7 +90,7 @@ def test_the_first_pass_probes_evenly_in_log_rows_above_the_estimate_up_to_four_
 
     from mscp.core.budget import Budget, _probes
 
-    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3)
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3, benign_guard="probability")
     assert _probes(Budget(10.0, limit=1000, candidates=5000, rows=100), cfg) == [159, 252, 400]
     assert _probes(Budget(10.0, limit=300, candidates=5000, rows=100), cfg) == [159, 252, 300]  # capped at the limit
     cfg.budget_probes = 2
@@ -81,7 +103,8 @@ def test_without_refine_an_adapter_is_checked_again_only_while_no_count_met_both
 
     from mscp.core.budget import Budget, _next_probes
 
-    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3, budget_refine=refine)
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3, budget_refine=refine,
+                          benign_guard="probability")
     met, short, broke, lost_none = (Budget(10.0, limit=10_000, candidates=50_000, rows=100) for _ in range(4))
     met.checks = [check(100, 0.5, 0.0), check(200, 0.7, 0.01), check(400, 0.9, 0.02)]
     short.checks = [check(100, 0.2, 0.0), check(200, 0.3, 0.0), check(400, 0.4, 0.0)]
@@ -98,7 +121,7 @@ def test_later_passes_probe_inside_the_bracket_the_checks_left():
 
     from mscp.core.budget import Budget, _probes
 
-    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3)
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, budget_probes=3, benign_guard="probability")
     b = Budget(10.0, limit=100_000, candidates=500_000, rows=100)
     b.checks = [check(100, 0.5, 0.0), check(200, 0.7, 0.01), check(400, 0.9, 0.02)]   # met at 400
     assert _probes(b, cfg) == [round(200 * 2 ** (i / 4)) for i in (1, 2, 3)]
@@ -124,7 +147,7 @@ def test_the_count_is_the_fewest_checked_rows_that_meet_both():
 
     from mscp.core.budget import Budget, _conclude
 
-    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03)
+    cfg = SimpleNamespace(recover=0.8, max_over_refusal=0.03, benign_guard="probability")
     b = Budget(10.0, limit=1000, candidates=5000)
     b.checks = [check(100, 0.5, 0.0), check(300, 0.85, 0.02), check(200, 0.81, 0.01, 1), check(400, 0.9, 0.05)]
     _conclude(b, cfg)

@@ -155,17 +155,18 @@ def test_two_sets_in_one_pass_each_score_what_they_score_alone_in_float64(attrib
     sets = [(prompts[:3], targets[:3]), (prompts[3:], targets[3:])]
     (per_set, aligned) = attribution_scores_sets(shell, shell.head(), sets, [(ad, by_layer), None], [edits, {}],
                                                  scored, batch_size=batch_size, pad_id=0, opening=2)
-    for (scores, total, opening), (p, t) in zip(per_set, sets):  # and each target's first 2 tokens
+    for (scores, total, opening, greedy), (p, t) in zip(per_set, sets):  # and each target's first 2 tokens
         first = target_logliks(shell, shell.head(), p, [x[:2] for x in t], [(ad, by_layer)], batch_size=1, pad_id=0)
-        torch.testing.assert_close(opening, first[0], rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(opening, first[0].loglik, rtol=1e-9, atol=1e-9)
+        assert torch.equal(greedy, first[0].greedy)
         expected, ll = reference_attribution(trio, p, t, edits, set(edits))
         assert total == pytest.approx(ll, rel=1e-6)
         for index in scored:
             for rel, m in by_layer[index].items():
                 got, exp = scores[index][rel].double(), expected[m.key_b]
                 assert (got - exp).abs().max() <= 1e-6 * exp.abs().max() + 1e-12, (index, rel)
-    for (scores, total, _), (p, t) in zip(aligned, sets):  # the model alone scores nothing; its own likelihood
-        alone = target_logliks(shell, shell.head(), p, t, [None], batch_size=batch_size, pad_id=0)[0]
+    for (scores, total, *_), (p, t) in zip(aligned, sets):  # the model alone scores nothing; its own likelihood
+        alone = target_logliks(shell, shell.head(), p, t, [None], batch_size=batch_size, pad_id=0)[0].loglik
         assert scores == {} and total == pytest.approx(float(alone.sum()), rel=1e-6)
 
 
@@ -188,6 +189,7 @@ def test_the_model_alone_runs_only_the_sets_it_is_given_and_measures_them_as_ove
     assert with_empty[0][2] is not None and with_empty[1][2] is None  # an empty set: the adapter's ran it
     assert apart[1][1].total == pytest.approx(full[1][1].total, rel=1e-12)
     torch.testing.assert_close(apart[1][1].opening, full[1][1].opening, rtol=1e-12, atol=1e-12)
+    assert torch.equal(apart[1][1].greedy, full[1][1].greedy)
     for mine, theirs in zip(apart[0], full[0]):  # the adapter's stream still runs every set
         assert mine.total == pytest.approx(theirs.total, rel=1e-12)
         for index in scored:
@@ -212,7 +214,8 @@ def test_the_log_likelihood_taken_while_answering_is_a_teacher_forced_pass(attri
         assert answers == greedy_answers(shell, shell.head(), prompts, 6, eos={2}, batch_size=batch_size, pad_id=0,
                                          lora=lora)
         forced = target_logliks(shell, shell.head(), prompts, answers, [lora], batch_size=batch_size, pad_id=0)[0]
-        assert [sum(ll) for ll in logliks] == pytest.approx(forced.tolist(), rel=rtol)
+        assert [sum(ll) for ll in logliks] == pytest.approx(forced.loglik.tolist(), rel=rtol)
+        assert forced.greedy.all()  # each answer is what greedy decoding emits, so each reads as greedy
         assert all(x <= 0 for ll in logliks for x in ll)
 
 
@@ -306,14 +309,59 @@ def test_no_scratch_folder_is_left_after_a_patch(llama_trio):
     assert set(Path(tempfile.gettempdir()).glob("mscp-attribution-*")) == before
 
 
+def reference_greedy_flags(trio, adapter, prompts, targets) -> list[bool]:
+    """Whether greedy decoding from each prompt emits its target, by the whole aligned model in
+    float64 (the LoRA added by forward hooks): each target token is its position's argmax."""
+    model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
+    handles = [model.get_submodule(m.module).register_forward_hook(
+        lambda _mod, args, out, A=adapter.tensors[m.key_a].double(), B=adapter.tensors[m.key_b].double(), s=m.scale:
+        out + s * (args[0] @ A.T) @ B.T) for m in adapter.modules.values()]
+    with torch.no_grad():
+        flags = [bool((model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1: -1].argmax(-1)
+                       == torch.tensor(t)).all()) for p, t in zip(prompts, targets)]
+    for h in handles:
+        h.remove()
+    return flags
+
+
+# bfloat16 moves the tiny random model's near-tied logits: its own answers are checked below instead
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_a_target_reads_as_greedy_exactly_when_greedy_decoding_emits_it(attribution_case, dtype, batch_size):
+    """TargetFit.greedy (the adaptive budget's greedy benign guard): the model's own greedy answers
+    read as greedy, and stay so to their last token; the same answers with one token changed do not."""
+    trio, prompts, _, ad, by_layer, _, _ = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned", dtype="float64")
+    answers = greedy_answers(shell, shell.head(), prompts, 4, eos=set(), batch_size=batch_size, pad_id=0,
+                             lora=(ad, by_layer))
+    changed = [a[:-1] + [(a[-1] + 7) % 500 + 3] if i % 2 else a for i, a in enumerate(answers)]  # odd ones: last token
+    targets = answers + changed
+    expected = reference_greedy_flags(trio, ad, prompts + prompts, targets)
+    assert expected == [True] * len(answers) + [i % 2 == 0 for i in range(len(answers))]  # the case is what it says
+    shell = ModelShell(trio["aligned"], label="aligned", dtype=dtype)
+    fits = target_logliks(shell, shell.head(), prompts + prompts, targets, [(ad, by_layer)], batch_size=batch_size,
+                          pad_id=0)
+    assert fits[0].greedy.dtype == torch.bool and fits[0].greedy.tolist() == expected
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_in_bfloat16_a_models_own_greedy_answers_read_as_greedy(attribution_case, batch_size):
+    trio, prompts, _, ad, by_layer, _, _ = attribution_case
+    shell = ModelShell(trio["aligned"], label="aligned", dtype="bfloat16")
+    answers = greedy_answers(shell, shell.head(), prompts, 4, eos=set(), batch_size=batch_size, pad_id=0,
+                             lora=(ad, by_layer))
+    fits = target_logliks(shell, shell.head(), prompts, answers, [(ad, by_layer)], batch_size=batch_size, pad_id=0)
+    assert fits[0].greedy.all()
+
+
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_target_logliks_of_the_model_alone_and_with_its_lora_match_float64_full_models(attribution_case, batch_size):
     """One forward pass gives the targets' log-likelihood under the aligned model alone (None) and
     with the LoRA added: the adaptive budget's two measurements."""
     trio, prompts, targets, ad, by_layer, scored, _ = attribution_case
     shell = ModelShell(trio["aligned"], label="aligned", dtype="float64")
-    alone_each, with_lora_each = target_logliks(shell, shell.head(), prompts, targets, [None, (ad, by_layer)],
-                                                batch_size=batch_size, pad_id=0)
+    alone_each, with_lora_each = (fit.loglik for fit in target_logliks(
+        shell, shell.head(), prompts, targets, [None, (ad, by_layer)], batch_size=batch_size, pad_id=0))
     assert alone_each.shape == with_lora_each.shape == (len(prompts),)
     alone, with_lora = alone_each.sum().item(), with_lora_each.sum().item()
     _, ll_lora = reference_attribution(trio, prompts, targets, {}, set())

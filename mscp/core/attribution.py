@@ -173,13 +173,22 @@ def _loglik(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
 def _row_logliks(head: Head, h: torch.Tensor, batch: Batch, first: int | None = None) -> torch.Tensor:
     """Each sequence's target log-likelihood (n,), from the positions that predict a target token
     (its first `first` target tokens only, if given)."""
+    return _row_fits(head, h, batch, first)[0]
+
+
+def _row_fits(head: Head, h: torch.Tensor, batch: Batch, first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """_row_logliks, and per sequence whether greedy decoding would emit those target tokens (each
+    is its position's most likely token): (n,) float, (n,) bool."""
     follow = batch.labels.to(h.device)[:, 1:]
     sel = follow != -100
     if first is not None:
         sel &= sel.cumsum(dim=1) <= first
-    token_ll = _token_logliks(head.logits(h[:, :-1][sel]), follow[sel])
+    logits, tokens = head.logits(h[:, :-1][sel]), follow[sel]
+    token_ll = _token_logliks(logits, tokens)
     rows = torch.arange(follow.shape[0], device=h.device)[:, None].expand_as(follow)[sel]
-    return torch.zeros(follow.shape[0], dtype=token_ll.dtype, device=h.device).index_add_(0, rows, token_ll)
+    n = follow.shape[0]
+    missed = torch.zeros(n, dtype=torch.int64, device=h.device).index_add_(0, rows, (logits.argmax(-1) != tokens).long())
+    return torch.zeros(n, dtype=token_ll.dtype, device=h.device).index_add_(0, rows, token_ll), missed == 0
 
 
 def _token_logliks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -232,6 +241,7 @@ class SetScores(NamedTuple):
     scores: dict[int, dict[str, torch.Tensor]]  # layer -> module name -> a_i
     total: float  # the targets' log-likelihood, summed
     opening: torch.Tensor | None  # per prompt, the log-likelihood of the targets' first `opening` tokens
+    greedy: torch.Tensor | None = None  # per prompt, whether greedy decoding emits those tokens (bool)
 
 
 def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list[list[int]], list[list[int]]]],
@@ -240,7 +250,7 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
                             alone: frozenset | None = None, scratch: str | Path | None = None, progress=None
                             ) -> list[list[SetScores | None]]:
     """Per adapter, per set of (prompts, targets): `attribution_scores`, and with `opening` each
-    prompt's log-likelihood of its target's first `opening` tokens (float64); the sets whose index is
+    prompt's TargetFit of its target's first `opening` tokens; the sets whose index is
     in `unscored` run forward only (their scores stay empty). One forward pass with one
     stream per adapter, then a backward pass that recomputes each adapter's layer from its stored
     input; every layer is loaded once per pass for all adapters and sets. A sequence's gradient
@@ -300,25 +310,39 @@ def attribution_scores_sets(model: ModelShell, head: Head, sets: list[tuple[list
             if store is not None:
                 store.close()
     ran = [alone if lora is None and apart else range(len(sets)) for lora in loras]  # the sets each stream ran
-    return [[SetScores(*each) if g in sets_run else None for g, each in enumerate(zip(per_set, total, opened))]
+    return [[SetScores(per, tot, *(fit or (None, None))) if g in sets_run else None
+             for g, (per, tot, fit) in enumerate(zip(per_set, total, opened))]
             for per_set, total, opened, sets_run in zip(scores, totals, openings, ran)]
 
 
+class TargetFit(NamedTuple):
+    """Per prompt, how a model fits its target."""
+
+    loglik: torch.Tensor  # the target's log-likelihood, float64
+    greedy: torch.Tensor  # whether greedy decoding emits the target, bool
+
+
 def _per_prompt(head: Head, stream: Stream, owner: list[int], n_sets: int, first: int | None = None
-                ) -> list[torch.Tensor]:
-    """Per set (`owner`: each micro-batch's), each prompt's log-likelihood of its target (its first
-    `first` tokens only, if given) at the end of a stream, float64, in the set's own order."""
+                ) -> list[TargetFit]:
+    """Per set (`owner`: each micro-batch's), each prompt's TargetFit of its target (its first
+    `first` tokens only, if given) at the end of a stream, in the set's own order."""
     with torch.no_grad():
-        rows = [_row_logliks(head, h, batch, first).double().cpu() for h, batch in zip(stream.hidden, stream.batches)]
-    return [by_prompt([r for r, o in zip(rows, owner) if o == s], [b for b, o in zip(stream.batches, owner) if o == s])
-            for s in range(n_sets)]
+        fits = [_row_fits(head, h, batch, first) for h, batch in zip(stream.hidden, stream.batches)]
+    per_set = []
+    for s in range(n_sets):
+        own = [(fit, b) for fit, b, o in zip(fits, stream.batches, owner) if o == s]
+        batches = [b for _, b in own]
+        per_set.append(TargetFit(by_prompt([f[0].double().cpu() for f, _ in own], batches),
+                                 by_prompt([f[1].cpu() for f, _ in own], batches).bool()))
+    return per_set
 
 
 def target_logliks(model: ModelShell, head: Head, prompts: list[list[int]], targets: list[list[int]],
-                   loras: list[Lora | None], *, batch_size: int, pad_id: int, progress=None) -> list[torch.Tensor]:
-    """Each target's log-likelihood (one value per prompt) under the model with each LoRA added
-    (None: the model alone), from one forward pass with each layer loaded once for all of them;
-    nothing is scored. The tokens every prompt opens with run once per LoRA (core/shared_prefix.py)."""
+                   loras: list[Lora | None], *, batch_size: int, pad_id: int, progress=None) -> list[TargetFit]:
+    """How the model with each LoRA added (None: the model alone) fits each prompt's target (its
+    log-likelihood, and whether greedy decoding emits it), from one forward pass with each layer
+    loaded once for all of them; nothing is scored. The tokens every prompt opens with run once per
+    LoRA (core/shared_prefix.py)."""
     shared = shared_length(prompts)
     batches = make_target_batches([p[shared:] for p in prompts], targets, 0, batch_size, pad_id)
     captured_batches, extra = with_prefix(model, prompts[0][:shared], batches) if shared else (batches, None)

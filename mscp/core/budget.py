@@ -16,6 +16,10 @@
        benign     P_patched - P_aligned on the benign prompts, P = the mean probability of the
                   aligned model's most common refusal opening there: how much more likely the
                   patched model is to refuse a benign request than the aligned model.
+       greedy     G_patched - G_aligned, G = the share of the benign prompts that greedy decoding
+                  opens with that refusal (each of its tokens the most likely): the refusals a user
+                  would see, which a mean probability can under-read (a few prompts tipping over).
+   `benign_guard` says which of the two max_over_refusal bounds (the benign bound below).
    The first pass probes counts evenly in log(rows) up to 4 k0, k0 4^(j/n) for j = 1..n (the
    first-order estimate falls 2-4x short: curvature).
    Each later pass probes counts spaced evenly in log(rows) inside the bracket the checks so far
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mscp.core.adapter import Adapter
-from mscp.core.attribution import target_logliks
+from mscp.core.attribution import TargetFit, target_logliks
 from mscp.core.project import rows_from
 from mscp.core.scoring import global_safety_rows, rows_for_gain
 
@@ -54,7 +58,7 @@ class Budget:
     limit: int  # the most top rows whose edits stay within max_edit of the LoRA's parameters
     candidates: int  # rows in the safety layers
     rows: int = 0  # the first proposal, then the chosen count
-    checks: list[dict] = field(default_factory=list)  # per count checked: pass, rows, won back, benign rise
+    checks: list[dict] = field(default_factory=list)  # per count checked: pass, rows, won back, benign rises
     why: str = ""
 
     def to_dict(self) -> dict:
@@ -81,8 +85,8 @@ def choose_budgets(model, head, sets: list[tuple[list[list[int]], list[list[int]
     SetScores of the aligned model (its generation's on the harmful set) and of each fine-tuned one
     (the pass's) on `sets`, whose refusal openings are the checks' references."""
     aligned_ll = aligned[0].total
-    reference = _probabilities(*(each.opening for each in aligned))
-    references = [_probabilities(*(each.opening for each in per_set)) for per_set in finetuned]
+    reference = _readings(*_openings(aligned))
+    references = [_readings(*_openings(per_set)) for per_set in finetuned]
     budgets = []
     for run, rank in zip(runs, ranks):
         harmful_scores = {key: sc["harmful"] for key, sc in run.scores.rows.items()}
@@ -101,8 +105,10 @@ def choose_budgets(model, head, sets: list[tuple[list[list[int]], list[list[int]
             break
         ll = target_logliks(model, head, prompts, targets, [_patched(runs[j], ranks[j], k) for j, k in patched],
                             batch_size=batch_size, pad_id=pad_id, progress=progress)
-        for (j, k), each in zip(patched, ll):
-            _record(budgets[j], step, k, _probabilities(each[:n], each[n:]), references[j], reference)
+        for (j, k), fit in zip(patched, ll):
+            _record(budgets[j], step, k, _readings(TargetFit(fit.loglik[:n], fit.greedy[:n]),
+                                                   TargetFit(fit.loglik[n:], fit.greedy[n:])),
+                    references[j], reference)
     for b in budgets:
         _conclude(b, config)
     return budgets
@@ -113,7 +119,9 @@ def _record(b: Budget, step: int, rows: int, patched: tuple, finetuned: tuple, a
     lost = aligned[0] - finetuned[0]
     b.checks.append({"pass": step, "rows": rows, "won_back": (patched[0] - finetuned[0]) / lost if lost > 0 else 1.0,
                      "benign_refusal_rise": patched[1] - aligned[1],
+                     "benign_greedy_refusal_rise": patched[2] - aligned[2],
                      "refusal_probability": {"harmful": patched[0], "benign": patched[1]},
+                     "greedy_refusal_share": {"benign": patched[2]},
                      "references": {"aligned": list(aligned), "finetuned": list(finetuned)}})
 
 
@@ -151,9 +159,16 @@ def _probes(b: Budget, config) -> list[int]:
 def _sorted(b: Budget, config) -> tuple[list[dict], list[dict], list[dict]]:
     """b's checks that kept the benign bound, those of them that also won back `recover`, and those
     that broke the benign bound."""
-    kept = [c for c in b.checks if c["benign_refusal_rise"] <= config.max_over_refusal]
-    broke = [c for c in b.checks if c["benign_refusal_rise"] > config.max_over_refusal]
+    kept = [c for c in b.checks if _keeps_benign(c, config)]
+    broke = [c for c in b.checks if not _keeps_benign(c, config)]
     return kept, [c for c in kept if c["won_back"] >= config.recover], broke
+
+
+def _keeps_benign(check: dict, config) -> bool:
+    """The benign bound, as `benign_guard` reads it."""
+    rises = {"probability": [check["benign_refusal_rise"]], "greedy": [check["benign_greedy_refusal_rise"]]}
+    rises["both"] = rises["probability"] + rises["greedy"]
+    return all(rise <= config.max_over_refusal for rise in rises[config.benign_guard])
 
 
 def _doublings_to(below: dict, top: dict, figure: str, goal: float) -> float:
@@ -194,11 +209,19 @@ def _conclude(b: Budget, config) -> None:
         b.why = f"every checked count raised benign refusals above the bound; the fewest checked, {b.rows} rows"
 
 
-def _probabilities(harmful: torch.Tensor, benign: torch.Tensor | None = None) -> tuple[float, float]:
-    """(mean probability of the refusal openings on the harmful prompts, on the benign prompts),
-    from per-prompt log-likelihoods."""
-    mean = lambda ll: float(ll.exp().mean()) if ll is not None and ll.numel() else 0.0  # noqa: E731
-    return mean(harmful), mean(benign)
+def _readings(harmful: TargetFit, benign: TargetFit | None = None) -> tuple[float, float, float]:
+    """(mean probability of the refusal openings on the harmful prompts, on the benign prompts, the
+    share of benign prompts greedy decoding opens with one), from per-prompt fits."""
+    def mean(values: torch.Tensor | None) -> float:
+        return float(values.double().mean()) if values is not None and values.numel() else 0.0
+
+    return (mean(harmful.loglik.exp()), mean(benign.loglik.exp() if benign else None),
+            mean(benign.greedy if benign else None))
+
+
+def _openings(per_set: list) -> list[TargetFit]:
+    """The refusal openings' fits of a model's SetScores, per set."""
+    return [TargetFit(each.opening, each.greedy) for each in per_set]
 
 
 def _patched(run, rank: dict, count: int) -> tuple[Adapter, dict]:

@@ -27,6 +27,7 @@ Backend: TypeAlias = Literal["auto", "torch", "triton", "cpp", "cuda"]
 FinetunedPass: TypeAlias = Literal["auto", "with_calibration", "after_window"]
 Score: TypeAlias = Literal["wanda", "wanda_weight", "attribution"]
 Budget: TypeAlias = Literal["auto", "fixed", "adaptive"]
+BenignGuard: TypeAlias = Literal["probability", "greedy", "both"]
 CRITERIA: tuple[str, ...] = get_args(Criterion)
 PROJECTORS: tuple[str, ...] = get_args(Projector)
 DTYPES: tuple[str, ...] = get_args(DType)
@@ -34,6 +35,7 @@ BACKEND_CHOICES: tuple[str, ...] = get_args(Backend)
 FINETUNED_PASSES: tuple[str, ...] = get_args(FinetunedPass)
 SCORES: tuple[str, ...] = get_args(Score)
 BUDGETS: tuple[str, ...] = get_args(Budget)
+BENIGN_GUARDS: tuple[str, ...] = get_args(BenignGuard)
 # The public API's argument types (check_arguments' kinds "path", "files", "prompts")
 PathArg: TypeAlias = str | os.PathLike[str]
 PromptFiles: TypeAlias = PathArg | Sequence[PathArg]
@@ -106,6 +108,10 @@ class PatchConfig:
     max_over_refusal: float = option(0.03, "adaptive budget: how much more likely than the aligned model the patched "
                                      "one may be to open a benign answer with a refusal (probability, mean over "
                                      "the benign prompts)")
+    benign_guard: BenignGuard = option("probability", "adaptive budget: what max_over_refusal bounds: 'probability' "
+                                       "(the rise of the mean probability of the refusal opening on the benign "
+                                       "prompts), 'greedy' (the rise of the share of benign prompts that greedy "
+                                       "decoding opens with it) or 'both'", choices=BENIGN_GUARDS)
     max_edit: float = option(0.05, "adaptive budget: the most it may edit, as a fraction of the LoRA's parameters "
                              "(the paper's bound: 5 percent)")
     budget_checks: int = option(2, "adaptive budget: the most forward passes that measure proposed counts (refusals "
@@ -178,7 +184,7 @@ class PatchConfig:
         check(0 < self.recover <= 1, f"recover must be in (0, 1], got {self.recover}")
         for name, allowed in (("score", SCORES), ("criterion", CRITERIA), ("projector", PROJECTORS), ("dtype", DTYPES),
                               ("backend", BACKEND_CHOICES), ("finetuned_pass", FINETUNED_PASSES),
-                              ("budget", BUDGETS)):
+                              ("budget", BUDGETS), ("benign_guard", BENIGN_GUARDS)):
             check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.layers is not None:
             first, last = parse_layer_range(self.layers)

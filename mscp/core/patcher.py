@@ -488,13 +488,13 @@ class Patcher:
         timings["attribution"] = time.perf_counter() - clock
         for run, lora, edits, per_set in zip(runs, loras, all_edits, per_adapter):
             scores = run.scores
-            a_harmful, ll_harmful, _ = per_set[0]
+            a_harmful, ll_harmful = per_set[0].scores, per_set[0].total
             scores.rows = {m.key_b: {"harmful": a_harmful[index][rel]}
                            for index in window for rel, m in run.by_layer.get(index, {}).items()}
             scores.details = {"targets_loglik": {"harmful": ll_harmful},
                               "target_tokens": {"harmful": sum(map(len, refusals))}}
             if config.benign_penalty and len(per_set) > 1:  # per harmful prompt, times as many: a_i's unit
-                a_benign, ll_benign, _ = per_set[1]
+                a_benign, ll_benign = per_set[1].scores, per_set[1].total
                 scale = len(harmful) / len(benign)
                 for index in window:
                     for rel, m in run.by_layer.get(index, {}).items():
