@@ -21,7 +21,7 @@ def main() -> None:
     from mscp.core.config import PatchConfig
     from mscp.harness.methods import patch_on_localisation
     from mscp.harness.evaluate import evaluate
-    from mscp.harness.organism import FINETUNES, OrganismConfig, build
+    from mscp.harness.organism import FINETUNES, OrganismConfig, build, task_of
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -43,7 +43,7 @@ def main() -> None:
             res = patch_on_localisation(org, org.finetuned(name), config, out)
             sp = org.splits
             r = evaluate(org.aligned, out, harmful=sp / "harmful_eval.txt", benign=sp / "benign_eval.txt",
-                         task=sp / "task_eval.jsonl", judge=None, max_new_tokens=org.config.eval_tokens,
+                         task=org.task_file("eval", task_of(name)), judge=None, max_new_tokens=org.config.eval_tokens,
                          progress=False, keep_responses=False, cache=org.responses)
             rows.append({"seed": seed, "model": f"{name} + mscp (defaults)", **{k: r[k] for k in KEYS},
                          "edit_fraction": res.report["edit_fraction"], "seconds": time.time() - clock})

@@ -30,7 +30,7 @@ from mscp import PatchConfig, patch
 from mscp.core.adapter import Adapter
 from mscp.core.patcher import modules_by_layer
 from mscp.harness.evaluate import evaluate
-from mscp.harness.organism import OrganismConfig, build
+from mscp.harness.organism import OrganismConfig, build, task_of
 
 REAL = patcher.attribution_scores_sets
 
@@ -87,7 +87,7 @@ def main() -> None:
     MEAN["adapters"] = [Adapter.load(org.finetuned(name)) for name in a.mean_of]
     sp = org.splits
     files = dict(harmful=sp / "harmful_localize.txt", benign=sp / "benign_localize.txt", task=sp / "task_localize.txt")
-    judged = {**files, "task": sp / "task_localize.jsonl"}  # with the answers: task accuracy
+    judged = dict(files)  # and each fine-tune's own task, with the answers: task accuracy
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in a.finetunes:
@@ -112,7 +112,8 @@ def main() -> None:
                 folder = Path(tmp) / f"{name}-{way}"
                 res.save(folder)
                 selected[way] = {(k, r) for k, m in res.report["modules"].items() for r in m["rows"]}
-                figures = evaluate(org.aligned, folder, **judged, judge="keyword", max_new_tokens=org.config.eval_tokens,
+                figures = evaluate(org.aligned, folder, **{**judged, "task": org.task_file("localize", task_of(name))},
+                                   judge="keyword", max_new_tokens=org.config.eval_tokens,
                                    batch_size=org.config.gen_batch, progress=False, keep_responses=False,
                                    cache=org.responses)
                 row[way] = {"edited_rows": len(selected[way]), "edit_fraction": res.report["edit_fraction"],
