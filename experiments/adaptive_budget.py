@@ -5,7 +5,8 @@
     python experiments/adaptive_budget.py --penalty 0 1 3 --split localisation --json penalty.json  # benign_penalty
     python experiments/adaptive_budget.py --refine on off --split localisation --json refine.json  # budget_refine
     python experiments/adaptive_budget.py --guard probability greedy both --seed 1 --json guard.json  # benign_guard
-    python experiments/adaptive_budget.py --choose loc*.json --json choice.json   # the defaults' rule
+    python experiments/adaptive_budget.py --choose loc*.json --json choice.json   # the defaults' rule (several
+                                                                                  # builds: each its own fine-tunes)
 
 Every fine-tune is patched on the localisation prompts (as the demo patches), all adapters of one
 setting in one `patch_many` call (each gets what it gets alone: tests/test_budget.py). `fixed` is
@@ -48,17 +49,21 @@ def measure(org, adapter, split: str, finetune: str | None, judge) -> dict:
 
 def choose(files: list[Path]) -> dict:
     """pareto.choose_defaults (docs/evaluation.md section 7, the rule that chose every default) over
-    the settings of localisation runs: every setting measured on every fine-tune of the files."""
+    the settings of localisation runs: every setting measured on every fine-tune of the files. Runs
+    of several organism builds (--seed) count each build's fine-tune as one more fine-tune
+    ("identity@<organism>"): a setting must keep the bounds on each."""
     from mscp.harness.pareto import choose_defaults
 
+    data = [json.loads(Path(f).read_text()) for f in files]
+    builds = len({d["organism"] for d in data})
     runs: dict[str, dict] = {}
-    for f in files:
-        d = json.loads(Path(f).read_text())
+    for f, d in zip(files, data):
         if d["split"] != "localisation":
             raise SystemExit(f"{f}: a default is chosen on the localisation split only")
-        for name, ft in d["finetunes"].items():
+        for base_name, ft in d["finetunes"].items():
+            name = base_name if builds == 1 else f"{base_name}@{d['organism']}"
             r = runs.setdefault(name, {"finetune": name, "finetuned": {"localisation": ft["finetuned"]},
-                                       "aligned": {"localisation": d["aligned"][name]}, "points": []})
+                                       "aligned": {"localisation": d["aligned"][base_name]}, "points": []})
             r["points"] += [{"method": "mscp:attribution", "params": {"budget": label},
                              "localisation": p["localisation"], "edit_fraction": p["edit_fraction"]}
                             for label, p in ft["points"].items()]

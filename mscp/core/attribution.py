@@ -187,7 +187,8 @@ def _row_fits(head: Head, h: torch.Tensor, batch: Batch, first: int | None = Non
     token_ll = _token_logliks(logits, tokens)
     rows = torch.arange(follow.shape[0], device=h.device)[:, None].expand_as(follow)[sel]
     n = follow.shape[0]
-    missed = torch.zeros(n, dtype=torch.int64, device=h.device).index_add_(0, rows, (logits.argmax(-1) != tokens).long())
+    not_top = (logits.argmax(-1) != tokens).long()
+    missed = torch.zeros(n, dtype=torch.int64, device=h.device).index_add_(0, rows, not_top)
     return torch.zeros(n, dtype=token_ll.dtype, device=h.device).index_add_(0, rows, token_ll), missed == 0
 
 

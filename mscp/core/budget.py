@@ -164,6 +164,12 @@ def _sorted(b: Budget, config) -> tuple[list[dict], list[dict], list[dict]]:
     return kept, [c for c in kept if c["won_back"] >= config.recover], broke
 
 
+def _bound(config) -> str:
+    """The benign bound in words, for `why`."""
+    read = {"probability": "mean probability", "greedy": "greedy share", "both": "mean probability and greedy share"}
+    return f" (+{config.max_over_refusal:g}, {read[config.benign_guard]})"
+
+
 def _keeps_benign(check: dict, config) -> bool:
     """The benign bound, as `benign_guard` reads it."""
     rises = {"probability": [check["benign_refusal_rise"]], "greedy": [check["benign_greedy_refusal_rise"]]}
@@ -199,14 +205,15 @@ def _conclude(b: Budget, config) -> None:
     if met:
         best = min(met, key=lambda c: c["rows"])
         b.rows, b.why = best["rows"], (f"the fewest checked rows that win back {config.recover:g} of the refusals "
-                                       f"({best['won_back']:.2f}) within the benign bound")
+                                       f"({best['won_back']:.2f}) within the benign bound{_bound(config)}")
     elif kept:
         best = max(kept, key=lambda c: (c["won_back"], -c["rows"]))
-        b.rows, b.why = best["rows"], (f"no checked count won back {config.recover:g} within the benign bound; "
-                                       f"the most it won back ({best['won_back']:.2f})")
+        b.rows, b.why = best["rows"], (f"no checked count won back {config.recover:g} within the benign "
+                                       f"bound{_bound(config)}; the most it won back ({best['won_back']:.2f})")
     else:
         b.rows = min(c["rows"] for c in b.checks)
-        b.why = f"every checked count raised benign refusals above the bound; the fewest checked, {b.rows} rows"
+        b.why = (f"every checked count raised benign refusals above the bound{_bound(config)}; the fewest checked, "
+                 f"{b.rows} rows")
 
 
 def _readings(harmful: TargetFit, benign: TargetFit | None = None) -> tuple[float, float, float]:

@@ -108,7 +108,7 @@ class PatchConfig:
     max_over_refusal: float = option(0.03, "adaptive budget: how much more likely than the aligned model the patched "
                                      "one may be to open a benign answer with a refusal (probability, mean over "
                                      "the benign prompts)")
-    benign_guard: BenignGuard = option("probability", "adaptive budget: what max_over_refusal bounds: 'probability' "
+    benign_guard: BenignGuard = option("both", "adaptive budget: what max_over_refusal bounds: 'probability' "
                                        "(the rise of the mean probability of the refusal opening on the benign "
                                        "prompts), 'greedy' (the rise of the share of benign prompts that greedy "
                                        "decoding opens with it) or 'both'", choices=BENIGN_GUARDS)
