@@ -173,12 +173,14 @@ def _loglik(head: Head, h: torch.Tensor, batch: Batch) -> torch.Tensor:
 def _row_logliks(head: Head, h: torch.Tensor, batch: Batch, first: int | None = None) -> torch.Tensor:
     """Each sequence's target log-likelihood (n,), from the positions that predict a target token
     (its first `first` target tokens only, if given)."""
-    return _row_fits(head, h, batch, first)[0]
+    return _row_fits(head, h, batch, first, greedy=False)[0]
 
 
-def _row_fits(head: Head, h: torch.Tensor, batch: Batch, first: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _row_fits(head: Head, h: torch.Tensor, batch: Batch, first: int | None = None, greedy: bool = True
+              ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """_row_logliks, and per sequence whether greedy decoding would emit those target tokens (each
-    is its position's most likely token): (n,) float, (n,) bool."""
+    is its position's most likely token): (n,) float, (n,) bool (None without `greedy`: the
+    scoring passes skip the argmax over the vocabulary)."""
     follow = batch.labels.to(h.device)[:, 1:]
     sel = follow != -100
     if first is not None:
@@ -187,9 +189,11 @@ def _row_fits(head: Head, h: torch.Tensor, batch: Batch, first: int | None = Non
     token_ll = _token_logliks(logits, tokens)
     rows = torch.arange(follow.shape[0], device=h.device)[:, None].expand_as(follow)[sel]
     n = follow.shape[0]
+    ll = torch.zeros(n, dtype=token_ll.dtype, device=h.device).index_add_(0, rows, token_ll)
+    if not greedy:
+        return ll, None
     not_top = (logits.argmax(-1) != tokens).long()
-    missed = torch.zeros(n, dtype=torch.int64, device=h.device).index_add_(0, rows, not_top)
-    return torch.zeros(n, dtype=token_ll.dtype, device=h.device).index_add_(0, rows, token_ll), missed == 0
+    return ll, torch.zeros(n, dtype=torch.int64, device=h.device).index_add_(0, rows, not_top) == 0
 
 
 def _token_logliks(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
