@@ -73,3 +73,26 @@ def tree_digest(*folders: Path) -> dict[str, str]:
             if p.is_file():
                 out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return out
+
+
+def full_model_target_logits(trio, adapter, prompts, targets) -> list[torch.Tensor]:
+    """Per prompt, the logits at the positions that predict its target (len(target) x vocab), from the
+    whole aligned model in float64 with the LoRA (None: none) added by forward hooks, one prompt at a
+    time: the independent reference of the target-fit tests."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
+    handles = [model.get_submodule(m.module).register_forward_hook(
+        lambda _mod, args, out, A=adapter.tensors[m.key_a].double(), B=adapter.tensors[m.key_b].double(), s=m.scale:
+        out + s * (args[0] @ A.T) @ B.T) for m in (adapter.modules.values() if adapter else [])]
+    with torch.no_grad():
+        logits = [model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1: -1] for p, t in zip(prompts, targets)]
+    for h in handles:
+        h.remove()
+    return logits
+
+
+def full_model_logliks(trio, adapter, prompts, targets) -> list[float]:
+    """Each target's log-likelihood, summed over its tokens, from full_model_target_logits."""
+    return [torch.log_softmax(logits, -1).gather(-1, torch.tensor(t)[:, None]).sum().item()
+            for logits, t in zip(full_model_target_logits(trio, adapter, prompts, targets), targets)]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_trio
+from conftest import full_model_logliks, full_model_target_logits, make_trio
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -311,17 +311,9 @@ def test_no_scratch_folder_is_left_after_a_patch(llama_trio):
 
 def reference_greedy_flags(trio, adapter, prompts, targets) -> list[bool]:
     """Whether greedy decoding from each prompt emits its target, by the whole aligned model in
-    float64 (the LoRA added by forward hooks): each target token is its position's argmax."""
-    model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
-    handles = [model.get_submodule(m.module).register_forward_hook(
-        lambda _mod, args, out, A=adapter.tensors[m.key_a].double(), B=adapter.tensors[m.key_b].double(), s=m.scale:
-        out + s * (args[0] @ A.T) @ B.T) for m in adapter.modules.values()]
-    with torch.no_grad():
-        flags = [bool((model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1: -1].argmax(-1)
-                       == torch.tensor(t)).all()) for p, t in zip(prompts, targets)]
-    for h in handles:
-        h.remove()
-    return flags
+    float64: each target token is its position's argmax."""
+    return [bool((logits.argmax(-1) == torch.tensor(t)).all())
+            for logits, t in zip(full_model_target_logits(trio, adapter, prompts, targets), targets)]
 
 
 # bfloat16 moves the tiny random model's near-tied logits: its own answers are checked below instead
@@ -365,12 +357,7 @@ def test_target_logliks_of_the_model_alone_and_with_its_lora_match_float64_full_
     assert alone_each.shape == with_lora_each.shape == (len(prompts),)
     alone, with_lora = alone_each.sum().item(), with_lora_each.sum().item()
     _, ll_lora = reference_attribution(trio, prompts, targets, {}, set())
-    model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
-    each = []
-    for p, t in zip(prompts, targets):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1: -1]
-        each.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(t)[:, None]).sum().item())
+    each = full_model_logliks(trio, None, prompts, targets)
     assert alone_each.tolist() == pytest.approx(each, rel=1e-6)  # prompt by prompt
     assert alone == pytest.approx(sum(each), rel=1e-6)
     assert with_lora == pytest.approx(ll_lora, rel=1e-6)

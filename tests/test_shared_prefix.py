@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, make_trio
-from transformers import AutoModelForCausalLM
+from conftest import FAMILIES, full_model_logliks, make_trio
 
 from mscp.core.adapter import Adapter
 from mscp.core.attribution import target_logliks
@@ -22,25 +21,6 @@ def test_the_shared_length_is_the_common_opening_less_each_prompts_last_token():
     assert shared_length([[9] + opening, opening]) == 0
     assert shared_length([opening + [1]]) == len(opening)
     assert shared_length([]) == 0
-
-
-def full_model_logliks(trio, adapter: Adapter | None, prompts, targets) -> list[float]:
-    """Each target's log-likelihood under the whole aligned model in float64, the LoRA added by
-    forward hooks, one prompt at a time."""
-    model = AutoModelForCausalLM.from_pretrained(str(trio["aligned"]), dtype=torch.float64).eval()
-    handles = []
-    for m in (adapter.modules.values() if adapter else []):
-        A, B = adapter.tensors[m.key_a].double(), adapter.tensors[m.key_b].double()
-        handles.append(model.get_submodule(m.module).register_forward_hook(
-            lambda _mod, args, out, A=A, B=B, s=m.scale: out + s * (args[0] @ A.T) @ B.T))
-    each = []
-    with torch.no_grad():
-        for p, t in zip(prompts, targets):
-            logits = model(input_ids=torch.tensor([p + t])).logits[0, len(p) - 1: -1]
-            each.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(t)[:, None]).sum().item())
-    for h in handles:
-        h.remove()
-    return each
 
 
 @pytest.mark.parametrize("family", FAMILIES)
