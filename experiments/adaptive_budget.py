@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mscp.core.config import PatchConfig
+from mscp.core.config import BENIGN_GUARDS, PatchConfig
 from mscp.core.pipeline import patch_many
 from mscp.harness.evaluate import evaluate
 from mscp.harness.organism import OrganismConfig, build, pick_threads, task_of
@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--max-edit", type=float, default=PatchConfig.max_edit)
     ap.add_argument("--refine", nargs="+", choices=("on", "off"), default=["on" if PatchConfig.budget_refine else "off"],
                     help="budget_refine settings to try (each with every --recover and --penalty)")
-    ap.add_argument("--guard", nargs="+", choices=("probability", "greedy", "both"), default=[PatchConfig.benign_guard],
+    ap.add_argument("--guard", nargs="+", choices=BENIGN_GUARDS, default=[PatchConfig.benign_guard],
                     help="benign_guard settings to try (each with every other setting)")
     ap.add_argument("--seed", type=int, default=0, help="the organism's training seed (its build)")
     ap.add_argument("--robust", action="store_true", help="eval: also the robustness split")
