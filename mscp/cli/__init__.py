@@ -18,10 +18,6 @@ import warnings
 from mscp.errors import MSCPError, MSCPWarning
 
 COMMANDS = ("patch", "tune", "continual", "eval", "demo", "organism", "synth", "bench")
-# Commands on the small offline organism only: compute-bound, where serving every activation by its
-# own mmap (flat memory for a 70B model) costs page faults, e.g. the organism's attribution pass
-# 104 s against 69 s (docs/results/evaluation.md, "Demo time"); their memory stays small anyway.
-HEAP_COMMANDS = ("eval", "demo", "organism")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -108,8 +104,7 @@ def main(argv=None) -> int:
             args = build_parser().parse_args(argv)
             from mscp.core.streaming import mmap_large_allocations
 
-            if args.command not in HEAP_COMMANDS:
-                mmap_large_allocations()  # resident memory flat in depth (streaming.py)
+            mmap_large_allocations()  # resident memory flat in depth (streaming.py)
             return args.run(args)
         except MSCPError as e:
             _close_progress_bars()

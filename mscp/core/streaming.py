@@ -385,10 +385,14 @@ def read_ahead(items, load):
                 pending.cancel()
 
 
-# Resident memory flat in depth. Activations of a few MB are freed and allocated again at every
-# layer; glibc keeps freed chunks below its mmap threshold in a heap that fragments, and it raises
-# that threshold by itself (up to 32 MB) after large frees. The resident size then crept up by about
-# 15 MB a layer (docs/results/scale.md, "Peak memory against depth").
+# Resident memory flat in depth. Activations are freed and allocated again at every layer; glibc
+# keeps freed chunks below its mmap threshold in a heap that fragments, and it raises that threshold
+# by itself (up to 32 MB) after large frees: the resident size crept up by about 15 MB a layer
+# (docs/results/scale.md, "Peak memory against depth"). A fixed threshold stops the raising. At
+# 32 MB (glibc's own ceiling) the activations of a small model come from the heap, reused layer
+# after layer; at 128 KiB (until stop 26) every one was a fresh mmap, page-faulted in again: 30 % of
+# the organism's default patch (docs/results/scale.md, stop 26).
+MMAP_THRESHOLD = 32 << 20
 M_MMAP_THRESHOLD = -3  # glibc <malloc.h>
 
 
@@ -399,10 +403,11 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def mmap_large_allocations(threshold: int = 128 << 10) -> None:
+def mmap_large_allocations(threshold: int = MMAP_THRESHOLD) -> None:
     """Serve every allocation of `threshold` bytes or more by its own mmap, returned to the OS when
-    freed. Process-wide, so only the `mscp` command calls it; a program using the API can set
-    MALLOC_MMAP_THRESHOLD_=131072 instead. A value already in the environment is left alone."""
+    freed, and keep glibc from raising that threshold. Process-wide, so only the `mscp` command
+    calls it; a program using the API can set MALLOC_MMAP_THRESHOLD_=33554432 instead. A value
+    already in the environment is left alone."""
     libc = _glibc()
     if libc is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
         libc.mallopt(M_MMAP_THRESHOLD, threshold)
