@@ -17,12 +17,31 @@ from mscp.core.attribution import target_logliks, attribution_scores, greedy_ans
 from mscp.core.patcher import modules_by_layer
 from mscp.core.pipeline import patch_many
 from mscp.core.prompts import default_prompts, encode, load_tokenizer
-from mscp.core.scoring import global_safety_rows, safety_rank, weight_safety_mass
+from mscp.core.scoring import global_safety_rows, plus_lora, safety_rank, weight_safety_mass
 from mscp.core.streaming import ModelShell
 from mscp.errors import MSCPError
 
 PROMPTS = {"harmful": default_prompts("harmful")[:6], "benign": default_prompts("benign")[:6],
            "task": default_prompts("benign")[6:12]}
+
+
+# -- the LoRA added to a module's output -----------------------------------------------------------
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 1, 9)])
+def test_plus_lora_adds_the_scaled_low_rank_product_and_carries_its_gradient(dtype, tol, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    d_out, r = 13, 3
+    out, u = torch.randn(*shape, d_out, generator=g), torch.randn(*shape, r, generator=g)
+    B, s = torch.randn(d_out, r, generator=g), 0.37
+    expected = out.double() + s * u.double() @ B.double().T
+    got = plus_lora(out.to(dtype), u.to(dtype), B.to(dtype), s)
+    assert got.shape == out.shape and got.dtype == dtype
+    assert torch.allclose(got.double(), expected, rtol=tol, atol=tol)
+    # gradients reach out and u as through out + s u B^T (the attribution pass backpropagates through it)
+    o, v = out.double().requires_grad_(), u.double().requires_grad_()
+    grad = torch.randn(*shape, d_out, generator=g, dtype=torch.float64)
+    torch.autograd.backward(plus_lora(o, v, B.double(), s), grad)
+    assert torch.allclose(o.grad, grad) and torch.allclose(v.grad, s * grad @ B.double(), atol=1e-12)
 
 
 # -- wanda_weight --------------------------------------------------------------------------------

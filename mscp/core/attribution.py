@@ -33,7 +33,7 @@ import torch
 
 from mscp.core.adapter import Adapter, LoraModule
 from mscp.core.prompts import Batch, by_prompt, make_target_batches
-from mscp.core.scoring import LoraAdded, linears_of
+from mscp.core.scoring import LoraAdded, linears_of, plus_lora
 from mscp.core.sequential import Observer, Step, advance_with, sweep
 from mscp.core.shared_prefix import shared_length, with_prefix
 from mscp.core.streaming import Head, ModelShell, Stream, hooks
@@ -208,7 +208,7 @@ def _attribution_hook(A, B, s, E, acc):
     s (u E^T) is never formed, and only u (tokens x r) is kept until the backward pass."""
     def hook(_module, args, out):
         u = args[0] @ A.T
-        y = out + s * (u @ B.T)
+        y = plus_lora(out, u, B, s)
         if E is not None:
             u_kept = u.detach()
 
