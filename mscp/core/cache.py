@@ -5,8 +5,8 @@ score's targets, with its log-likelihood of each token) are the same for every a
 base/aligned pair and one prompt set: a service patching adapters one process at a time, or the demo
 patching one adapter two ways, need not compute them again. Each entry is keyed by the SHA-256 of
 the model files, the prompts' token ids and every setting that shapes it (dtype, device, batch
-size, ...), so a changed input is a miss, never a stale hit. Entries live in a `Store` (core/store.py): `curves-v1-<digest>.json`,
-`targets_harmful-v2-<digest>.json`.
+size, ...), so a changed input is a miss, never a stale hit. Entries live in a `Store`
+(core/store.py): `curves-v1-<digest>.json`, `targets_harmful-v2-<digest>.json`.
 """
 from __future__ import annotations
 
