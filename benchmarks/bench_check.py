@@ -2,8 +2,11 @@
 
 Runs `mscp bench` on a small synthetic trio (written once under the cache root) and compares what
 it measures against benchmarks/recorded.json:
-- passes over (base + aligned) of the single-pass and the default score, and of K adapters in one
-  call: counted bytes, the same on any machine, so any rise is a regression;
+- passes over (base + aligned) of the single-pass and the default score: counted bytes, the same
+  on any machine, so any rise is a regression;
+- the default's FLOPs over the single-pass score's: counted operations, the same on any machine
+  (1 % allowed: a library's attention may pad differently), so a stage that computes more is
+  caught even where the time ratios' noise would hide it;
 - ratios of two times taken side by side in the same run (projection only against its I/O floor,
   K adapters against one, the default against the single pass), the median of three bench runs:
   machine-independent enough to compare, with a tolerance for noise (50 %: the regressions this is
@@ -24,6 +27,7 @@ RECORDED = Path(__file__).with_name("recorded.json")
 TRIO = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
             num_key_value_heads=4, vocab_size=8000, rank=8, layers_per_shard=2)
 EXACT = ("passes_full", "passes_default")  # counted bytes: no tolerance
+COUNTED = ("flops_default_over_single_pass",)  # counted FLOPs: 1 %
 # the full pipeline against its I/O floor is left out: on this small trio the floor is a few ms and
 # the ratio swung 11-21 over four runs of the same code
 RATIOS = ("io_floor_ratio_projection", "multi_adapter_ratio", "default_over_single_pass")
@@ -50,14 +54,19 @@ def measure() -> dict:
     t = trio()
     runs = [run_bench(t["base"], t["aligned"], t["adapter"], k=4, work=cache_dir("bench-check", "work"), repeats=3,
                       full_separate=False, n_prompts=8, log=lambda *_: None) for _ in range(RUNS)]
-    return {k: statistics.median(run[k] for run in runs) for k in EXACT + RATIOS}
+    return {k: statistics.median(run[k] for run in runs) for k in EXACT + COUNTED + RATIOS}
 
 
 def compare(now: dict, recorded: dict, tolerance: float) -> list[str]:
-    worse = []
+    worse = [f"{key}: {now[key]:.3f}, not in {RECORDED.name} (record it)" for key in EXACT + COUNTED + RATIOS
+             if key not in recorded]
+    recorded = {**now, **recorded}
     for key in EXACT:
         if now[key] > recorded[key] + 1e-3:
             worse.append(f"{key}: {now[key]:.3f} passes, recorded {recorded[key]:.3f}")
+    for key in COUNTED:
+        if now[key] > recorded[key] * 1.01:
+            worse.append(f"{key}: {now[key]:.3f}, recorded {recorded[key]:.3f} (more than 1 % more)")
     for key in RATIOS:
         if now[key] > recorded[key] * (1 + tolerance):
             worse.append(f"{key}: {now[key]:.2f}, recorded {recorded[key]:.2f} (more than {100 * tolerance:.0f} % worse)")

@@ -79,7 +79,13 @@ def test_bench_reports_the_default_score_beside_the_single_pass_one_in_time_and_
     assert sum(figures["passes_default_by_stage"].values()) == pytest.approx(figures["passes_default"], abs=1e-3)
 
 
-def test_bench_check_flags_more_passes_and_a_time_ratio_past_its_tolerance():
+def test_bench_counts_the_flops_of_both_scores(figures):
+    assert figures["flops_default_over_single_pass"] == pytest.approx(figures["gflop_default"] / figures["gflop_full"])
+    assert sum(figures["gflop_default_by_stage"].values()) == pytest.approx(figures["gflop_default"])
+    assert figures["gflop_default"] > figures["gflop_full"] > 0  # the default adds generation and a backward pass
+
+
+def test_bench_check_flags_more_passes_more_flops_and_a_time_ratio_past_its_tolerance():
     import importlib.util
     from pathlib import Path
 
@@ -87,8 +93,11 @@ def test_bench_check_flags_more_passes_and_a_time_ratio_past_its_tolerance():
     spec = importlib.util.spec_from_file_location("bench_check", path)
     check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check)
-    recorded = {**{k: 1.0 for k in check.EXACT}, **{k: 2.0 for k in check.RATIOS}}
+    recorded = {**{k: 1.0 for k in check.EXACT}, **{k: 4.0 for k in check.COUNTED}, **{k: 2.0 for k in check.RATIOS}}
     assert check.compare(dict(recorded), recorded, 0.3) == []
     assert check.compare({**recorded, "io_floor_ratio_full": 2.5}, recorded, 0.3) == []  # within 30 %
-    worse = check.compare({**recorded, "passes_default": 1.01, "multi_adapter_ratio": 2.7}, recorded, 0.3)
-    assert [w.split(":")[0] for w in worse] == ["passes_default", "multi_adapter_ratio"]
+    assert check.compare({**recorded, "flops_default_over_single_pass": 4.03}, recorded, 0.3) == []  # within 1 %
+    worse = check.compare({**recorded, "passes_default": 1.01, "flops_default_over_single_pass": 4.1,
+                           "multi_adapter_ratio": 2.7}, recorded, 0.3)
+    flagged = [w.split(":")[0] for w in worse]
+    assert flagged == ["passes_default", "flops_default_over_single_pass", "multi_adapter_ratio"]

@@ -99,6 +99,42 @@ def test_several_adapters_of_a_call_share_every_read_of_the_default_score(llama_
     assert all(torch.equal(three[2].tensors[k], t) for k, t in three[0].tensors.items())  # same adapter, same repair
 
 
+def test_flops_are_counted_only_when_asked_and_counting_changes_no_repair(llama_trio):
+    from mscp.core.reads import count_flops
+
+    kw = dict(target_tokens=4, **OPTS)
+    plain = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], **kw)
+    with count_flops():
+        counted = patch(llama_trio["base"], llama_trio["aligned"], llama_trio["adapter"], **kw)
+    assert "flops" not in plain.report["weight_reads"]
+    flops = counted.report["weight_reads"]["flops"]
+    assert flops["total"] == sum(flops["stages"].values()) > 0
+    assert {"stream", "targets_harmful", "attribution"} <= set(flops["stages"])  # every stage that computes
+    assert counted.report["modules"] == plain.report["modules"]
+    assert all(torch.equal(counted.tensors[k], t) for k, t in plain.tensors.items())
+
+
+def test_each_further_adapter_of_a_call_adds_its_own_passes_and_the_shared_stages_nothing(llama_trio, tmp_path):
+    """Where K adapters' time goes on a machine bound by compute: the curves and the aligned model's
+    answers (and its benign reference) are computed once for the call; each adapter's forward and
+    backward pass and its checks once per adapter. Copies of one adapter: each further one adds
+    exactly the same FLOPs."""
+    import shutil
+
+    from mscp import patch_many
+    from mscp.core.reads import count_flops
+
+    copies = [shutil.copytree(llama_trio["adapter"], tmp_path / f"adapter{k}") for k in range(3)]
+    kw = dict(target_tokens=4, **OPTS)
+    with count_flops():
+        calls = [patch_many(llama_trio["base"], llama_trio["aligned"], copies[:k], **kw)[0] for k in (1, 2, 3)]
+    one, two, three = (r.report["weight_reads"]["flops"]["stages"] for r in calls)
+    for shared in ("stream", "targets_harmful"):
+        assert one[shared] == two[shared] == three[shared] > 0
+    for own in ("attribution", "budget_checks"):
+        assert three[own] - two[own] == two[own] - one[own] > 0
+
+
 def every_row_of(llama_trio, config, cache=None):
     """Each adapter's projection of every row of the window (Scores.every_row) through the patcher's
     stages, and the patcher's reads and timings."""

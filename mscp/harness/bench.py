@@ -13,7 +13,8 @@ are timed back to back in the same state):
 The patches run with the paper's setting (PAPER_SETTING: every layer read once per pass), the setting
 the I/O-floor goals are stated for; `patch_options` overrides it. One more run with the package
 defaults (the attribution score) gives its wall time against the single-pass score's and both
-figures as passes over (base + aligned) (the report's `weight_reads`).
+figures as passes over (base + aligned) (the report's `weight_reads`), and one counted run of each
+their FLOPs (`count_flops`).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from mscp.core.config import PAPER_SETTING
 from mscp.core.pipeline import patch, patch_many
 from mscp.core.project import project_adapter
 from mscp.core.prompts import default_prompts
+from mscp.core.reads import count_flops
 from mscp.kernels import lowrank_project
 
 CHUNK = 64 << 20
@@ -190,6 +192,15 @@ def run_bench(base, aligned, adapter, *, k: int = 8, work: Path, repeats: int = 
     fig["default_over_single_pass"] = fig["default_s"] / fig["full_s"]
     fig["passes_default"] = default.report["weight_reads"]["passes"]
     fig["passes_default_by_stage"] = default.report["weight_reads"]["stage_passes"]
+    # what each computes, the figure that carries over where a patch is bound by compute (this CPU):
+    # FLOPs counted in runs of their own, since the counter slows every operator
+    log("FLOPs of both ...")
+    with count_flops():
+        flops_full = patch(base, aligned, adapter, **opts).report["weight_reads"]["flops"]
+        flops_default = patch(base, aligned, adapter, **default_opts).report["weight_reads"]["flops"]
+    fig["gflop_full"], fig["gflop_default"] = flops_full["total"] / 1e9, flops_default["total"] / 1e9
+    fig["gflop_default_by_stage"] = {k_: v / 1e9 for k_, v in flops_default["stages"].items()}
+    fig["flops_default_over_single_pass"] = flops_default["total"] / flops_full["total"]
 
     # projection only, with the full run's masks: reads W_a and W_b of the masked modules
     masks = {key: m["rows"] for key, m in full.report["modules"].items()}
@@ -275,6 +286,9 @@ def print_figures(fig: dict) -> None:
         ("default score", f"{fig['default_s']:.2f} s", f"{fig['default_over_single_pass']:.2f} x the single-pass "
          f"score; {fig['passes_default']:.2f} passes ("
          + ", ".join(f"{k} {v:.2f}" for k, v in fig["passes_default_by_stage"].items()) + ")"),
+        ("FLOPs", f"{fig['gflop_default']:.1f} G", f"the default, {fig['flops_default_over_single_pass']:.2f} x the "
+         f"single-pass score's {fig['gflop_full']:.1f} G ("
+         + ", ".join(f"{k} {v:.1f}" for k, v in fig["gflop_default_by_stage"].items()) + ")"),
         ("projection only, warm", f"{fig['projection_s']:.3f} s", f"{fig['io_floor_ratio_projection']:.2f} x io floor "
          f"({fig['io_floor_projection_s']:.3f} s for {fig['bytes_read_projection'] / 1e9:.3f} GB); "
          + state_text(fig["state_projection"])),
