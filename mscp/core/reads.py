@@ -18,8 +18,9 @@ _counter = None  # the FlopCounterMode of the innermost count_flops(), else None
 @contextmanager
 def count_flops() -> Iterator[None]:
     """While inside, each patch also counts its floating-point operations per stage (torch's
-    FlopCounterMode: matrix products and attention, forward and backward; the element-wise rest
-    is not counted), in its report's `weight_reads["flops"]`. Slower: for benchmarks, not patches."""
+    FlopCounterMode: matrix products and attention, forward and backward; element-wise work and
+    mscp's own ops, small beside the layers' products, are not counted), in its report's
+    `weight_reads["flops"]`. Slower: for benchmarks, not patches."""
     from torch.utils.flop_counter import FlopCounterMode
 
     global _counter
