@@ -2,8 +2,9 @@
 
     python .ci/record_versions.py VENV LOCK RESULTS_MD
 
-Writes the whole `pip freeze` to docs/results/data/versions-latest-<date>.txt and puts a dated entry
-at the top of RESULTS_MD naming each version that differs from LOCK (the set `make test` installs).
+Writes the whole `pip freeze` to docs/results/data/versions-latest-<date>.txt (-2, -3, ... for a
+later run the same day: an earlier entry keeps its own list) and puts a dated entry at the top of
+RESULTS_MD naming each version that differs from LOCK (the set `make test` installs).
 """
 from __future__ import annotations
 
@@ -43,8 +44,11 @@ def main(venv: str, lock: str, results: str) -> None:
     closing = log.read_text().strip().splitlines()[-1] if log.is_file() and log.read_text().strip() else "(no log)"
     closing = closing.strip("= ")
     day = datetime.date.today().isoformat()
-    data = Path(results).parent / "data" / f"versions-latest-{day}.txt"
-    data.parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(results).parent / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    data, n = folder / f"versions-latest-{day}.txt", 2
+    while data.exists():  # an earlier run of the day: its entry links to its own list
+        data, n = folder / f"versions-latest-{day}-{n}.txt", n + 1
     data.write_text("\n".join(freeze) + "\n")
 
     locked = pins(Path(lock).read_text().splitlines()) if lock and Path(lock).is_file() else {}
