@@ -91,8 +91,8 @@ lock:
 bench: install
 	$(PY) -m pytest benchmarks -q -p no:cacheprovider --benchmark-enable --benchmark-columns=median,iqr,rounds
 
-# Before each submission: figures against benchmarks/recorded.json (passes exactly, time ratios
-# within 50 %); exit 1 names what got worse.
+# Before each submission: figures against benchmarks/recorded.json (passes exactly, the default's
+# FLOPs over the single pass's within 1 %, time ratios within 50 %); exit 1 names what got worse.
 bench-check: install
 	$(PY) benchmarks/bench_check.py
 
