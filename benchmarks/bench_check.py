@@ -4,9 +4,9 @@ Runs `mscp bench` on a small synthetic trio (written once under the cache root) 
 it measures against benchmarks/recorded.json:
 - passes over (base + aligned) of the single-pass and the default score: counted bytes, the same
   on any machine, so any rise is a regression;
-- the default's FLOPs over the single-pass score's: counted operations, the same on any machine
-  (1 % allowed: a library's attention may pad differently), so a stage that computes more is
-  caught even where the time ratios' noise would hide it;
+- the default's FLOPs over the single-pass score's: counted operations, the same wherever the patch
+  makes the same choices (1 % allowed, for a torch whose counter counts an operator differently),
+  so a stage that computes more is caught even where the time ratios' noise would hide it;
 - ratios of two times taken side by side in the same run (projection only against its I/O floor,
   K adapters against one, the default against the single pass), the median of three bench runs:
   machine-independent enough to compare, with a tolerance for noise (50 %: the regressions this is
@@ -60,7 +60,7 @@ def measure() -> dict:
 def compare(now: dict, recorded: dict, tolerance: float) -> list[str]:
     worse = [f"{key}: {now[key]:.3f}, not in {RECORDED.name} (record it)" for key in EXACT + COUNTED + RATIOS
              if key not in recorded]
-    recorded = {**now, **recorded}
+    recorded = {**now, **recorded}  # a figure not recorded is flagged above, not again below
     for key in EXACT:
         if now[key] > recorded[key] + 1e-3:
             worse.append(f"{key}: {now[key]:.3f} passes, recorded {recorded[key]:.3f}")

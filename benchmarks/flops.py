@@ -5,7 +5,7 @@ weights read (the report's `weight_reads`) and the wall time of an uncounted run
 Where a patch is bound by compute (this 2-core CPU: 260-300 GFLOP/s on these matrix shapes), the
 ratio of two patches' FLOPs is the floor of the ratio of their times on any machine that computes
 at the same rate for both; where it is bound by reading weights (a 70B model on a GPU), the bytes
-are. Both are counts, not timings: the same on any machine.
+are. Both are counts, not timings: the same on any machine where the patch makes the same choices.
 
     mscp synth --out /tmp/trio8 --hidden 1024 --intermediate 4096 --n-layers 8 --heads 16 --kv-heads 4 --vocab 32000
     python benchmarks/flops.py /tmp/trio8 --k 8 --json flops.json
